@@ -1,0 +1,51 @@
+# The project's two commands:  `make demo` (the main job) and `make test` (the test suite).
+# Both create or refresh the virtual environment in $(VENV) (Python 3.10: sal-detectron2 is a
+# cp310 wheel), install the pinned dependencies and build the enact_ops extension.
+#   ENACT_SKIP_DETECTRON2=1   keep the detectron2 you already have (don't install sal-detectron2)
+#   PYTHON310=/path/python    the interpreter to create the venv with
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CSRC := $(wildcard enact_ops/csrc/*.cpp enact_ops/csrc/*.h enact_ops/csrc/cpu/*.cpp enact_ops/csrc/cuda/*.cu)
+CUDA_HOME ?= /usr/local/cuda
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+
+.PHONY: env test demo benchmark-ops build-cuda-check clean
+
+env: $(VENV)/.built
+
+$(VENV)/.deps: requirements/base.txt requirements/detectron2.txt
+	@set -e; py="$(PYTHON310)"; \
+	if [ -z "$$py" ]; then for c in python3.10 $$HOME/.pyenv/versions/3.10*/bin/python3.10 /usr/bin/python3.10; do \
+	  if "$$c" -c 'import sys; assert sys.version_info[:2] == (3, 10)' 2>/dev/null; then py="$$c"; break; fi; done; fi; \
+	if [ -z "$$py" ]; then echo "error: Python 3.10 not found (needed by sal-detectron2); set PYTHON310=/path/to/python3.10" >&2; exit 1; fi; \
+	if [ ! -x $(PY) ]; then echo "creating $(VENV) with $$py"; "$$py" -m venv $(VENV); fi
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/base.txt $(if $(ENACT_SKIP_DETECTRON2),,-r requirements/detectron2.txt)
+	@touch $@
+
+$(VENV)/.built: $(VENV)/.deps setup.py $(CSRC)
+	$(PY) -m pip install -q --no-build-isolation -e .
+	@touch $@
+
+test: env
+	$(PY) -m pytest -q tests
+
+demo: env
+	$(PY) tools/benchmark_ops.py --repeats 5
+
+benchmark-ops: env
+	$(PY) tools/benchmark_ops.py
+
+# Compile the CUDA kernels without a GPU (nvcc only) into build/cuda-lib and load the result.
+build-cuda-check: $(VENV)/.deps
+	FORCE_CUDA=1 CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" MAX_JOBS=2 \
+	  $(PY) setup.py -q build_ext --build-temp build/cuda-temp --build-lib build/cuda-lib
+	$(PY) -c "import glob, importlib.util, torch; \
+	  spec = importlib.util.spec_from_file_location('enact_ops._C', glob.glob('build/cuda-lib/enact_ops/_C*.so')[0]); \
+	  m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); \
+	  assert m.with_cuda and hasattr(torch.ops.enact_ops, 'segment_softmax_pool_forward'); \
+	  print('CUDA build of enact_ops: OK')"
+
+clean:
+	rm -rf build *.egg-info enact_ops/_C*.so

@@ -1,0 +1,134 @@
+// CPU segmentation kernels: runs of equal curvature sign, and uniform crop-and-chunk.
+// Both first label every token with its cluster slot in its row (-1 = no cluster), then build
+// the batch-wide CSR layout with one shared routine.  Parallel over rows.
+#include <ATen/Parallel.h>
+
+#include "../enact.h"
+
+namespace enact {
+namespace {
+
+// cluster_ids (B,N) with slots 0..num_clusters[b]-1 in token order, kept[b] = #tokens with a slot.
+SegmentationTuple csr_from_cluster_ids(const at::Tensor& cluster_ids,
+                                       const at::Tensor& num_clusters, const at::Tensor& kept) {
+  const int64_t B = cluster_ids.size(0), N = cluster_ids.size(1);
+  auto opts = cluster_ids.options();
+  auto row_offsets = at::zeros({B + 1}, opts);
+  auto tok_offsets = at::zeros({B + 1}, opts);
+  const int64_t* nc = num_clusters.data_ptr<int64_t>();
+  const int64_t* nk = kept.data_ptr<int64_t>();
+  int64_t* ro = row_offsets.data_ptr<int64_t>();
+  int64_t* to = tok_offsets.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    ro[b + 1] = ro[b] + nc[b];
+    to[b + 1] = to[b] + nk[b];
+  }
+  const int64_t S = ro[B], T = to[B];
+  auto tokens = at::empty({T}, opts);
+  auto token_segment = at::empty({T}, opts);
+  auto seg_starts = at::empty({S + 1}, opts);
+  auto seg_batch = at::empty({S}, opts);
+  const int64_t* cid = cluster_ids.data_ptr<int64_t>();
+  int64_t* tk = tokens.data_ptr<int64_t>();
+  int64_t* ts = token_segment.data_ptr<int64_t>();
+  int64_t* ss = seg_starts.data_ptr<int64_t>();
+  int64_t* sb = seg_batch.data_ptr<int64_t>();
+  ss[S] = T;
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t t = to[b], prev = -1;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t c = cid[b * N + n];
+        if (c < 0) continue;
+        const int64_t s = ro[b] + c;
+        if (c != prev) {
+          ss[s] = t;
+          sb[s] = b;
+          prev = c;
+        }
+        tk[t] = b * N + n;
+        ts[t] = s;
+        ++t;
+      }
+    }
+  });
+  return {cluster_ids, num_clusters, tokens, token_segment, seg_starts, seg_batch, row_offsets};
+}
+
+}  // namespace
+
+SegmentationTuple segment_runs_cpu(const at::Tensor& sign_in, const at::Tensor& valid_in) {
+  check_segmentation_inputs(sign_in, valid_in);
+  const auto sign = sign_in.contiguous();
+  const auto valid = valid_in.contiguous();
+  const int64_t B = sign.size(0), N = sign.size(1);
+  auto opts = sign.options().dtype(at::kLong);
+  auto cluster_ids = at::empty({B, N}, opts);
+  auto num_clusters = at::empty({B}, opts);
+  auto kept = at::empty({B}, opts);
+  const bool* sg = sign.data_ptr<bool>();
+  const bool* vd = valid.data_ptr<bool>();
+  int64_t* cid = cluster_ids.data_ptr<int64_t>();
+  int64_t* nc = num_clusters.data_ptr<int64_t>();
+  int64_t* nk = kept.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t slot = -1, count = 0;
+      bool last = false;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t i = b * N + n;
+        if (!vd[i]) {
+          cid[i] = -1;
+          continue;
+        }
+        if (slot < 0 || sg[i] != last) ++slot;  // a run starts at the first valid token
+        last = sg[i];
+        cid[i] = slot;
+        ++count;
+      }
+      nc[b] = slot + 1;
+      nk[b] = count;
+    }
+  });
+  return csr_from_cluster_ids(cluster_ids, num_clusters, kept);
+}
+
+SegmentationTuple segment_uniform_cpu(const at::Tensor& valid_in, int64_t chunk) {
+  check_segmentation_inputs(valid_in, valid_in);
+  TORCH_CHECK(chunk >= 1, "enact_ops.segment_uniform: chunk must be >= 1, got ", chunk);
+  const auto valid = valid_in.contiguous();
+  const int64_t B = valid.size(0), N = valid.size(1);
+  auto opts = valid.options().dtype(at::kLong);
+  auto cluster_ids = at::empty({B, N}, opts);
+  auto num_clusters = at::empty({B}, opts);
+  auto kept = at::empty({B}, opts);
+  const bool* vd = valid.data_ptr<bool>();
+  int64_t* cid = cluster_ids.data_ptr<int64_t>();
+  int64_t* nc = num_clusters.data_ptr<int64_t>();
+  int64_t* nk = kept.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t n_valid = 0;
+      for (int64_t n = 0; n < N; ++n) n_valid += vd[b * N + n];
+      const bool is_short = n_valid < chunk;
+      const int64_t m = is_short ? (n_valid > 0) : n_valid / chunk;
+      const int64_t start = is_short ? 0 : (n_valid % chunk) / 2;
+      const int64_t keep = is_short ? n_valid : m * chunk;
+      int64_t p = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t i = b * N + n;
+        if (!vd[i]) {
+          cid[i] = -1;
+          continue;
+        }
+        const int64_t local = p++ - start;
+        cid[i] = (local < 0 || local >= keep) ? -1 : (is_short ? 0 : local / chunk);
+      }
+      nc[b] = m;
+      nk[b] = keep;
+    }
+  });
+  return csr_from_cluster_ids(cluster_ids, num_clusters, kept);
+}
+
+}  // namespace enact

@@ -1,0 +1,394 @@
+// CUDA kernels of the enact_ops operators (one translation unit to keep compile time low).
+//
+// Segmentation: one thread per row labels the row's tokens (a sequential scan: rows are few and
+// the work is O(N)), a cumsum over rows gives the CSR offsets, a second pass fills the CSR.
+// Pooling forward: one block per segment; the block reduces the segment's max and sum of exps,
+// writes the weights, then every thread owns channels and accumulates w_i x_i over the members.
+// Pooling backward: one block per segment, one warp per member: the warp writes
+// dx_i = w_i g and reduces d_i = <g, x_i>; a second kernel (one warp per segment) turns d into
+// dscore_i = w_i (d_i - sum_j w_j d_j).  Accumulation in float (double for double inputs).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "../enact.h"
+
+namespace enact {
+namespace {
+
+constexpr int kWarp = 32;
+
+inline int64_t blocks_for(int64_t n, int threads) { return (n + threads - 1) / threads; }
+
+__global__ void label_runs_kernel(const bool* __restrict__ sign, const bool* __restrict__ valid,
+                                  int64_t B, int64_t N, int64_t* __restrict__ cid,
+                                  int64_t* __restrict__ num_clusters, int64_t* __restrict__ kept) {
+  const int64_t b = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (b >= B) return;
+  int64_t slot = -1, count = 0;
+  bool last = false;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t i = b * N + n;
+    if (!valid[i]) {
+      cid[i] = -1;
+      continue;
+    }
+    if (slot < 0 || sign[i] != last) ++slot;
+    last = sign[i];
+    cid[i] = slot;
+    ++count;
+  }
+  num_clusters[b] = slot + 1;
+  kept[b] = count;
+}
+
+__global__ void label_uniform_kernel(const bool* __restrict__ valid, int64_t B, int64_t N,
+                                     int64_t chunk, int64_t* __restrict__ cid,
+                                     int64_t* __restrict__ num_clusters,
+                                     int64_t* __restrict__ kept) {
+  const int64_t b = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (b >= B) return;
+  int64_t n_valid = 0;
+  for (int64_t n = 0; n < N; ++n) n_valid += valid[b * N + n];
+  const bool is_short = n_valid < chunk;
+  const int64_t m = is_short ? (n_valid > 0) : n_valid / chunk;
+  const int64_t start = is_short ? 0 : (n_valid % chunk) / 2;
+  const int64_t keep = is_short ? n_valid : m * chunk;
+  int64_t p = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t i = b * N + n;
+    if (!valid[i]) {
+      cid[i] = -1;
+      continue;
+    }
+    const int64_t local = p++ - start;
+    cid[i] = (local < 0 || local >= keep) ? -1 : (is_short ? 0 : local / chunk);
+  }
+  num_clusters[b] = m;
+  kept[b] = keep;
+}
+
+__global__ void fill_csr_kernel(const int64_t* __restrict__ cid, int64_t B, int64_t N,
+                                const int64_t* __restrict__ row_offsets,
+                                const int64_t* __restrict__ tok_offsets,
+                                int64_t* __restrict__ tokens, int64_t* __restrict__ token_segment,
+                                int64_t* __restrict__ seg_starts, int64_t* __restrict__ seg_batch) {
+  const int64_t b = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (b >= B) return;
+  int64_t t = tok_offsets[b], prev = -1;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t c = cid[b * N + n];
+    if (c < 0) continue;
+    const int64_t s = row_offsets[b] + c;
+    if (c != prev) {
+      seg_starts[s] = t;
+      seg_batch[s] = b;
+      prev = c;
+    }
+    tokens[t] = b * N + n;
+    token_segment[t] = s;
+    ++t;
+  }
+  if (b == B - 1) seg_starts[row_offsets[B]] = tok_offsets[B];
+}
+
+SegmentationTuple csr_from_cluster_ids(const at::Tensor& cluster_ids,
+                                       const at::Tensor& num_clusters, const at::Tensor& kept) {
+  const int64_t B = cluster_ids.size(0), N = cluster_ids.size(1);
+  auto opts = cluster_ids.options();
+  auto row_offsets = at::zeros({B + 1}, opts);
+  auto tok_offsets = at::zeros({B + 1}, opts);
+  row_offsets.narrow(0, 1, B).copy_(at::cumsum(num_clusters, 0));
+  tok_offsets.narrow(0, 1, B).copy_(at::cumsum(kept, 0));
+  const int64_t S = row_offsets[B].item<int64_t>();
+  const int64_t T = tok_offsets[B].item<int64_t>();
+  auto tokens = at::empty({T}, opts);
+  auto token_segment = at::empty({T}, opts);
+  auto seg_starts = at::empty({S + 1}, opts);
+  auto seg_batch = at::empty({S}, opts);
+  if (B > 0) {
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    fill_csr_kernel<<<blocks_for(B, 128), 128, 0, stream>>>(
+        cluster_ids.data_ptr<int64_t>(), B, N, row_offsets.data_ptr<int64_t>(),
+        tok_offsets.data_ptr<int64_t>(), tokens.data_ptr<int64_t>(),
+        token_segment.data_ptr<int64_t>(), seg_starts.data_ptr<int64_t>(),
+        seg_batch.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    seg_starts.zero_();
+  }
+  return {cluster_ids, num_clusters, tokens, token_segment, seg_starts, seg_batch, row_offsets};
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int off = kWarp / 2; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+  for (int off = kWarp / 2; off > 0; off /= 2) v = max(v, __shfl_down_sync(0xffffffffu, v, off));
+  return v;
+}
+
+// Block-wide reduction of one value per thread; every thread gets the result.
+template <typename T, bool IsMax>
+__device__ T block_reduce(T v, T* shared) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int warps = (blockDim.x + kWarp - 1) / kWarp;
+  v = IsMax ? warp_max(v) : warp_sum(v);
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    T r = lane < warps ? shared[lane] : (IsMax ? -INFINITY : T(0));
+    r = IsMax ? warp_max(r) : warp_sum(r);
+    if (lane == 0) shared[0] = r;
+  }
+  __syncthreads();
+  const T out = shared[0];
+  __syncthreads();
+  return out;
+}
+
+template <typename acc_t>
+__global__ void segment_weights_kernel(const acc_t* __restrict__ scores,
+                                       const int64_t* __restrict__ tokens,
+                                       const int64_t* __restrict__ seg_starts,
+                                       acc_t* __restrict__ weights) {
+  __shared__ acc_t shared[kWarp];
+  const int64_t s = blockIdx.x;
+  const int64_t beg = seg_starts[s], end = seg_starts[s + 1];
+  acc_t mx = -INFINITY;
+  for (int64_t t = beg + threadIdx.x; t < end; t += blockDim.x) mx = max(mx, scores[tokens[t]]);
+  mx = block_reduce<acc_t, true>(mx, shared);
+  acc_t sum = 0;
+  for (int64_t t = beg + threadIdx.x; t < end; t += blockDim.x) sum += exp(scores[tokens[t]] - mx);
+  sum = block_reduce<acc_t, false>(sum, shared);
+  for (int64_t t = beg + threadIdx.x; t < end; t += blockDim.x) {
+    const int64_t i = tokens[t];
+    weights[i] = exp(scores[i] - mx) / sum;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void segment_pool_kernel(const acc_t* __restrict__ weights,
+                                    const scalar_t* __restrict__ x, int64_t N, int64_t C,
+                                    int64_t stride_b, int64_t stride_n,
+                                    const int64_t* __restrict__ tokens,
+                                    const int64_t* __restrict__ seg_starts,
+                                    const int64_t* __restrict__ seg_batch,
+                                    const int64_t* __restrict__ row_offsets, int64_t M,
+                                    scalar_t* __restrict__ out) {
+  const int64_t s = blockIdx.x;
+  const int64_t b = seg_batch[s], slot = s - row_offsets[b];
+  const int64_t beg = seg_starts[s], end = seg_starts[s + 1];
+  scalar_t* dst = out + (b * M + slot) * C;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    acc_t acc = 0;
+    for (int64_t t = beg; t < end; ++t) {
+      const int64_t i = tokens[t];
+      acc += weights[i] * static_cast<acc_t>(x[(i / N) * stride_b + (i % N) * stride_n + c]);
+    }
+    dst[c] = static_cast<scalar_t>(acc);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void segment_pool_backward_kernel(
+    const acc_t* __restrict__ weights, const scalar_t* __restrict__ x, int64_t N, int64_t C,
+    int64_t stride_b, int64_t stride_n, const scalar_t* __restrict__ grad_out, int64_t M,
+    const int64_t* __restrict__ tokens, const int64_t* __restrict__ seg_starts,
+    const int64_t* __restrict__ seg_batch, const int64_t* __restrict__ row_offsets,
+    scalar_t* __restrict__ grad_x, acc_t* __restrict__ dots) {
+  const int64_t s = blockIdx.x;
+  const int64_t b = seg_batch[s], slot = s - row_offsets[b];
+  const int64_t beg = seg_starts[s], end = seg_starts[s + 1];
+  const scalar_t* g = grad_out + (b * M + slot) * C;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int warps = blockDim.x / kWarp;
+  for (int64_t t = beg + warp; t < end; t += warps) {
+    const int64_t i = tokens[t];
+    const acc_t w = weights[i];
+    const scalar_t* row = x + (i / N) * stride_b + (i % N) * stride_n;
+    scalar_t* grow = grad_x + i * C;
+    acc_t dot = 0;
+    for (int64_t c = lane; c < C; c += kWarp) {
+      const acc_t gc = static_cast<acc_t>(g[c]);
+      dot += gc * static_cast<acc_t>(row[c]);
+      grow[c] = static_cast<scalar_t>(w * gc);
+    }
+    dot = warp_sum(dot);
+    if (lane == 0) dots[t] += dot;  // one warp owns token t within a launch
+  }
+}
+
+template <typename acc_t>
+__global__ void segment_score_backward_kernel(const acc_t* __restrict__ weights,
+                                              const acc_t* __restrict__ dots,
+                                              const int64_t* __restrict__ tokens,
+                                              const int64_t* __restrict__ seg_starts, int64_t S,
+                                              acc_t* __restrict__ grad_scores) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t s = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / kWarp;
+  if (s >= S) return;  // whole warps exit together
+  const int64_t beg = seg_starts[s], end = seg_starts[s + 1];
+  acc_t wd = 0;
+  for (int64_t t = beg + lane; t < end; t += kWarp) wd += weights[tokens[t]] * dots[t];
+  wd = warp_sum(wd);
+  wd = __shfl_sync(0xffffffffu, wd, 0);
+  for (int64_t t = beg + lane; t < end; t += kWarp) {
+    const int64_t i = tokens[t];
+    grad_scores[i] = weights[i] * (dots[t] - wd);
+  }
+}
+
+int threads_for_channels(int64_t C) {
+  const int64_t warps = std::min<int64_t>(8, std::max<int64_t>(1, (C + kWarp - 1) / kWarp));
+  return static_cast<int>(warps * kWarp);
+}
+
+void check_max_clusters(const at::Tensor& row_offsets, int64_t max_clusters) {
+  TORCH_CHECK(max_clusters >= 0, "enact_ops: max_clusters must be >= 0");
+  if (row_offsets.numel() > 1) {
+    const int64_t widest = (row_offsets.narrow(0, 1, row_offsets.numel() - 1) -
+                            row_offsets.narrow(0, 0, row_offsets.numel() - 1))
+                               .max()
+                               .item<int64_t>();
+    TORCH_CHECK(widest <= max_clusters, "enact_ops: max_clusters (", max_clusters,
+                ") is smaller than a row's number of clusters (", widest, ")");
+  }
+}
+
+}  // namespace
+
+SegmentationTuple segment_runs_cuda(const at::Tensor& sign_in, const at::Tensor& valid_in) {
+  check_segmentation_inputs(sign_in, valid_in);
+  TORCH_CHECK(sign_in.is_cuda(), "enact_ops: segment_runs_cuda expects CUDA tensors");
+  c10::cuda::CUDAGuard guard(sign_in.device());
+  const auto sign = sign_in.contiguous();
+  const auto valid = valid_in.contiguous();
+  const int64_t B = sign.size(0), N = sign.size(1);
+  auto opts = sign.options().dtype(at::kLong);
+  auto cluster_ids = at::empty({B, N}, opts);
+  auto num_clusters = at::empty({B}, opts);
+  auto kept = at::empty({B}, opts);
+  if (B > 0) {
+    label_runs_kernel<<<blocks_for(B, 128), 128, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        sign.data_ptr<bool>(), valid.data_ptr<bool>(), B, N, cluster_ids.data_ptr<int64_t>(),
+        num_clusters.data_ptr<int64_t>(), kept.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return csr_from_cluster_ids(cluster_ids, num_clusters, kept);
+}
+
+SegmentationTuple segment_uniform_cuda(const at::Tensor& valid_in, int64_t chunk) {
+  check_segmentation_inputs(valid_in, valid_in);
+  TORCH_CHECK(valid_in.is_cuda(), "enact_ops: segment_uniform_cuda expects CUDA tensors");
+  TORCH_CHECK(chunk >= 1, "enact_ops.segment_uniform: chunk must be >= 1, got ", chunk);
+  c10::cuda::CUDAGuard guard(valid_in.device());
+  const auto valid = valid_in.contiguous();
+  const int64_t B = valid.size(0), N = valid.size(1);
+  auto opts = valid.options().dtype(at::kLong);
+  auto cluster_ids = at::empty({B, N}, opts);
+  auto num_clusters = at::empty({B}, opts);
+  auto kept = at::empty({B}, opts);
+  if (B > 0) {
+    label_uniform_kernel<<<blocks_for(B, 128), 128, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        valid.data_ptr<bool>(), B, N, chunk, cluster_ids.data_ptr<int64_t>(),
+        num_clusters.data_ptr<int64_t>(), kept.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return csr_from_cluster_ids(cluster_ids, num_clusters, kept);
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> segment_softmax_pool_forward_cuda(
+    const at::Tensor& scores, at::TensorList features, const at::Tensor& tokens,
+    const at::Tensor& seg_starts, const at::Tensor& seg_batch, const at::Tensor& row_offsets,
+    int64_t max_clusters) {
+  check_pool_inputs(scores, features, tokens, seg_starts, seg_batch, row_offsets);
+  TORCH_CHECK(scores.is_cuda(), "enact_ops: segment_softmax_pool_forward_cuda expects CUDA tensors");
+  check_max_clusters(row_offsets, max_clusters);
+  c10::cuda::CUDAGuard guard(scores.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t B = scores.size(0), N = scores.size(1), S = seg_batch.numel();
+  auto weights = at::zeros_like(scores);
+  if (S > 0) {
+    AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "segment_weights_cuda", [&] {
+      segment_weights_kernel<scalar_t><<<S, 128, 0, stream>>>(
+          scores.data_ptr<scalar_t>(), tokens.data_ptr<int64_t>(),
+          seg_starts.data_ptr<int64_t>(), weights.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  std::vector<at::Tensor> pooled;
+  for (const auto& x : features) {
+    const int64_t C = x.size(2);
+    auto out = at::zeros({B, max_clusters, C}, x.options());
+    if (S > 0 && C > 0) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        segment_pool_kernel<scalar_t, acc_t><<<S, threads_for_channels(C), 0, stream>>>(
+            weights.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), N, C, x.stride(0), x.stride(1),
+            tokens.data_ptr<int64_t>(), seg_starts.data_ptr<int64_t>(),
+            seg_batch.data_ptr<int64_t>(), row_offsets.data_ptr<int64_t>(), max_clusters,
+            out.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+    pooled.push_back(out);
+  }
+  return {pooled, weights};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> segment_softmax_pool_backward_cuda(
+    at::TensorList grad_pooled, at::TensorList features, const at::Tensor& weights,
+    const at::Tensor& tokens, const at::Tensor& seg_starts, const at::Tensor& seg_batch,
+    const at::Tensor& row_offsets) {
+  check_pool_inputs(weights, features, tokens, seg_starts, seg_batch, row_offsets);
+  TORCH_CHECK(weights.is_cuda(), "enact_ops: segment_softmax_pool_backward_cuda expects CUDA tensors");
+  TORCH_CHECK(grad_pooled.size() == features.size(),
+              "enact_ops: one grad_pooled tensor per feature tensor expected");
+  c10::cuda::CUDAGuard guard(weights.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t N = weights.size(1), S = seg_batch.numel(), T = tokens.numel();
+  auto dots = at::zeros({T}, weights.options());
+  std::vector<at::Tensor> grad_features;
+  for (size_t f = 0; f < features.size(); ++f) {
+    const auto& x = features[f];
+    const auto g = grad_pooled[f].contiguous();
+    const int64_t C = x.size(2);
+    TORCH_CHECK(g.dim() == 3 && g.size(0) == x.size(0) && g.size(2) == C &&
+                    g.scalar_type() == x.scalar_type() && g.device() == x.device(),
+                "enact_ops: grad_pooled[", f, "] must be (B, M_max, C) like the pooled output, got ",
+                g.sizes());
+    auto gx = at::zeros(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+    if (S > 0 && C > 0) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_bw_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        segment_pool_backward_kernel<scalar_t, acc_t><<<S, 256, 0, stream>>>(
+            weights.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), N, C, x.stride(0), x.stride(1),
+            g.data_ptr<scalar_t>(), g.size(1), tokens.data_ptr<int64_t>(),
+            seg_starts.data_ptr<int64_t>(), seg_batch.data_ptr<int64_t>(),
+            row_offsets.data_ptr<int64_t>(), gx.data_ptr<scalar_t>(), dots.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+    grad_features.push_back(gx);
+  }
+  auto grad_scores = at::zeros_like(weights);
+  if (S > 0) {
+    AT_DISPATCH_FLOATING_TYPES(weights.scalar_type(), "score_bw_cuda", [&] {
+      const int threads = 256, per_block = threads / kWarp;
+      segment_score_backward_kernel<scalar_t><<<blocks_for(S, per_block), threads, 0, stream>>>(
+          weights.data_ptr<scalar_t>(), dots.data_ptr<scalar_t>(), tokens.data_ptr<int64_t>(),
+          seg_starts.data_ptr<int64_t>(), S, grad_scores.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {grad_scores, grad_features};
+}
+
+}  // namespace enact

@@ -1,0 +1,50 @@
+// ENACT clustering operators: declarations shared by vision.cpp, the CPU and the CUDA sources.
+//
+// A segmentation is returned as the tuple
+//   (cluster_ids (B,N), num_clusters (B,), tokens (T,), token_segment (T,),
+//    seg_starts (S+1,), seg_batch (S,), row_offsets (B+1,))           all int64
+// see enact_ops/segmentation.py for the meaning of each field.
+#pragma once
+#include <torch/types.h>
+
+#include <tuple>
+#include <vector>
+
+namespace enact {
+
+using SegmentationTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                     at::Tensor, at::Tensor>;
+
+// ---- host-side checks, shared by both devices ------------------------------------------------
+void check_segmentation_inputs(const at::Tensor& sign, const at::Tensor& valid);
+void check_pool_inputs(const at::Tensor& scores, at::TensorList features, const at::Tensor& tokens,
+                       const at::Tensor& seg_starts, const at::Tensor& seg_batch,
+                       const at::Tensor& row_offsets);
+
+// ---- CPU --------------------------------------------------------------------------------------
+SegmentationTuple segment_runs_cpu(const at::Tensor& sign, const at::Tensor& valid);
+SegmentationTuple segment_uniform_cpu(const at::Tensor& valid, int64_t chunk);
+std::tuple<std::vector<at::Tensor>, at::Tensor> segment_softmax_pool_forward_cpu(
+    const at::Tensor& scores, at::TensorList features, const at::Tensor& tokens,
+    const at::Tensor& seg_starts, const at::Tensor& seg_batch, const at::Tensor& row_offsets,
+    int64_t max_clusters);
+std::tuple<at::Tensor, std::vector<at::Tensor>> segment_softmax_pool_backward_cpu(
+    at::TensorList grad_pooled, at::TensorList features, const at::Tensor& weights,
+    const at::Tensor& tokens, const at::Tensor& seg_starts, const at::Tensor& seg_batch,
+    const at::Tensor& row_offsets);
+
+#ifdef WITH_CUDA
+// ---- CUDA -------------------------------------------------------------------------------------
+SegmentationTuple segment_runs_cuda(const at::Tensor& sign, const at::Tensor& valid);
+SegmentationTuple segment_uniform_cuda(const at::Tensor& valid, int64_t chunk);
+std::tuple<std::vector<at::Tensor>, at::Tensor> segment_softmax_pool_forward_cuda(
+    const at::Tensor& scores, at::TensorList features, const at::Tensor& tokens,
+    const at::Tensor& seg_starts, const at::Tensor& seg_batch, const at::Tensor& row_offsets,
+    int64_t max_clusters);
+std::tuple<at::Tensor, std::vector<at::Tensor>> segment_softmax_pool_backward_cuda(
+    at::TensorList grad_pooled, at::TensorList features, const at::Tensor& weights,
+    const at::Tensor& tokens, const at::Tensor& seg_starts, const at::Tensor& seg_batch,
+    const at::Tensor& row_offsets);
+#endif
+
+}  // namespace enact

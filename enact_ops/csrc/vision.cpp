@@ -1,0 +1,90 @@
+// Registers the enact_ops operators with the torch library registry (torch.ops.enact_ops.*)
+// and holds the host-side input checks that every device implementation runs first.
+#include <torch/extension.h>
+
+#include "enact.h"
+
+namespace enact {
+
+void check_segmentation_inputs(const at::Tensor& sign, const at::Tensor& valid) {
+  TORCH_CHECK(sign.dim() == 2, "enact_ops: sign must be (B, N), got ", sign.dim(), " dims");
+  TORCH_CHECK(sign.scalar_type() == at::kBool, "enact_ops: sign must be bool, got ",
+              sign.scalar_type());
+  TORCH_CHECK(valid.dim() == 2 && valid.sizes() == sign.sizes(),
+              "enact_ops: valid must have the shape of sign ", sign.sizes(), ", got ",
+              valid.sizes());
+  TORCH_CHECK(valid.scalar_type() == at::kBool, "enact_ops: valid must be bool, got ",
+              valid.scalar_type());
+  TORCH_CHECK(valid.device() == sign.device(), "enact_ops: sign and valid must be on one device");
+}
+
+void check_pool_inputs(const at::Tensor& scores, at::TensorList features, const at::Tensor& tokens,
+                       const at::Tensor& seg_starts, const at::Tensor& seg_batch,
+                       const at::Tensor& row_offsets) {
+  TORCH_CHECK(scores.dim() == 2 && scores.is_contiguous(),
+              "enact_ops: scores must be a contiguous (B, N) tensor");
+  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
+              "enact_ops: scores must be float32 or float64, got ", scores.scalar_type());
+  const auto B = scores.size(0), N = scores.size(1);
+  for (size_t f = 0; f < features.size(); ++f) {
+    const auto& x = features[f];
+    TORCH_CHECK(x.dim() == 3 && x.size(0) == B && x.size(1) == N, "enact_ops: features[", f,
+                "] must be (B, N, C) = (", B, ", ", N, ", C), got ", x.sizes());
+    TORCH_CHECK(x.size(2) == 0 || x.stride(2) == 1, "enact_ops: features[", f,
+                "] must be contiguous in its last dimension");
+    TORCH_CHECK(x.device() == scores.device(), "enact_ops: features[", f,
+                "] is on ", x.device(), ", scores on ", scores.device());
+    const bool want_double = x.scalar_type() == at::kDouble;
+    TORCH_CHECK(want_double == (scores.scalar_type() == at::kDouble),
+                "enact_ops: scores must be float64 for float64 features and float32 otherwise");
+  }
+  for (const auto* t : {&tokens, &seg_starts, &seg_batch, &row_offsets}) {
+    TORCH_CHECK(t->dim() == 1 && t->scalar_type() == at::kLong && t->is_contiguous() &&
+                    t->device() == scores.device(),
+                "enact_ops: segmentation tensors must be contiguous 1-D int64 on the device of "
+                "scores");
+  }
+  TORCH_CHECK(seg_starts.numel() == seg_batch.numel() + 1,
+              "enact_ops: seg_starts must have one more entry than seg_batch");
+  TORCH_CHECK(row_offsets.numel() == B + 1, "enact_ops: row_offsets must have B + 1 entries");
+}
+
+}  // namespace enact
+
+TORCH_LIBRARY(enact_ops, m) {
+  m.def("segment_runs(Tensor sign, Tensor valid) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("segment_uniform(Tensor valid, int chunk) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("segment_softmax_pool_forward(Tensor scores, Tensor[] features, Tensor tokens, "
+        "Tensor seg_starts, Tensor seg_batch, Tensor row_offsets, int max_clusters) -> "
+        "(Tensor[], Tensor)");
+  m.def("segment_softmax_pool_backward(Tensor[] grad_pooled, Tensor[] features, Tensor weights, "
+        "Tensor tokens, Tensor seg_starts, Tensor seg_batch, Tensor row_offsets) -> "
+        "(Tensor, Tensor[])");
+}
+
+TORCH_LIBRARY_IMPL(enact_ops, CPU, m) {
+  m.impl("segment_runs", &enact::segment_runs_cpu);
+  m.impl("segment_uniform", &enact::segment_uniform_cpu);
+  m.impl("segment_softmax_pool_forward", &enact::segment_softmax_pool_forward_cpu);
+  m.impl("segment_softmax_pool_backward", &enact::segment_softmax_pool_backward_cpu);
+}
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(enact_ops, CUDA, m) {
+  m.impl("segment_runs", &enact::segment_runs_cuda);
+  m.impl("segment_uniform", &enact::segment_uniform_cuda);
+  m.impl("segment_softmax_pool_forward", &enact::segment_softmax_pool_forward_cuda);
+  m.impl("segment_softmax_pool_backward", &enact::segment_softmax_pool_backward_cuda);
+}
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "ENACT clustering operators; use them through torch.ops.enact_ops or enact_ops.*";
+#ifdef WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

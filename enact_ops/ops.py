@@ -1,0 +1,234 @@
+"""Python API of the enact_ops operators: input checks, backend choice and autograd.
+
+Three operators work on a batch of 1-D token sequences (B, N) with a key padding mask (B, N)
+(True = pad).  Padded positions are absent, not boundaries: a row's sequence is its valid tokens
+in order.
+
+* ``segment_runs(sign, key_padding_mask)`` -> Segmentation: maximal runs of equal sign.
+* ``segment_uniform(key_padding_mask, chunk)`` -> Segmentation: crop-and-chunk of length L.
+* ``segment_softmax_pool(scores, features, seg)`` -> (pooled, weights, cluster_mask):
+  ``w = softmax(scores)`` inside each segment and ``pooled[b, c] = sum_{i in c} w_i x[b, i]``.
+
+Each runs on the compiled extension (``enact_ops._C``) when it is built for the tensors' device
+and on the pure-PyTorch reference otherwise; ``backend="compiled"`` or ``"reference"`` forces one.
+Defined edge cases: a row with no valid token has 0 clusters (its pooled row is zeros and its
+cluster mask all True); N = 0 is an error.
+"""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import reference
+from .segmentation import Segmentation
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.enact_ops.*)
+
+    _IMPORT_ERROR: Optional[BaseException] = None
+except ImportError as e:  # extension not built: reference backend only
+    _C = None
+    _IMPORT_ERROR = e
+
+__all__ = [
+    "Segmentation",
+    "BACKENDS",
+    "compiled_available",
+    "segment_runs",
+    "segment_uniform",
+    "uniform_chunk_length",
+    "segment_softmax_pool",
+]
+
+BACKENDS = ("auto", "compiled", "reference")
+
+
+def compiled_available(device="cpu") -> bool:
+    """True if the compiled kernels exist for ``device`` ("cpu" or a CUDA device)."""
+    if _C is None:
+        return False
+    kind = torch.device(device).type
+    return kind == "cpu" or (kind == "cuda" and bool(_C.with_cuda))
+
+
+def _use_compiled(backend: str, device: torch.device) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return False
+    available = compiled_available(device)
+    if backend == "compiled" and not available:
+        why = f" ({_IMPORT_ERROR})" if _IMPORT_ERROR is not None else ""
+        raise RuntimeError(
+            f"enact_ops: backend='compiled' but the extension is not built for {device}{why}; "
+            "build it with `pip install -e .` (FORCE_CUDA=1 for CUDA) or use backend='reference'"
+        )
+    return available
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks
+# ---------------------------------------------------------------------------------------------
+def _check_tensor(name: str, x, ndim: int, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {what}, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must be {what}, got shape {tuple(x.shape)}")
+
+
+def _check_bool_2d(name: str, x, shape=None, device=None) -> None:
+    _check_tensor(name, x, 2, "of shape (B, N)")
+    if x.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got {x.dtype}")
+    if shape is not None and tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} is on {x.device}, expected {device}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has N = 0 tokens; at least one token per row is required")
+
+
+def _valid_from_mask(ref: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    if key_padding_mask is None:
+        return torch.ones(ref.shape, dtype=torch.bool, device=ref.device)
+    _check_bool_2d("key_padding_mask", key_padding_mask, ref.shape, ref.device)
+    return ~key_padding_mask
+
+
+def _segmentation(result) -> Segmentation:
+    return Segmentation(*result)
+
+
+# ---------------------------------------------------------------------------------------------
+# segmentation
+# ---------------------------------------------------------------------------------------------
+def segment_runs(
+    sign: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None, backend: str = "auto",
+) -> Segmentation:
+    """Clusters = maximal runs of equal ``sign`` (B, N) bool over each row's valid sequence."""
+    _check_bool_2d("sign", sign)
+    valid = _valid_from_mask(sign, key_padding_mask)
+    if _use_compiled(backend, sign.device):
+        return _segmentation(torch.ops.enact_ops.segment_runs(sign, valid))
+    return reference.segment_runs(sign, valid)
+
+
+def segment_uniform(key_padding_mask: torch.Tensor, chunk: int, backend: str = "auto") -> Segmentation:
+    """Uniform mode: crop each row's valid sequence to a multiple of ``chunk`` (L) and cut it.
+
+    ``(n mod L) // 2`` tokens are dropped at the start and the rest at the end; a row with
+    0 < n < L is one chunk.  ``key_padding_mask`` (B, N) bool, True = pad (all False if none).
+    """
+    _check_bool_2d("key_padding_mask", key_padding_mask)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    valid = ~key_padding_mask
+    if _use_compiled(backend, valid.device):
+        return _segmentation(torch.ops.enact_ops.segment_uniform(valid, chunk))
+    return reference.segment_uniform(valid, chunk)
+
+
+def uniform_chunk_length(runs: Segmentation) -> int:
+    """L = round(mean over images of (valid length / number of runs)), Python's round.
+
+    ``runs`` is the ``segment_runs`` segmentation of the batch; images without a valid token
+    are left out of the mean.
+    """
+    lengths = (runs.cluster_ids >= 0).sum(1).double()
+    counts = runs.num_clusters.double()
+    has = counts > 0
+    if not bool(has.any()):
+        raise ValueError("uniform_chunk_length: no image of the batch has a valid token")
+    return max(1, round(float((lengths[has] / counts[has]).mean())))
+
+
+# ---------------------------------------------------------------------------------------------
+# pooling
+# ---------------------------------------------------------------------------------------------
+class _SegmentSoftmaxPool(torch.autograd.Function):
+    """Compiled fused segment softmax + pooling; weights are returned non-differentiable."""
+
+    @staticmethod
+    def forward(ctx, scores, tokens, seg_starts, seg_batch, row_offsets, max_clusters, *features):
+        pooled, weights = torch.ops.enact_ops.segment_softmax_pool_forward(
+            scores, list(features), tokens, seg_starts, seg_batch, row_offsets, max_clusters
+        )
+        ctx.save_for_backward(weights, tokens, seg_starts, seg_batch, row_offsets, *features)
+        ctx.mark_non_differentiable(weights)
+        ctx.set_materialize_grads(False)  # an unused pooled output costs no backward work
+        return (*pooled, weights)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        weights, tokens, seg_starts, seg_batch, row_offsets, *features = ctx.saved_tensors
+        grad_pooled = grads[: len(features)]
+        used = [f for f, g in enumerate(grad_pooled) if g is not None]
+        grad_features: List[Optional[torch.Tensor]] = [None] * len(features)
+        grad_scores = None
+        if used:
+            grad_scores, grads_used = torch.ops.enact_ops.segment_softmax_pool_backward(
+                [grad_pooled[f] for f in used], [features[f] for f in used], weights,
+                tokens, seg_starts, seg_batch, row_offsets,
+            )
+            for f, g in zip(used, grads_used):
+                grad_features[f] = g if ctx.needs_input_grad[6 + f] else None
+            if not ctx.needs_input_grad[0]:
+                grad_scores = None
+        return (grad_scores, None, None, None, None, None, *grad_features)
+
+
+def segment_softmax_pool(
+    scores: torch.Tensor,
+    features: Sequence[torch.Tensor],
+    seg: Segmentation,
+    backend: str = "auto",
+) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Fused segment softmax pooling:  w_i = softmax_{j in c}(scores_j)_i,  y_c = sum_i w_i x_i.
+
+    Args:
+        scores: (B, N) floating.  Computed in float64 if the features are float64, else float32.
+        features: one or more (B, N, C_f) floating tensors of one dtype (e.g. keys and values).
+        seg: the Segmentation of the batch (``segment_runs`` or ``segment_uniform``).
+    Returns:
+        pooled: list of (B, M_max, C_f) in the features' dtype (zeros at padded clusters),
+        weights: (B, N) in the compute dtype, 0 outside any cluster (not differentiable),
+        cluster_mask: (B, M_max) bool, True at padded cluster slots.
+    """
+    if not isinstance(seg, Segmentation):
+        raise TypeError(f"seg must be an enact_ops.Segmentation, got {type(seg).__name__}")
+    shape = tuple(seg.cluster_ids.shape)
+    _check_tensor("scores", scores, 2, "of shape (B, N)")
+    if tuple(scores.shape) != shape:
+        raise ValueError(f"scores must have the segmentation's shape {shape}, got {tuple(scores.shape)}")
+    if not scores.is_floating_point():
+        raise TypeError(f"scores must be floating point, got {scores.dtype}")
+    if seg.cluster_ids.device != scores.device:
+        raise ValueError(f"seg is on {seg.cluster_ids.device}, scores on {scores.device}")
+    features = list(features)
+    if not features:
+        raise ValueError("features must hold at least one (B, N, C) tensor")
+    dtype = None
+    for f, x in enumerate(features):
+        _check_tensor(f"features[{f}]", x, 3, "of shape (B, N, C)")
+        if tuple(x.shape[:2]) != shape:
+            raise ValueError(f"features[{f}] must be (B, N, C) with (B, N) = {shape}, got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"features[{f}] must be floating point, got {x.dtype}")
+        if x.device != scores.device:
+            raise ValueError(f"features[{f}] is on {x.device}, scores on {scores.device}")
+        if dtype is not None and x.dtype != dtype:
+            raise TypeError(f"features must share one dtype, got {dtype} and {x.dtype}")
+        dtype = x.dtype
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    scores = scores.to(compute).contiguous()
+    width = seg.max_clusters
+    if _use_compiled(backend, scores.device):
+        features = [x if x.stride(-1) == 1 else x.contiguous() for x in features]
+        out = _SegmentSoftmaxPool.apply(
+            scores, seg.tokens, seg.seg_starts, seg.seg_batch, seg.row_offsets, width, *features
+        )
+        pooled, weights = list(out[:-1]), out[-1]
+    else:
+        pooled, weights = reference.segment_softmax_pool(scores, features, seg)
+    return pooled, weights, seg.cluster_mask()

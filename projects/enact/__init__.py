@@ -1,0 +1,2 @@
+"""ENACT: ENtropy-based Attention Clustering for detection Transformers."""
+from .modeling.attention import MultiheadAttention

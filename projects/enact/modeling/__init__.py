@@ -1,0 +1,3 @@
+"""Model code of the ENACT project.  Importing this package needs torch only; the detectors
+(which need detectron2) are imported from their own modules."""
+from .attention import ATTENTION_BACKENDS, MultiheadAttention, multi_head_attention

@@ -1,0 +1,188 @@
+#!/usr/bin/env python
+"""Benchmark the enact_ops operators: compiled kernels vs the pure-PyTorch reference.
+
+For each sequence length N it times (median of interleaved repeats, both backends in one
+process) the segmentation (``segment_runs``) and the fused pooling of keys and values, forward +
+backward (``segment_softmax_pool``), and measures the peak memory of the pooling:
+on CUDA ``torch.cuda.max_memory_allocated`` above the inputs; on CPU the peak-RSS increase over
+the process's state just before the measured calls, one fresh process per (backend, N).
+
+    python tools/benchmark_ops.py                       # B=8, N in {850, 3400, 13600}, C=256
+    python tools/benchmark_ops.py --device cuda --out bench_ops_cuda.json
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import enact_ops  # noqa: E402
+
+BACKENDS = ("compiled", "reference")
+
+
+def make_inputs(batch, seq_len, channels, mean_run, device, dtype, seed=0):
+    """Keys, values, scores and a sign pattern whose runs have geometric lengths (mean_run),
+    with DETR-style padding on half the batch (the last 10% of tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    flips = torch.rand(batch, seq_len, generator=g) < 1.0 / mean_run
+    sign = (torch.cumsum(flips.long(), 1) % 2).bool()
+    mask = torch.zeros(batch, seq_len, dtype=torch.bool)
+    mask[::2, int(seq_len * 0.9):] = True
+    scores = torch.randn(batch, seq_len, generator=g)
+    k = torch.randn(batch, seq_len, channels, generator=g)
+    v = torch.randn(batch, seq_len, channels, generator=g)
+    to = dict(device=device)
+    return sign.to(**to), mask.to(**to), scores.to(**to), k.to(dtype=dtype, **to), v.to(dtype=dtype, **to)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def pool_step(backend, sign, mask, scores, k, v, seg=None):
+    if seg is None:
+        seg = enact_ops.segment_runs(sign, mask, backend=backend)
+    s, kk, vv = (t.detach().requires_grad_() for t in (scores, k, v))
+    pooled, _, _ = enact_ops.segment_softmax_pool(s, [kk, vv], seg, backend=backend)
+    (pooled[0].float().sum() + pooled[1].float().sum()).backward()
+
+
+def time_case(args, seq_len, device):
+    inputs = make_inputs(args.batch, seq_len, args.channels, args.mean_run, device, args.dtype)
+    sign, mask = inputs[:2]
+    segs = {b: enact_ops.segment_runs(sign, mask, backend=b) for b in BACKENDS}
+    times = {f"{op}/{b}": [] for op in ("segment", "pool") for b in BACKENDS}
+    for b in BACKENDS:  # warm-up
+        pool_step(b, *inputs, seg=segs[b])
+    for _ in range(args.repeats):
+        for b in BACKENDS:  # interleaved
+            sync(device)
+            t0 = time.perf_counter()
+            enact_ops.segment_runs(sign, mask, backend=b)
+            sync(device)
+            t1 = time.perf_counter()
+            pool_step(b, *inputs, seg=segs[b])
+            sync(device)
+            t2 = time.perf_counter()
+            times[f"segment/{b}"].append(t1 - t0)
+            times[f"pool/{b}"].append(t2 - t1)
+    return {key: statistics.median(v) for key, v in times.items()}, segs["compiled"].max_clusters
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes():
+    """VmHWM of this process (getrusage's ru_maxrss is not used: Linux carries it over exec from
+    the parent, so a child started by a big parent would report the parent's peak)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def reset_peak_rss():
+    try:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def memory_worker(args):
+    """Runs in a fresh process: peak memory of one pooling forward+backward."""
+    device = torch.device(args.device)
+    # warm-up on a tiny case: thread pools, autograd engine and lazy inits are not the op's memory
+    pool_step(args.worker_backend, *make_inputs(2, 64, 8, args.mean_run, device, args.dtype))
+    inputs = make_inputs(args.batch, args.worker_n, args.channels, args.mean_run, device, args.dtype)
+    seg = enact_ops.segment_runs(*inputs[:2], backend=args.worker_backend)
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        pool_step(args.worker_backend, *inputs, seg=seg)
+        sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        reset_peak_rss()
+        base = rss_bytes()
+        pool_step(args.worker_backend, *inputs, seg=seg)
+        peak = peak_rss_bytes() - base
+    print(json.dumps({"peak_bytes": max(peak, 0)}))
+
+
+def measure_memory(args, seq_len, backend):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker-n", str(seq_len), "--worker-backend", backend,
+           "--batch", str(args.batch), "--channels", str(args.channels), "--mean-run", str(args.mean_run),
+           "--device", args.device, "--dtype", str(args.dtype).replace("torch.", "")]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_bytes"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[850, 3400, 13600])
+    p.add_argument("--channels", type=int, default=256)
+    p.add_argument("--mean-run", type=float, default=8.0, help="mean cluster length of the synthetic signs")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    p.add_argument("--out", default="output/benchmark_ops.json")
+    p.add_argument("--worker-n", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--worker-backend", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.dtype = getattr(torch, args.dtype)
+    if args.worker_n is not None:
+        return memory_worker(args)
+    device = torch.device(args.device)
+    if not enact_ops.compiled_available(device):
+        sys.exit(f"benchmark_ops: the compiled extension is not available for {device}; run `pip install -e .`")
+    rows = []
+    header = (f"{'N':>6} {'M_max':>6} | {'segment ms (ext / ref)':>24} | {'pool fwd+bwd ms (ext / ref)':>28} |"
+              f" {'speed-up':>8} | {'peak MiB (ext / ref)':>21} | {'mem ratio':>9}")
+    print(f"enact_ops benchmark: B={args.batch} C={args.channels} dtype={args.dtype} device={device} "
+          f"threads={torch.get_num_threads()} repeats={args.repeats}")
+    print(header)
+    print("-" * len(header))
+    for i, n in enumerate(args.seq_lens):
+        print(f"[{i + 1}/{len(args.seq_lens)}] N={n} ...", file=sys.stderr, flush=True)
+        times, width = time_case(args, n, device)
+        mem = {b: measure_memory(args, n, b) for b in BACKENDS}
+        ext_total = times["segment/compiled"] + times["pool/compiled"]
+        ref_total = times["segment/reference"] + times["pool/reference"]
+        row = dict(N=n, M_max=width, times_s=times, peak_bytes=mem,
+                   speedup=ref_total / ext_total, memory_ratio=mem["compiled"] / max(mem["reference"], 1))
+        rows.append(row)
+        print(f"{n:>6} {width:>6} | {times['segment/compiled'] * 1e3:>10.2f} / {times['segment/reference'] * 1e3:>10.2f}"
+              f"  | {times['pool/compiled'] * 1e3:>12.2f} / {times['pool/reference'] * 1e3:>12.2f}  |"
+              f" {row['speedup']:>7.2f}x | {mem['compiled'] / 2**20:>9.1f} / {mem['reference'] / 2**20:>9.1f} |"
+              f" {row['memory_ratio']:>8.2f}x")
+    result = dict(
+        tool="benchmark_ops", device=str(device),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        cpu_threads=torch.get_num_threads(), torch=torch.__version__, batch=args.batch, channels=args.channels,
+        dtype=str(args.dtype), mean_run=args.mean_run, repeats=args.repeats,
+        memory_measure="cuda max_memory_allocated above inputs" if device.type == "cuda"
+        else "peak RSS increase over the state before the measured call, fresh process per case",
+        rows=rows,
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
