@@ -1,0 +1,423 @@
+"""DETR (Carion et al., 2020) as a detectron2 meta-architecture, with a swappable encoder
+self-attention (standard multi-head attention or ENACT).
+
+Pipeline, for a batch of B images padded to (H, W)::
+
+    images (B, 3, H, W) --backbone--> res5 (B, 2048, H/32, W/32) --1x1 conv--> src (B, C, h, w)
+    padding mask (B, H, W) --nearest--> mask (B, h, w) --sine--> pos (B, C, h, w)
+    transformer(src, mask, queries (Q, C), pos) -> hs (L, B, Q, C)
+    class head: Linear(C, K + 1) -> logits (L, B, Q, K + 1)   (last class = "no object")
+    box head:   3-layer MLP + sigmoid -> boxes (L, B, Q, 4), normalised cxcywh
+
+Training returns the weighted set-prediction losses of the last decoder layer and, with
+``aux_loss``, of every intermediate one (suffix ``_{i}``).  Inference returns, per image, the
+``select_box_nums_for_evaluation`` best queries (score = max softmax probability over the real
+classes) as detectron2 ``Instances`` in the coordinates of the requested output size.
+
+Ground truth: ``Instances.gt_boxes`` are absolute xyxy boxes in the coordinates of the input
+image tensor.  Boxes are clipped to the image and boxes left empty (zero width or height, or
+non-finite) are dropped before matching: they cannot be predicted by a sigmoid head and would make
+the GIoU undefined.  An image without boxes is valid (all its queries learn "no object").
+"""
+
+import re
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import nn
+
+from .attention import MultiheadAttention
+from .backbone import build_resnet_backbone
+from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from .criterion import SetCriterion, aux_weight_dict
+from .matcher import HungarianMatcher
+from .position_encoding import PositionEmbeddingSine
+from .transformer import Transformer, TransformerDecoder, TransformerEncoder
+
+__all__ = ["MLP", "DETR", "build_detr"]
+
+# detectron2's default statistics (BGR, 0-255), i.e. MODEL.PIXEL_MEAN / MODEL.PIXEL_STD.
+DEFAULT_PIXEL_MEAN = (103.530, 116.280, 123.675)
+DEFAULT_PIXEL_STD = (57.375, 57.120, 58.395)
+
+_AUX_SUFFIX = re.compile(r"_\d+$")
+
+
+class MLP(nn.Module):
+    """``num_layers`` Linear layers with ReLU in between (none after the last)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
+        dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for idx, layer in enumerate(self.layers):
+            x = layer(x)
+            if idx < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class DETR(nn.Module):
+    """DETR detector (detectron2 meta-architecture interface).
+
+    Args:
+        backbone: module mapping (B, 3, H, W) to a dict of feature maps containing ``in_features``.
+        position_embedding: module mapping a padding mask (B, h, w) to (B, embed_dim, h, w),
+            e.g. ``PositionEmbeddingSine(embed_dim // 2)``.
+        transformer: :class:`Transformer` (its encoder holds the swappable attention).
+        num_classes: number of object classes (without "no object").
+        num_queries: number of object queries Q.
+        in_features: name of the backbone output fed to the transformer.
+        in_channels: channels of that feature map.
+        embed_dim: transformer width C.
+        criterion: :class:`SetCriterion`; its ``weight_dict`` weights the returned losses.  May be
+            ``None`` for an inference-only model.
+        aux_loss: also supervise the intermediate decoder layers.
+        pixel_mean, pixel_std: per-channel normalisation of the input images, in the channel
+            order of the inputs (detectron2's BGR defaults when ``None``).
+        device: device the model is moved to.
+        select_box_nums_for_evaluation: detections kept per image at inference (at most Q).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        position_embedding: nn.Module,
+        transformer: nn.Module,
+        num_classes: int = 80,
+        num_queries: int = 100,
+        in_features: str = "res5",
+        in_channels: int = 2048,
+        embed_dim: int = 256,
+        criterion: Optional[nn.Module] = None,
+        aux_loss: bool = True,
+        pixel_mean: Optional[Sequence[float]] = None,
+        pixel_std: Optional[Sequence[float]] = None,
+        device: str = "cpu",
+        select_box_nums_for_evaluation: int = 100,
+    ):
+        super().__init__()
+        if num_classes < 1 or num_queries < 1:
+            raise ValueError(
+                f"num_classes ({num_classes}) and num_queries ({num_queries}) must be >= 1"
+            )
+        if select_box_nums_for_evaluation < 1:
+            raise ValueError(
+                f"select_box_nums_for_evaluation must be >= 1, got {select_box_nums_for_evaluation}"
+            )
+        if hasattr(backbone, "output_shape"):
+            shapes = backbone.output_shape()
+            if in_features not in shapes:
+                raise ValueError(f"backbone has no output {in_features!r}; it has {sorted(shapes)}")
+            if shapes[in_features].channels != in_channels:
+                raise ValueError(
+                    f"backbone output {in_features!r} has {shapes[in_features].channels} channels, "
+                    f"in_channels={in_channels}"
+                )
+        t_dim = getattr(transformer, "embed_dim", embed_dim)
+        if t_dim != embed_dim:
+            raise ValueError(f"transformer width ({t_dim}) differs from embed_dim ({embed_dim})")
+
+        self.backbone = backbone
+        self.position_embedding = position_embedding
+        self.transformer = transformer
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        self.in_features = in_features
+        self.embed_dim = embed_dim
+        self.criterion = criterion
+        self.aux_loss = aux_loss
+        self.select_box_nums_for_evaluation = select_box_nums_for_evaluation
+
+        self.input_proj = nn.Conv2d(in_channels, embed_dim, kernel_size=1)
+        self.query_embed = nn.Embedding(num_queries, embed_dim)
+        self.class_embed = nn.Linear(embed_dim, num_classes + 1)
+        self.bbox_embed = MLP(embed_dim, embed_dim, 4, num_layers=3)
+
+        pixel_mean = DEFAULT_PIXEL_MEAN if pixel_mean is None else pixel_mean
+        pixel_std = DEFAULT_PIXEL_STD if pixel_std is None else pixel_std
+        if len(pixel_mean) != len(pixel_std):
+            raise ValueError(
+                f"pixel_mean ({len(pixel_mean)}) and pixel_std ({len(pixel_std)}) differ in length"
+            )
+        self.register_buffer(
+            "pixel_mean",
+            torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1),
+            persistent=False,
+        )
+        self.register_buffer(
+            "pixel_std",
+            torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1),
+            persistent=False,
+        )
+        self.to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    # ------------------------------------------------------------------ inputs
+    def _check_inputs(self, batched_inputs) -> None:
+        if isinstance(batched_inputs, dict) or not isinstance(batched_inputs, (list, tuple)):
+            raise TypeError(
+                "batched_inputs must be a list of dicts (one per image), got "
+                f"{type(batched_inputs).__name__}"
+            )
+        if len(batched_inputs) == 0:
+            raise ValueError("batched_inputs is empty")
+        channels = self.pixel_mean.shape[0]
+        for i, x in enumerate(batched_inputs):
+            if not isinstance(x, dict):
+                raise TypeError(f"batched_inputs[{i}] must be a dict, got {type(x).__name__}")
+            if "image" not in x:
+                raise KeyError(
+                    f"batched_inputs[{i}] has no 'image' key (a (C, H, W) tensor); "
+                    f"keys: {sorted(map(str, x))}"
+                )
+            image = x["image"]
+            if (
+                not isinstance(image, torch.Tensor)
+                or image.dim() != 3
+                or image.shape[0] != channels
+            ):
+                shape = (
+                    tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+                )
+                raise ValueError(
+                    f"batched_inputs[{i}]['image'] must be a ({channels}, H, W) tensor, got {shape}"
+                )
+            if image.shape[1] == 0 or image.shape[2] == 0:
+                raise ValueError(f"batched_inputs[{i}]['image'] is empty: {tuple(image.shape)}")
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        """Normalise the images and pad them (with zeros, after normalisation) into one batch."""
+        images = [
+            (x["image"].to(self.device, non_blocking=True).float() - self.pixel_mean)
+            / self.pixel_std
+            for x in batched_inputs
+        ]
+        return ImageList.from_tensors(images)
+
+    @staticmethod
+    def padding_mask(images: ImageList) -> torch.Tensor:
+        """(B, H, W) bool at the padded image resolution, True on padding."""
+        b, _, h, w = images.tensor.shape
+        mask = torch.ones((b, h, w), dtype=torch.bool, device=images.tensor.device)
+        for i, (img_h, img_w) in enumerate(images.image_sizes):
+            mask[i, :img_h, :img_w] = False
+        return mask
+
+    def prepare_targets(
+        self, batched_inputs: List[Dict], images: ImageList
+    ) -> List[Dict[str, torch.Tensor]]:
+        """Instances -> [{"labels": (n,) int64, "boxes": (n, 4) cxcywh normalised by (w, h)}].
+
+        Boxes are clipped to the (unpadded) image and empty boxes dropped (see module docstring).
+        """
+        targets = []
+        for i, (x, (h, w)) in enumerate(zip(batched_inputs, images.image_sizes)):
+            if "instances" not in x:
+                raise ValueError(
+                    f"training needs ground truth: batched_inputs[{i}] has no 'instances' key "
+                    "(an Instances with gt_boxes and gt_classes; use an empty Instances for an "
+                    "image without objects)"
+                )
+            inst = x["instances"]
+            if not isinstance(inst, Instances):
+                raise ValueError(
+                    f"batched_inputs[{i}]['instances'] must be a detectron2 Instances, "
+                    f"got {type(inst).__name__}"
+                )
+            fields = inst.get_fields()
+            if fields and not ("gt_boxes" in fields and "gt_classes" in fields):
+                raise ValueError(
+                    f"batched_inputs[{i}]['instances'] needs fields gt_boxes and gt_classes, "
+                    f"has {sorted(fields)}"
+                )
+            if not fields:  # an Instances without any field: no objects
+                boxes = torch.zeros((0, 4), dtype=torch.float32, device=self.device)
+                labels = torch.zeros((0,), dtype=torch.int64, device=self.device)
+            else:
+                gt = fields["gt_boxes"]
+                xyxy = (gt.tensor if isinstance(gt, Boxes) else torch.as_tensor(gt)).reshape(-1, 4)
+                xyxy = xyxy.to(self.device, torch.float32)  # (n, 4) absolute
+                finite = torch.isfinite(xyxy).all(dim=1)
+                xyxy = torch.stack(
+                    (
+                        xyxy[:, 0].clamp(0, w),
+                        xyxy[:, 1].clamp(0, h),
+                        xyxy[:, 2].clamp(0, w),
+                        xyxy[:, 3].clamp(0, h),
+                    ),
+                    dim=1,
+                )  # clipped to the image
+                keep = finite & (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])  # (n,)
+                labels = torch.as_tensor(fields["gt_classes"]).to(self.device, torch.int64)[keep]
+                if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+                    raise ValueError(
+                        f"batched_inputs[{i}]: gt_classes must be in [0, {self.num_classes}), got "
+                        f"[{int(labels.min())}, {int(labels.max())}]"
+                    )
+                scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
+                boxes = box_xyxy_to_cxcywh(xyxy[keep] / scale)  # (n', 4) normalised cxcywh
+            targets.append({"labels": labels, "boxes": boxes})
+        return targets
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: list of dicts with "image" (C, H, W) tensor; for training also
+                "instances" (Instances with gt_boxes, gt_classes); optionally "height"/"width",
+                the output resolution at inference.
+
+        Returns:
+            training: dict of weighted losses; inference: ``[{"instances": Instances}]`` with
+            pred_boxes (absolute xyxy in height x width), scores, pred_classes.
+        """
+        self._check_inputs(batched_inputs)
+        if self.training and self.criterion is None:
+            raise ValueError("DETR was built without a criterion; it can only run in eval mode")
+        images = self.preprocess_image(batched_inputs)
+        targets = self.prepare_targets(batched_inputs, images) if self.training else None
+
+        mask = self.padding_mask(images)  # (B, H, W)
+        features = self.backbone(images.tensor)[self.in_features]  # (B, C_in, h, w)
+        mask = F.interpolate(mask[None].float(), size=features.shape[-2:])[0].bool()  # (B, h, w)
+        pos = self.position_embedding(mask)  # (B, C, h, w)
+        src = self.input_proj(features)  # (B, C, h, w)
+        hs, _ = self.transformer(src, mask, self.query_embed.weight, pos)  # (L, B, Q, C)
+
+        logits = self.class_embed(hs)  # (L, B, Q, K + 1)
+        boxes = self.bbox_embed(hs).sigmoid()  # (L, B, Q, 4) cxcywh in [0, 1]
+        outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if self.aux_loss:
+            outputs["aux_outputs"] = [
+                {"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])
+            ]
+
+        if self.training:
+            return self.weight_losses(self.criterion(outputs, targets))
+        results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
+        processed = []
+        for x, result, (h, w) in zip(batched_inputs, results, images.image_sizes):
+            height, width = x.get("height", h), x.get("width", w)
+            processed.append({"instances": detector_postprocess(result, height, width)})
+        return processed
+
+    def weight_losses(self, losses: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """``losses[k] * weight_dict[k]``; an auxiliary loss ``{name}_{i}`` missing from the
+        weight dict takes the weight of ``name``.  Losses without a weight are dropped (they are
+        not meant to be optimised)."""
+        weight_dict = self.criterion.weight_dict
+        weighted = {}
+        for k, v in losses.items():
+            weight = weight_dict.get(k, weight_dict.get(_AUX_SUFFIX.sub("", k)))
+            if weight is not None:
+                weighted[k] = v * weight
+        return weighted
+
+    @torch.no_grad()
+    def inference(self, logits: torch.Tensor, boxes: torch.Tensor, image_sizes) -> List[Instances]:
+        """logits (B, Q, K + 1), boxes (B, Q, 4) normalised cxcywh -> B Instances in input-image
+        coordinates, the ``select_box_nums_for_evaluation`` highest-scoring queries each."""
+        probs = logits.softmax(-1)[..., :-1]  # (B, Q, K): drop "no object"
+        scores, labels = probs.max(-1)  # (B, Q)
+        k = min(self.select_box_nums_for_evaluation, scores.shape[1])
+        results = []
+        for score, label, box, (h, w) in zip(scores, labels, boxes, image_sizes):
+            top_score, top_idx = score.topk(k)  # (k,)
+            scale = torch.tensor([w, h, w, h], dtype=box.dtype, device=box.device)
+            xyxy = box_cxcywh_to_xyxy(box[top_idx]) * scale  # (k, 4) absolute
+            result = Instances((h, w))
+            result.pred_boxes = Boxes(xyxy)
+            result.pred_boxes.clip((h, w))
+            result.scores = top_score
+            result.pred_classes = label[top_idx]
+            results.append(result)
+        return results
+
+
+def build_detr(
+    num_classes: int = 80,
+    depth: int = 50,
+    dilation: bool = False,
+    encoder_attention: Optional[nn.Module] = None,
+    num_queries: int = 100,
+    embed_dim: int = 256,
+    num_heads: int = 8,
+    num_encoder_layers: int = 6,
+    num_decoder_layers: int = 6,
+    ffn_dim: int = 2048,
+    dropout: float = 0.1,
+    aux_loss: bool = True,
+    freeze_at: int = 1,
+    pixel_mean: Optional[Sequence[float]] = None,
+    pixel_std: Optional[Sequence[float]] = None,
+    device: str = "cpu",
+    select_box_nums_for_evaluation: int = 100,
+) -> DETR:
+    """DETR with the canonical hyper-parameters (R50, 6 + 6 layers, C = 256, 8 heads, FFN 2048,
+    dropout 0.1, 100 queries; losses ce 1 / L1 5 / GIoU 2, eos_coef 0.1, matcher 1 / 5 / 2).
+
+    ``encoder_attention`` is the prototype encoder self-attention (copied into every encoder
+    layer), by default ``MultiheadAttention(embed_dim, num_heads, attn_drop=dropout,
+    proj_drop=dropout)``; pass an ENACT attention module to get ENACT-DETR.
+    """
+    backbone = build_resnet_backbone(depth=depth, dilation=dilation, freeze_at=freeze_at)
+    in_channels = backbone.output_shape()["res5"].channels
+    if encoder_attention is None:
+        encoder_attention = MultiheadAttention(
+            embed_dim, num_heads, attn_drop=dropout, proj_drop=dropout
+        )
+    transformer = Transformer(
+        encoder=TransformerEncoder(
+            encoder_attention,
+            num_layers=num_encoder_layers,
+            embed_dim=embed_dim,
+            ffn_dim=ffn_dim,
+            dropout=dropout,
+        ),
+        decoder=TransformerDecoder(
+            num_layers=num_decoder_layers,
+            embed_dim=embed_dim,
+            num_heads=num_heads,
+            ffn_dim=ffn_dim,
+            dropout=dropout,
+            return_intermediate=True,
+        ),
+    )
+    weight_dict = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+    if aux_loss:
+        weight_dict = aux_weight_dict(weight_dict, num_decoder_layers - 1)
+    criterion = SetCriterion(
+        num_classes,
+        matcher=HungarianMatcher(cost_class=1, cost_bbox=5, cost_giou=2),
+        weight_dict=weight_dict,
+        losses=("class", "boxes"),
+        eos_coef=0.1,
+    )
+    return DETR(
+        backbone=backbone,
+        position_embedding=PositionEmbeddingSine(num_pos_feats=embed_dim // 2, normalize=True),
+        transformer=transformer,
+        num_classes=num_classes,
+        num_queries=num_queries,
+        in_features="res5",
+        in_channels=in_channels,
+        embed_dim=embed_dim,
+        criterion=criterion,
+        aux_loss=aux_loss,
+        pixel_mean=pixel_mean,
+        pixel_std=pixel_std,
+        device=device,
+        select_box_nums_for_evaluation=select_box_nums_for_evaluation,
+    )

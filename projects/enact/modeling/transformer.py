@@ -1,0 +1,329 @@
+"""DETR's post-norm encoder-decoder transformer with a swappable encoder self-attention.
+
+Tensors are sequence-first, as in DETR: the flattened feature map is (N, B, C) with N = H * W,
+the object queries are (Q, B, C).  Every layer is post-norm ("Add & Norm" after each block).
+
+The encoder self-attention is the single point where ENACT replaces standard multi-head
+attention: :class:`TransformerEncoder` takes an attention *prototype* module and deep-copies it
+into each layer.  Any module with the call signature of
+:class:`projects.enact.modeling.attention.MultiheadAttention` fits::
+
+    out = attention(query=src, key=src, value=src, query_pos=pos, key_pos=pos,
+                    key_padding_mask=mask)          # (N, B, C)
+
+and its output must already contain the residual, i.e. ``identity + dropout(attn(...))``;
+the layer then only applies the LayerNorm.  The decoder always uses standard multi-head
+attention (self-attention over the queries, cross-attention to the encoder memory).
+
+:class:`Transformer` re-initialises every weight matrix (parameters with more than one
+dimension) with Xavier-uniform, as DETR does; this also gives every encoder layer its own
+random attention weights although they start as copies of one prototype.
+"""
+
+import copy
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import MultiheadAttention
+
+__all__ = [
+    "TransformerEncoderLayer",
+    "TransformerEncoder",
+    "TransformerDecoderLayer",
+    "TransformerDecoder",
+    "Transformer",
+]
+
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+def _activation(name: str):
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {name!r}")
+    return _ACTIVATIONS[name]
+
+
+def _feed_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The FFN branch of a layer with ``linear1``/``linear2``/``dropout``/``activation``."""
+    return layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
+
+
+class TransformerEncoderLayer(nn.Module):
+    """Post-norm encoder layer: ``norm1(attention(src, pos, mask))`` then the FFN block.
+
+    Args:
+        attention: the self-attention module (used as is, not copied); its output includes the
+            residual, see the module docstring.
+        embed_dim: model width C.
+        ffn_dim: hidden width of the feed-forward block.
+        dropout: dropout of the feed-forward block (the attention carries its own).
+        activation: "relu" (DETR) or "gelu".
+    """
+
+    def __init__(
+        self,
+        attention: nn.Module,
+        embed_dim: int = 256,
+        ffn_dim: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+    ):
+        super().__init__()
+        attn_dim = getattr(attention, "embed_dim", embed_dim)
+        if attn_dim != embed_dim:
+            raise ValueError(
+                f"attention embed_dim ({attn_dim}) differs from embed_dim ({embed_dim})"
+            )
+        if getattr(attention, "batch_first", False):
+            raise ValueError("the encoder attention must be sequence-first (batch_first=False)")
+        self.self_attn = attention
+        self.norm1 = nn.LayerNorm(embed_dim)
+        # Feed-forward block (post-norm): norm2(x + dropout2(linear2(dropout(act(linear1(x)))))).
+        self.linear1 = nn.Linear(embed_dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, embed_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(embed_dim)
+        self.activation = _activation(activation)
+
+    def forward(
+        self,
+        src: torch.Tensor,
+        pos: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """src, pos (N, B, C); mask (B, N) bool, True = padding.  Returns (N, B, C)."""
+        src = self.self_attn(
+            query=src, key=src, value=src, query_pos=pos, key_pos=pos, key_padding_mask=mask
+        )  # (N, B, C), residual included
+        src = self.norm1(src)
+        return self.norm2(src + self.dropout2(_feed_forward(self, src)))
+
+
+class TransformerEncoder(nn.Module):
+    """A stack of ``num_layers`` post-norm encoder layers (no final norm, as post-norm DETR).
+
+    Args:
+        attention: prototype self-attention, deep-copied into every layer; ``None`` builds the
+            standard ``MultiheadAttention(embed_dim, num_heads, attn_drop=dropout,
+            proj_drop=dropout)``.
+        num_layers, embed_dim, ffn_dim, dropout, activation: see
+            :class:`TransformerEncoderLayer`.
+        num_heads: heads of the default attention (ignored when ``attention`` is given).
+    """
+
+    def __init__(
+        self,
+        attention: Optional[nn.Module] = None,
+        num_layers: int = 6,
+        embed_dim: int = 256,
+        ffn_dim: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        num_heads: int = 8,
+    ):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if attention is None:
+            attention = MultiheadAttention(
+                embed_dim, num_heads, attn_drop=dropout, proj_drop=dropout
+            )
+        self.embed_dim = embed_dim
+        self.num_layers = num_layers
+        self.layers = nn.ModuleList(
+            TransformerEncoderLayer(
+                copy.deepcopy(attention), embed_dim, ffn_dim, dropout, activation
+            )
+            for _ in range(num_layers)
+        )
+
+    def forward(
+        self,
+        src: torch.Tensor,
+        pos: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """src, pos (N, B, C); mask (B, N) bool, True = padding.  Returns the memory (N, B, C)."""
+        for layer in self.layers:
+            src = layer(src, pos=pos, mask=mask)
+        return src
+
+
+class TransformerDecoderLayer(nn.Module):
+    """Post-norm DETR decoder layer: query self-attention, cross-attention to the memory, FFN.
+
+    Args:
+        embed_dim, num_heads, ffn_dim, dropout, activation: the usual.
+        attention: backend of the two ``MultiheadAttention`` modules ("sdpa" or "eager").
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        ffn_dim: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        attention: str = "sdpa",
+    ):
+        super().__init__()
+        self.self_attn = MultiheadAttention(
+            embed_dim, num_heads, attn_drop=dropout, proj_drop=dropout, attention=attention
+        )
+        self.norm1 = nn.LayerNorm(embed_dim)
+        self.cross_attn = MultiheadAttention(
+            embed_dim, num_heads, attn_drop=dropout, proj_drop=dropout, attention=attention
+        )
+        self.norm2 = nn.LayerNorm(embed_dim)
+        # Feed-forward block (post-norm): norm3(x + dropout3(linear2(dropout(act(linear1(x)))))).
+        self.linear1 = nn.Linear(embed_dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, embed_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm3 = nn.LayerNorm(embed_dim)
+        self.activation = _activation(activation)
+
+    def forward(
+        self,
+        tgt: torch.Tensor,
+        memory: torch.Tensor,
+        pos: Optional[torch.Tensor] = None,
+        query_pos: Optional[torch.Tensor] = None,
+        memory_key_padding_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """tgt, query_pos (Q, B, C); memory, pos (N, B, C); memory_key_padding_mask (B, N).
+
+        Returns (Q, B, C)."""
+        # Self-attention: queries and keys carry the query embedding, values do not.
+        tgt = self.norm1(
+            self.self_attn(query=tgt, key=tgt, value=tgt, query_pos=query_pos, key_pos=query_pos)
+        )
+        # Cross-attention: keys are memory + spatial position, values the bare memory.
+        tgt = self.norm2(
+            self.cross_attn(
+                query=tgt,
+                key=memory,
+                value=memory,
+                query_pos=query_pos,
+                key_pos=pos,
+                key_padding_mask=memory_key_padding_mask,
+            )
+        )
+        return self.norm3(tgt + self.dropout3(_feed_forward(self, tgt)))
+
+
+class TransformerDecoder(nn.Module):
+    """A stack of post-norm decoder layers followed by a shared final LayerNorm.
+
+    With ``return_intermediate`` the normalised output of every layer is returned (for the
+    auxiliary losses), otherwise only the last one; the result is always
+    (num_layers or 1, Q, B, C).
+    """
+
+    def __init__(
+        self,
+        num_layers: int = 6,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        ffn_dim: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        attention: str = "sdpa",
+        return_intermediate: bool = True,
+    ):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.embed_dim = embed_dim
+        self.num_layers = num_layers
+        self.return_intermediate = return_intermediate
+        self.layers = nn.ModuleList(
+            TransformerDecoderLayer(embed_dim, num_heads, ffn_dim, dropout, activation, attention)
+            for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(
+        self,
+        tgt: torch.Tensor,
+        memory: torch.Tensor,
+        pos: Optional[torch.Tensor] = None,
+        query_pos: Optional[torch.Tensor] = None,
+        memory_key_padding_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """tgt, query_pos (Q, B, C); memory, pos (N, B, C).  Returns (L, Q, B, C)."""
+        outputs = []
+        for layer in self.layers:
+            tgt = layer(tgt, memory, pos, query_pos, memory_key_padding_mask)
+            if self.return_intermediate:
+                outputs.append(self.norm(tgt))
+        if not self.return_intermediate:
+            outputs.append(self.norm(tgt))
+        return torch.stack(outputs)  # (L, Q, B, C)
+
+
+class Transformer(nn.Module):
+    """DETR's encoder-decoder.
+
+    Args:
+        encoder: a :class:`TransformerEncoder` (this is where the encoder attention is chosen).
+        decoder: a :class:`TransformerDecoder`.
+        reset_parameters: Xavier-uniform initialisation of every weight matrix, as DETR.
+    """
+
+    def __init__(
+        self,
+        encoder: TransformerEncoder,
+        decoder: TransformerDecoder,
+        reset_parameters: bool = True,
+    ):
+        super().__init__()
+        if encoder.embed_dim != decoder.embed_dim:
+            raise ValueError(
+                f"encoder ({encoder.embed_dim}) and decoder ({decoder.embed_dim}) widths differ"
+            )
+        self.encoder = encoder
+        self.decoder = decoder
+        self.embed_dim = encoder.embed_dim
+        if reset_parameters:
+            self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(
+        self,
+        src: torch.Tensor,
+        mask: torch.Tensor,
+        query_embed: torch.Tensor,
+        pos_embed: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            src: projected features (B, C, H, W).
+            mask: padding mask (B, H, W), True = padding.
+            query_embed: learnt object queries (Q, C).
+            pos_embed: positional embedding (B, C, H, W).
+
+        Returns:
+            hs: decoder outputs (L, B, Q, C), L = decoder layers (or 1).
+            memory: encoder output (B, C, H, W).
+        """
+        bs, c, h, w = src.shape
+        src = src.flatten(2).permute(2, 0, 1)  # (HW, B, C)
+        pos_embed = pos_embed.flatten(2).permute(2, 0, 1).to(src.dtype)  # (HW, B, C)
+        mask = mask.flatten(1)  # (B, HW)
+        query_embed = query_embed.unsqueeze(1).expand(-1, bs, -1)  # (Q, B, C)
+        tgt = torch.zeros_like(query_embed)  # (Q, B, C)
+
+        memory = self.encoder(src, pos=pos_embed, mask=mask)  # (HW, B, C)
+        hs = self.decoder(
+            tgt, memory, pos=pos_embed, query_pos=query_embed, memory_key_padding_mask=mask
+        )  # (L, Q, B, C)
+        return hs.transpose(1, 2), memory.permute(1, 2, 0).reshape(bs, c, h, w)
