@@ -17,12 +17,12 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import enact_ops  # noqa: E402
+from tools.benchmark_utils import peak_rss_bytes, reset_peak_rss, rss_bytes, sync, timed  # noqa: E402
 
 BACKENDS = ("compiled", "reference")
 
@@ -42,11 +42,6 @@ def make_inputs(batch, seq_len, channels, mean_run, device, dtype, seed=0):
     return sign.to(**to), mask.to(**to), scores.to(**to), k.to(dtype=dtype, **to), v.to(dtype=dtype, **to)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def pool_step(backend, sign, mask, scores, k, v, seg=None):
     if seg is None:
         seg = enact_ops.segment_runs(sign, mask, backend=backend)
@@ -64,40 +59,9 @@ def time_case(args, seq_len, device):
         pool_step(b, *inputs, seg=segs[b])
     for _ in range(args.repeats):
         for b in BACKENDS:  # interleaved
-            sync(device)
-            t0 = time.perf_counter()
-            enact_ops.segment_runs(sign, mask, backend=b)
-            sync(device)
-            t1 = time.perf_counter()
-            pool_step(b, *inputs, seg=segs[b])
-            sync(device)
-            t2 = time.perf_counter()
-            times[f"segment/{b}"].append(t1 - t0)
-            times[f"pool/{b}"].append(t2 - t1)
+            times[f"segment/{b}"].append(timed(lambda: enact_ops.segment_runs(sign, mask, backend=b), device))
+            times[f"pool/{b}"].append(timed(lambda: pool_step(b, *inputs, seg=segs[b]), device))
     return {key: statistics.median(v) for key, v in times.items()}, segs["compiled"].max_clusters
-
-
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes():
-    """VmHWM of this process (getrusage's ru_maxrss is not used: Linux carries it over exec from
-    the parent, so a child started by a big parent would report the parent's peak)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def reset_peak_rss():
-    try:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def memory_worker(args):

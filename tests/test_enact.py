@@ -1,0 +1,327 @@
+"""The ENACT module: against a loop-by-loop reading of the spec, batch independence, equivalence
+with standard attention when every token is its own cluster, gradients, bad input."""
+import math
+
+import pytest
+import torch
+from torch.func import functional_call
+
+import enact_ops
+from projects.enact import EnactAttention, EnactClustering, MultiheadAttention
+from projects.enact.modeling.enact import curvature_sign, gaussian_kernel, smooth
+
+BACKENDS = ["reference"] + (["compiled"] if enact_ops.compiled_available("cpu") else [])
+
+
+def spec_clusters(key, value, mask, weight, bias, sigma, radius):
+    """ENACT_SPEC steps 1-7 for each image with plain Python loops (float64): the oracle."""
+    B, N, _ = key.shape
+    out_k, out_v, ids = [], [], torch.full((B, N), -1, dtype=torch.long)
+    for b in range(B):
+        idx = [i for i in range(N) if mask is None or not mask[b, i]]
+        n = len(idx)
+        logits = [float(key[b, i] @ weight.detach() + bias.detach()) for i in idx]
+        mx = max(logits)
+        z = sum(math.exp(l - mx) for l in logits)
+        p = [math.exp(l - mx) / z + 1e-8 for l in logits]
+        h = [-q * math.log2(q) for q in p]
+        g = {x: math.exp(-x * x / (2 * sigma**2)) / (sigma * math.sqrt(2 * math.pi)) for x in range(-radius, radius + 1)}
+        hs = [sum(g[x] * h[i + x] for x in g if 0 <= i + x < n) for i in range(n)]
+        at = lambda i: hs[i] if 0 <= i < n else 0.0  # noqa: E731
+        s = [(2 * at(i) - at(i - 1) - at(i + 1)) > 0 for i in range(n)]
+        clusters, c = [], -1
+        for j in range(n):
+            if j == 0 or s[j] != s[j - 1]:
+                clusters.append([])
+                c += 1
+            clusters[-1].append(j)
+            ids[b, idx[j]] = c
+        ks, vs = [], []
+        for members in clusters:
+            m = max(hs[j] for j in members)
+            e = [math.exp(hs[j] - m) for j in members]
+            w = [x / sum(e) for x in e]
+            ks.append(sum(wj * key[b, idx[j]] for wj, j in zip(w, members)))
+            vs.append(sum(wj * value[b, idx[j]] for wj, j in zip(w, members)))
+        out_k.append(torch.stack(ks))
+        out_v.append(torch.stack(vs))
+    return out_k, out_v, ids
+
+
+def detr_batch(sizes, C, seed=0, dtype=torch.float64):
+    """Images of (h, w) padded on the right and bottom to the batch's max (H, W), flattened."""
+    g = torch.Generator().manual_seed(seed)
+    H, W = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    x = torch.randn(len(sizes), H, W, C, generator=g, dtype=torch.float64).to(dtype)
+    mask = torch.ones(len(sizes), H, W, dtype=torch.bool)
+    for b, (h, w) in enumerate(sizes):
+        mask[b, :h, :w] = False
+    x = x.masked_fill(mask[..., None], 0.0)
+    return x.view(len(sizes), H * W, C), mask.view(len(sizes), H * W)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sigma", [1, 2, 3])
+def test_clustering_matches_spec_loops(backend, sigma):
+    torch.manual_seed(sigma)
+    key, mask = detr_batch([(5, 7), (4, 5), (2, 3)], C=6, seed=sigma)
+    value = torch.randn(3, 35, 4, dtype=torch.float64)
+    module = EnactClustering(6, sigma=sigma, backend=backend).double()
+    with torch.no_grad():
+        module.w_prob.weight.normal_(0, 3.0)  # a peaky p.d.f. gives a varied curvature
+        module.w_prob.bias.fill_(0.3)
+    out = module(key, value, mask)
+    ref_k, ref_v, ref_ids = spec_clusters(key, value, mask, module.w_prob.weight[0], module.w_prob.bias[0], sigma, 3 * sigma)
+    assert torch.equal(out.cluster_ids, ref_ids)
+    for b in range(3):
+        m = len(ref_k[b])
+        torch.testing.assert_close(out.key[b, :m], ref_k[b], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(out.value[b, :m], ref_v[b], rtol=1e-9, atol=1e-12)
+        assert torch.all(out.key[b, m:] == 0) and torch.all(out.cluster_mask[b, m:]) and not out.cluster_mask[b, :m].any()
+
+
+def test_curvature_sign_and_smoothing_by_hand():
+    # d2_i = 2 x_i - x_{i-1} - x_{i+1} with zeros outside: [0,1,0,0,2,0] -> [-1,2,-1,-2,4,-2]
+    x = torch.tensor([[0.0, 1.0, 0.0, 0.0, 2.0, 0.0]])
+    assert curvature_sign(x).tolist() == [[False, True, False, False, True, False]]
+    # smoothing a unit impulse gives the kernel itself, cut at the row's length
+    k = gaussian_kernel(1, 3, torch.float64)
+    assert k.numel() == 7 and abs(float(k[3]) - 1 / math.sqrt(2 * math.pi)) < 1e-15
+    impulse = torch.zeros(1, 9, dtype=torch.float64)
+    impulse[0, 4] = 1.0
+    torch.testing.assert_close(smooth(impulse, k, torch.tensor([9]))[0, 1:8], k)
+    assert smooth(impulse, k, torch.tensor([6]))[0, 6:].abs().sum() == 0
+
+
+def test_clusters_and_weights_by_hand():
+    # 1) a smoothed signal [0, 1, 0, 0, 2, 0]: d2 = [-1, 2, -1, -2, 4, -2], signs - + - - + -,
+    #    runs {0} {1} {2, 3} {4} {5}; the pair shares softmax(0, 0) = (1/2, 1/2)
+    module = EnactClustering(2, sigma=1).double()
+    smoothed = torch.tensor([[0.0, 1.0, 0.0, 0.0, 2.0, 0.0]], dtype=torch.float64)
+    module.smoothed_information = lambda h, valid: (smoothed, curvature_sign(smoothed))
+    value = torch.arange(6, dtype=torch.float64).view(1, 6, 1)
+    out = module(torch.zeros(1, 6, 2, dtype=torch.float64), value)
+    assert out.cluster_ids.tolist() == [[0, 1, 2, 2, 3, 4]]
+    assert out.weights.tolist() == [[1.0, 1.0, 0.5, 0.5, 1.0, 1.0]]
+    assert out.value[0, :, 0].tolist() == [0.0, 1.0, 2.5, 4.0, 5.0]
+
+    # 2) a uniform p.d.f. over N = 6 tokens, sigma = 1: h is flat, every token lies within 3
+    #    sigma of a border, so smoothed_i = h * (sum of the taps that fall inside) is a concave
+    #    cap whose curvature is positive everywhere: one cluster, w = softmax(smoothed)
+    module = EnactClustering(2, sigma=1).double()
+    with torch.no_grad():
+        module.w_prob.weight.zero_()
+    N = 6
+    h = -(1 / N + 1e-8) * math.log2(1 / N + 1e-8)
+    g = [math.exp(-x * x / 2) / math.sqrt(2 * math.pi) for x in range(-3, 4)]
+    cap = [h * sum(g[x + 3] for x in range(-3, 4) if 0 <= i + x < N) for i in range(N)]
+    at = lambda i: cap[i] if 0 <= i < N else 0.0  # noqa: E731
+    assert all(2 * at(i) - at(i - 1) - at(i + 1) > 0 for i in range(N))
+    out = module(torch.zeros(1, N, 2, dtype=torch.float64), value)
+    assert out.cluster_ids.tolist() == [[0] * N]
+    w = torch.softmax(torch.tensor(cap, dtype=torch.float64), 0)
+    torch.testing.assert_close(out.weights[0], w, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(out.value[0, 0, 0], (w * value[0, :, 0]).sum())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_independence_segments_mode(backend):
+    torch.manual_seed(0)
+    attn = EnactAttention(8, 2, sigma=2, backend=backend).double().eval()
+    with torch.no_grad():
+        attn.clustering.w_prob.weight.normal_(0, 2.0)
+    small = (4, 5)
+    x, mask = detr_batch([(6, 9), small, (7, 6)], C=8, seed=1)
+    pos = torch.randn_like(x)
+    alone_x, alone_mask = detr_batch([small], C=8, seed=0)
+    idx = (~mask[1]).nonzero().squeeze(1)
+    alone_x = x[1:2, idx]
+    alone_pos = pos[1:2, idx]
+    batched = attn(x.transpose(0, 1), query_pos=pos.transpose(0, 1), key_padding_mask=mask).transpose(0, 1)
+    alone = attn(alone_x.transpose(0, 1), query_pos=alone_pos.transpose(0, 1)).transpose(0, 1)
+    torch.testing.assert_close(batched[1, idx], alone[0], rtol=1e-10, atol=1e-12)
+
+    # The naive alternative, masking pads inside the padded sequence, is not batch independent:
+    # the smoothed signal leaks into the pads and changes the last tokens of every image row.
+    clustering = attn.clustering
+    key = (x + pos)[1:2]
+    h = clustering.information(key, ~mask[1:2], torch.float64)
+    naive = smooth(h.masked_fill(mask[1:2], 0.0), gaussian_kernel(2, 6, torch.float64), torch.tensor([x.shape[1]]))
+    ours, _ = clustering.smoothed_information(h, ~mask[1:2])
+    assert not torch.allclose(naive[0, idx], ours[0, idx])
+
+
+def test_every_token_its_own_cluster_equals_standard_attention():
+    torch.manual_seed(0)
+    N, B, C = 11, 3, 16
+    mhsa = MultiheadAttention(C, 4, batch_first=False).double()
+    enact = EnactAttention(C, 4, batch_first=False).double()
+    missing, unexpected = enact.load_state_dict(mhsa.state_dict(), strict=False)
+    assert sorted(missing) == ["clustering.w_prob.bias", "clustering.w_prob.weight"] and not unexpected
+
+    def every_token(sign, key_padding_mask):
+        alternating = (torch.arange(sign.shape[1]) % 2 == 0).expand_as(sign).contiguous()
+        return enact_ops.segment_runs(alternating, key_padding_mask)
+
+    enact.clustering.segment = every_token
+    x = torch.randn(N, B, C, dtype=torch.float64)
+    pos = torch.randn(N, B, C, dtype=torch.float64)
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    mask[1, 7:] = True
+    outs, grads = [], []
+    for module in (mhsa, enact):
+        xx = x.clone().requires_grad_()
+        out = module(xx, query_pos=pos, key_padding_mask=mask)
+        out.pow(2).sum().backward()
+        outs.append(out)
+        grads.append([xx.grad] + [module.attn.in_proj_weight.grad, module.attn.out_proj.weight.grad])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_gradients_reach_w_prob_and_projections(attention):
+    torch.manual_seed(0)
+    m = EnactAttention(16, 4, attn_drop=0.1, proj_drop=0.1, attention=attention)
+    x = torch.randn(40, 2, 16)
+    mask = torch.zeros(2, 40, dtype=torch.bool)
+    mask[0, 30:] = True
+    m(x, query_pos=torch.randn_like(x), key_padding_mask=mask).sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_gradcheck_whole_module_float64():
+    torch.manual_seed(0)
+    m = EnactAttention(6, 2, sigma=1).double()
+    x = torch.randn(9, 2, 6, dtype=torch.float64)
+    pos = torch.randn(9, 2, 6, dtype=torch.float64)
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[1, 6:] = True
+    # segmentation is a discrete decision: freeze it at the unperturbed input
+    with torch.no_grad():
+        m(x, query_pos=pos, key_padding_mask=mask)
+    fixed = m.clustering.segment
+    frozen = {}
+
+    def segment(sign, key_padding_mask):
+        if "seg" not in frozen:
+            frozen["seg"] = fixed(sign, key_padding_mask)
+        return frozen["seg"]
+
+    m.clustering.segment = segment
+
+    def g(xx, w_prob, in_proj):  # parameters as inputs, so gradcheck checks their gradients too
+        return functional_call(m, {"clustering.w_prob.weight": w_prob, "attn.in_proj_weight": in_proj},
+                               (xx,), {"query_pos": pos, "key_padding_mask": mask})
+
+    params = [m.clustering.w_prob.weight, m.attn.in_proj_weight]
+    inputs = (x.clone().requires_grad_(), params[0].detach().clone().requires_grad_(), params[1].detach().clone().requires_grad_())
+    assert torch.autograd.gradcheck(g, inputs, fast_mode=True)
+    assert frozen["seg"].num_clusters.min() > 1
+
+
+def test_uniform_mode_chunks():
+    torch.manual_seed(0)
+    m = EnactClustering(4, sigma=1, mode="uniform").double()
+    key, mask = detr_batch([(5, 6), (3, 4)], C=4, seed=2)
+    value = torch.randn(2, 30, 3, dtype=torch.float64)
+    out = m(key, value, mask)
+    runs_module = EnactClustering(4, sigma=1).double()
+    runs_module.load_state_dict(m.state_dict())
+    assert runs_module.radius == 3 and m.radius == 2  # 6 sigma + 1 taps vs the authors' 6 sigma - 1
+    h = m.information(key, ~mask, torch.float64)
+    _, sign = m.smoothed_information(h, ~mask)
+    runs = enact_ops.segment_runs(sign, mask)
+    L = enact_ops.uniform_chunk_length(runs)
+    for b, n in enumerate((~mask).sum(1).tolist()):
+        ids = out.cluster_ids[b][~mask[b]]
+        M = n // L if n >= L else 1
+        start = (n % L) // 2 if n >= L else 0
+        expected = [-1] * n
+        for j in range(n):
+            if n < L:
+                expected[j] = 0
+            elif start <= j < start + M * L:
+                expected[j] = (j - start) // L
+        assert ids.tolist() == expected
+        assert int(out.cluster_mask[b].logical_not().sum()) == M
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_low_precision(dtype):
+    torch.manual_seed(0)
+    m = EnactAttention(16, 4)
+    x = torch.randn(60, 2, 16)
+    mask = torch.zeros(2, 60, dtype=torch.bool)
+    mask[1, 50:] = True
+    with torch.autocast("cpu", dtype=dtype):
+        out = m(x, query_pos=torch.randn_like(x), key_padding_mask=mask)
+    assert torch.isfinite(out.float()).all()
+    c = m.clustering(x.transpose(0, 1).to(dtype), x.transpose(0, 1).to(dtype), mask)
+    assert c.key.dtype == dtype and c.weights.dtype == torch.float32 and torch.isfinite(c.key.float()).all()
+
+
+def test_tiny_and_single_image_and_no_grad():
+    m = EnactAttention(8, 2, sigma=5)
+    with torch.no_grad():
+        for n in (1, 2, 3):  # N far below the 31 taps
+            out = m(torch.randn(n, 1, 8))
+            assert out.shape == (n, 1, 8) and torch.isfinite(out).all()
+    stats = m.statistics()
+    assert stats["clusters_per_image"] >= 1 and stats["compression"] >= 1
+
+
+def test_batch_first_matches_sequence_first():
+    torch.manual_seed(0)
+    a = EnactAttention(8, 2, batch_first=False).double()
+    b = EnactAttention(8, 2, batch_first=True).double()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(20, 3, 8, dtype=torch.float64)
+    torch.testing.assert_close(a(x).transpose(0, 1), b(x.transpose(0, 1)))
+
+
+def test_backends_agree():
+    if len(BACKENDS) < 2:
+        pytest.skip("enact_ops._C is not built")
+    torch.manual_seed(0)
+    x, mask = detr_batch([(8, 9), (5, 7)], C=16, seed=3)
+    outs = []
+    for backend in BACKENDS:
+        torch.manual_seed(1)
+        m = EnactAttention(16, 4, backend=backend, batch_first=True).double()
+        xx = x.clone().requires_grad_()
+        out = m(xx, key_padding_mask=mask)
+        out.sum().backward()
+        outs.append((out, xx.grad, m.clustering.w_prob.weight.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="sigma must be a positive int"):
+        EnactAttention(8, 2, sigma=0)
+    with pytest.raises(ValueError, match="sigma must be a positive int"):
+        EnactClustering(8, sigma=2.5)
+    with pytest.raises(ValueError, match="must be a positive multiple of num_heads"):
+        EnactAttention(10, 3)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        EnactClustering(8, mode="kmeans")
+    m = EnactClustering(8)
+    k = torch.randn(2, 10, 8)
+    with pytest.raises(ValueError, match=r"key must be \(B, N, 8\)"):
+        m(torch.randn(2, 10, 7), k)
+    with pytest.raises(ValueError, match=r"value must be \(B, N, C\) with \(B, N\) = \(2, 10\)"):
+        m(k, torch.randn(2, 9, 8))
+    with pytest.raises(TypeError, match="key_padding_mask must be a bool tensor"):
+        m(k, k, torch.zeros(2, 10))
+    with pytest.raises(ValueError, match=r"key_padding_mask must be \(B, N\) = \(2, 10\)"):
+        m(k, k, torch.zeros(2, 11, dtype=torch.bool))
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[1] = True
+    with pytest.raises(ValueError, match="image 1 of the batch has no valid token"):
+        m(k, k, mask)
+    attn = EnactAttention(8, 2)
+    with pytest.raises(ValueError, match="does not take attn_mask"):
+        attn(torch.randn(5, 1, 8), attn_mask=torch.zeros(5, 5, dtype=torch.bool))

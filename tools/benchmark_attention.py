@@ -1,0 +1,146 @@
+#!/usr/bin/env python
+"""EnactAttention vs standard multi-head self-attention: time and peak memory of forward+backward.
+
+Variants (all with the same projections; encoder self-attention, q = k = src + pos, v = src):
+  mhsa-sdpa, mhsa-eager          standard MHSA, SDPA or materialised softmax
+  enact-sdpa, enact-eager        EnactAttention on the compiled enact_ops kernels
+  enact-reference-sdpa           EnactAttention on the pure-PyTorch reference (the prototype)
+Time: median of interleaved repeats, all variants in one process.  Memory: on CPU the peak-RSS
+increase over the process's state just before the measured call, one fresh process per
+variant; on CUDA torch.cuda.max_memory_allocated above the inputs.
+
+    python tools/benchmark_attention.py                        # B=8, N in {850, 3400}, C=256, 8 heads
+    python tools/benchmark_attention.py --device cuda --seq-lens 850 3400 13600
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from projects.enact import EnactAttention, MultiheadAttention  # noqa: E402
+from tools.benchmark_utils import peak_rss_bytes, reset_peak_rss, rss_bytes, sync, timed  # noqa: E402
+
+VARIANTS = {
+    "mhsa-sdpa": lambda a: MultiheadAttention(a.channels, a.heads, a.dropout, a.dropout, attention="sdpa"),
+    "mhsa-eager": lambda a: MultiheadAttention(a.channels, a.heads, a.dropout, a.dropout, attention="eager"),
+    "enact-sdpa": lambda a: EnactAttention(a.channels, a.heads, a.dropout, a.dropout, sigma=a.sigma, attention="sdpa"),
+    "enact-eager": lambda a: EnactAttention(a.channels, a.heads, a.dropout, a.dropout, sigma=a.sigma, attention="eager"),
+    "enact-reference-sdpa": lambda a: EnactAttention(
+        a.channels, a.heads, a.dropout, a.dropout, sigma=a.sigma, attention="sdpa", backend="reference"
+    ),
+}
+
+
+def make_case(args, seq_len, device, variant):
+    torch.manual_seed(0)
+    module = VARIANTS[variant](args).to(device).train()
+    src = torch.randn(seq_len, args.batch, args.channels, device=device)
+    pos = torch.randn(seq_len, args.batch, args.channels, device=device)
+    mask = torch.zeros(args.batch, seq_len, dtype=torch.bool, device=device)
+    mask[::2, int(seq_len * 0.9):] = True  # half the batch padded, as a DETR batch is
+    return module, src, pos, mask
+
+
+def step(module, src, pos, mask):
+    x = src.detach().requires_grad_()
+    out = module(x, query_pos=pos, key_padding_mask=mask)
+    out.sum().backward()
+    module.zero_grad(set_to_none=True)
+
+
+def memory_worker(args):
+    device = torch.device(args.device)
+    step(*make_case(args, 64, device, args.worker_variant))  # warm-up: lazy inits, thread pools
+    case = make_case(args, args.worker_n, device, args.worker_variant)
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step(*case)
+        sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        reset_peak_rss()
+        base = rss_bytes()
+        step(*case)
+        peak = peak_rss_bytes() - base
+    stats = case[0].statistics() if hasattr(case[0], "statistics") else {}
+    print(json.dumps({"peak_bytes": max(peak, 0), "stats": stats}))
+
+
+def measure_memory(args, seq_len, variant):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker-n", str(seq_len), "--worker-variant", variant]
+    for flag in ("batch", "channels", "heads", "sigma", "dropout", "device"):
+        cmd += [f"--{flag}", str(getattr(args, flag))]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[850, 3400])
+    p.add_argument("--channels", type=int, default=256)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--sigma", type=int, default=5)
+    p.add_argument("--dropout", type=float, default=0.0, help="attention and projection dropout")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="output/benchmark_attention.json")
+    p.add_argument("--worker-n", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--worker-variant", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker_n is not None:
+        return memory_worker(args)
+    device = torch.device(args.device)
+    print(f"attention benchmark: B={args.batch} C={args.channels} heads={args.heads} sigma={args.sigma} "
+          f"dropout={args.dropout} device={device} threads={torch.get_num_threads()} repeats={args.repeats}")
+    rows = []
+    for n in args.seq_lens:
+        cases = {v: make_case(args, n, device, v) for v in args.variants}
+        for v in args.variants:  # warm-up
+            step(*cases[v])
+        times = {v: [] for v in args.variants}
+        for r in range(args.repeats):
+            print(f"  N={n} repeat {r + 1}/{args.repeats}", file=sys.stderr, flush=True)
+            for v in args.variants:  # interleaved
+                times[v].append(timed(lambda: step(*cases[v]), device))
+        del cases
+        for v in args.variants:
+            mem = measure_memory(args, n, v)
+            rows.append(dict(N=n, variant=v, time_s=statistics.median(times[v]), peak_bytes=mem["peak_bytes"], **mem["stats"]))
+    print(f"\n{'N':>6} {'variant':>22} | {'ms':>9} | {'peak MiB':>9} | {'M/img':>7} | "
+          f"{'t/sdpa':>7} {'mem/sdpa':>8} | {'t/eager':>7} {'mem/eager':>9}")
+    for row in rows:
+        base = {b: next((r for r in rows if r["N"] == row["N"] and r["variant"] == b), None) for b in ("mhsa-sdpa", "mhsa-eager")}
+        for b, key in (("mhsa-sdpa", "sdpa"), ("mhsa-eager", "eager")):
+            if base[b] is not None:
+                row[f"time_ratio_vs_{key}"] = row["time_s"] / base[b]["time_s"]
+                row[f"memory_ratio_vs_{key}"] = row["peak_bytes"] / max(base[b]["peak_bytes"], 1)
+        fmt = lambda k: f"{row[k]:.3f}" if k in row else "-"  # noqa: E731
+        print(f"{row['N']:>6} {row['variant']:>22} | {row['time_s'] * 1e3:>9.1f} | {row['peak_bytes'] / 2**20:>9.1f} | "
+              f"{row.get('clusters_per_image', float('nan')):>7.1f} | {fmt('time_ratio_vs_sdpa'):>7} "
+              f"{fmt('memory_ratio_vs_sdpa'):>8} | {fmt('time_ratio_vs_eager'):>7} {fmt('memory_ratio_vs_eager'):>9}")
+    result = dict(
+        tool="benchmark_attention", device=str(device),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        cpu_threads=torch.get_num_threads(), torch=torch.__version__, args={k: v for k, v in vars(args).items() if not k.startswith("worker")},
+        memory_measure="cuda max_memory_allocated above inputs" if device.type == "cuda"
+        else "peak RSS increase over the state before the measured call, fresh process per variant",
+        rows=rows,
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
