@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from projects.enact import EnactAttention, MultiheadAttention  # noqa: E402
-from tools.benchmark_utils import peak_rss_bytes, reset_peak_rss, rss_bytes, sync, timed  # noqa: E402
+from benchmark_utils import peak_rss_bytes, reset_peak_rss, rss_bytes, sync, timed  # noqa: E402
 
 VARIANTS = {
     "mhsa-sdpa": lambda a: MultiheadAttention(a.channels, a.heads, a.dropout, a.dropout, attention="sdpa"),

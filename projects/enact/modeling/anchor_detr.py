@@ -1,0 +1,651 @@
+"""Anchor DETR (Wang et al., AAAI 2022) as a detectron2 meta-architecture, with a selectable
+encoder: row-column decoupled attention (the Anchor DETR baseline) or standard multi-head
+self-attention over the flattened map (where ENACT plugs in).
+
+Pipeline, for a batch of B images padded to (H, W), one feature level::
+
+    images --backbone (R50-DC5)--> res5 (B, 2048, h, w) --1x1 conv + GroupNorm--> src (B, C, h, w)
+    padding mask -> normalised pixel centres x (B, w), y (B, h) in (0, 1]
+    encoder (6 layers, post-norm, FFN 1024, dropout 0):
+        "rcda": RCDA self-attention, queries/keys carry adapt_pos1d(sine(x)) resp. (sine(y))
+        "mhsa": multi-head self-attention over h * w tokens, position adapt_pos2d(sine(x, y))
+    queries: A learnt anchor points (x, y) in [0, 1]^2 x P pattern embeddings -> Q = P * A;
+        the content of query p * A + a is pattern[p], its reference point anchor[a]
+    decoder (6 layers, post-norm): self-attention (position adapt_pos2d(sine(anchor))),
+        RCDA cross-attention to the memory (positions adapt_pos1d(sine(anchor x / y))), FFN
+    heads, shared by all decoder layers:
+        class  Linear(C, K) (sigmoid / focal, no "no object" logit)
+        box    sigmoid(MLP(h) + [logit(anchor), 0, 0]): centre offsets on the inverse sigmoid of
+               the anchor point, width and height predicted directly
+
+As in the paper (and its reference implementation) the anchor points are the reference points of
+every decoder layer: the layers refine the query *content*; the boxes of each layer are offsets
+from the same anchors.  ``adapt_pos1d`` and ``adapt_pos2d`` (2-layer MLPs) are shared by the
+encoder and all decoder layers.
+
+The encoder is the swappable part:
+
+* ``encoder_type="mhsa"`` uses :class:`~projects.enact.modeling.transformer.TransformerEncoder`
+  with an attention *prototype* deep-copied into every layer (any module with the call signature
+  of :class:`~projects.enact.modeling.attention.MultiheadAttention`, e.g. ``EnactAttention``);
+* ``encoder_type="rcda"`` uses :class:`RCDAEncoder`, whose layers call their attention in one
+  method, :meth:`RCDAEncoderLayer.attend`, for subclasses to replace (e.g. an ENACT-for-RCDA
+  variant); its prototype may be any module with the signature of
+  :class:`~projects.enact.modeling.rcda.MultiheadRCDA`.
+
+Losses: sigmoid focal classification (alpha 0.25, gamma 2; weight 2), L1 (5) and GIoU (2) on the
+Hungarian matching (costs 2 / 5 / 2), on the last and every intermediate decoder layer.
+Inference keeps the top ``select_box_nums_for_evaluation`` (query, class) pairs by sigmoid score.
+"""
+
+import copy
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import Boxes, Instances
+from torch import nn
+
+from .attention import MultiheadAttention
+from .backbone import build_resnet_backbone
+from .box_ops import box_cxcywh_to_xyxy
+from .criterion import SetCriterion, aux_weight_dict
+from .detr import DETR, MLP
+from .matcher import HungarianMatcher
+from .rcda import MultiheadRCDA
+from .transformer import TransformerEncoder, _activation
+
+__all__ = [
+    "ENCODER_TYPES",
+    "sine_embedding",
+    "sine_embedding_2d",
+    "mask_to_positions",
+    "inverse_sigmoid",
+    "RCDAEncoderLayer",
+    "RCDAEncoder",
+    "AnchorDecoderLayer",
+    "AnchorDETRTransformer",
+    "AnchorDETR",
+    "build_anchor_detr",
+]
+
+ENCODER_TYPES = ("rcda", "mhsa")
+ANCHOR_PRIORS = ("learned", "grid")
+
+
+# ---------------------------------------------------------------------- position encodings
+def sine_embedding(coords: torch.Tensor, num_feats: int, temperature: float = 10000.0):
+    """Sine encoding of coordinates in [0, 1]: (...,) -> (..., num_feats), with
+    ``e[2i] = sin(2 pi c / T^(2i / F))`` and ``e[2i + 1] = cos(2 pi c / T^(2i / F))``."""
+    if num_feats <= 0 or num_feats % 2:
+        raise ValueError(f"num_feats must be a positive even number, got {num_feats}")
+    idx = torch.arange(num_feats, dtype=torch.float32, device=coords.device)
+    dim_t = temperature ** (2 * torch.div(idx, 2, rounding_mode="floor") / num_feats)
+    x = coords.float()[..., None] * (2 * math.pi) / dim_t  # (..., F)
+    return torch.stack((x[..., 0::2].sin(), x[..., 1::2].cos()), dim=-1).flatten(-2)
+
+
+def sine_embedding_2d(points: torch.Tensor, num_feats: int, temperature: float = 10000.0):
+    """points (..., 2) as (x, y) -> (..., 2 * num_feats): [encoding(y), encoding(x)]."""
+    return torch.cat(
+        (
+            sine_embedding(points[..., 1], num_feats, temperature),
+            sine_embedding(points[..., 0], num_feats, temperature),
+        ),
+        dim=-1,
+    )
+
+
+def mask_to_positions(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Normalised pixel centres of a map padded at the bottom/right: mask (B, H, W) bool,
+    True = padding -> x (B, W), y (B, H), ``(index + 0.5) / valid extent`` (in (0, 1) on the
+    image, above 1 on the padding)."""
+    _, h, w = mask.shape
+    width = (~mask.all(1)).sum(1, keepdim=True).clamp(min=1)  # (B, 1): columns with a valid pixel
+    height = (~mask.all(2)).sum(1, keepdim=True).clamp(min=1)  # (B, 1): rows with a valid pixel
+    x = (torch.arange(w, dtype=torch.float32, device=mask.device) + 0.5) / width  # (B, W)
+    y = (torch.arange(h, dtype=torch.float32, device=mask.device) + 0.5) / height  # (B, H)
+    return x, y
+
+
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    x = x.clamp(0, 1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def _position_mlp(embed_dim: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(embed_dim, embed_dim), nn.ReLU(inplace=True), nn.Linear(embed_dim, embed_dim)
+    )
+
+
+# ---------------------------------------------------------------------- encoder
+class RCDAEncoderLayer(nn.Module):
+    """Post-norm encoder layer with row-column decoupled self-attention, on (B, H, W, C) maps:
+    ``norm1(attend(src, pos_x, pos_y, mask))`` then the FFN block.
+
+    Args:
+        attention: a :class:`MultiheadRCDA` (used as is, not copied).
+        embed_dim, ffn_dim, dropout, activation: the usual.
+    """
+
+    def __init__(
+        self,
+        attention: nn.Module,
+        embed_dim: int = 256,
+        ffn_dim: int = 1024,
+        dropout: float = 0.0,
+        activation: str = "relu",
+    ):
+        super().__init__()
+        attn_dim = getattr(attention, "embed_dim", embed_dim)
+        if attn_dim != embed_dim:
+            raise ValueError(
+                f"attention embed_dim ({attn_dim}) differs from embed_dim ({embed_dim})"
+            )
+        self.self_attn = attention
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(embed_dim)
+        self.linear1 = nn.Linear(embed_dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, embed_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(embed_dim)
+        self.activation = _activation(activation)
+
+    def attend(
+        self,
+        src: torch.Tensor,
+        pos_x: torch.Tensor,
+        pos_y: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """The self-attention block, residual included (the ENACT extension point).
+
+        src (B, H, W, C); pos_x (B, W, C) encoding of the columns; pos_y (B, H, C) encoding of
+        the rows; mask (B, H, W) bool, True = padding.  Returns ``src + dropout(RCDA(...))``.
+        """
+        b, h, w, c = src.shape
+        src_x = src + pos_x[:, None, :, :]  # (B, H, W, C)
+        src_y = src + pos_y[:, :, None, :]  # (B, H, W, C)
+        out = self.self_attn(
+            src_x.reshape(b, h * w, c),
+            src_y.reshape(b, h * w, c),
+            src_x,
+            src_y,
+            src,
+            key_padding_mask=mask,
+        )  # (B, HW, C)
+        return src + self.dropout1(out.reshape(b, h, w, c))
+
+    def forward(
+        self,
+        src: torch.Tensor,
+        pos_x: torch.Tensor,
+        pos_y: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """src (B, H, W, C) -> (B, H, W, C); see :meth:`attend`."""
+        src = self.norm1(self.attend(src, pos_x, pos_y, mask))
+        ffn = self.linear2(self.dropout(self.activation(self.linear1(src))))
+        return self.norm2(src + self.dropout2(ffn))
+
+
+class RCDAEncoder(nn.Module):
+    """A stack of :class:`RCDAEncoderLayer` (class attribute ``layer_class``), each with a deep
+    copy of the prototype attention (``MultiheadRCDA(embed_dim, num_heads, dropout)`` if None)."""
+
+    layer_class = RCDAEncoderLayer
+
+    def __init__(
+        self,
+        attention: Optional[nn.Module] = None,
+        num_layers: int = 6,
+        embed_dim: int = 256,
+        ffn_dim: int = 1024,
+        dropout: float = 0.0,
+        activation: str = "relu",
+        num_heads: int = 8,
+    ):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if attention is None:
+            attention = MultiheadRCDA(embed_dim, num_heads, dropout=dropout)
+        self.embed_dim = embed_dim
+        self.num_layers = num_layers
+        self.layers = nn.ModuleList(
+            self.layer_class(copy.deepcopy(attention), embed_dim, ffn_dim, dropout, activation)
+            for _ in range(num_layers)
+        )
+
+    def forward(self, src, pos_x, pos_y, mask=None) -> torch.Tensor:
+        """src (B, H, W, C), pos_x (B, W, C), pos_y (B, H, C), mask (B, H, W) -> (B, H, W, C)."""
+        for layer in self.layers:
+            src = layer(src, pos_x, pos_y, mask)
+        return src
+
+
+# ---------------------------------------------------------------------- decoder
+class AnchorDecoderLayer(nn.Module):
+    """Post-norm Anchor DETR decoder layer: query self-attention, RCDA cross-attention to the
+    memory, FFN.  All tensors batch-first."""
+
+    def __init__(
+        self,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        ffn_dim: int = 1024,
+        dropout: float = 0.0,
+        activation: str = "relu",
+    ):
+        super().__init__()
+        self.self_attn = MultiheadAttention(
+            embed_dim, num_heads, attn_drop=dropout, proj_drop=dropout, batch_first=True
+        )
+        self.norm1 = nn.LayerNorm(embed_dim)
+        self.cross_attn = MultiheadRCDA(embed_dim, num_heads, dropout=dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(embed_dim)
+        self.linear1 = nn.Linear(embed_dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, embed_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm3 = nn.LayerNorm(embed_dim)
+        self.activation = _activation(activation)
+
+    def forward(
+        self,
+        tgt: torch.Tensor,
+        memory: torch.Tensor,
+        query_pos: torch.Tensor,
+        query_pos_x: torch.Tensor,
+        query_pos_y: torch.Tensor,
+        key_x: torch.Tensor,
+        key_y: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            tgt: query content (B, Q, C).
+            memory: encoder output (B, H, W, C) (the values).
+            query_pos: 2-D encoding of the anchors (B, Q, C) (self-attention).
+            query_pos_x, query_pos_y: 1-D encodings of the anchors' x and y (B, Q, C).
+            key_x, key_y: memory + encoding of x / y (B, H, W, C).
+            mask: (B, H, W) bool, True = padding.
+
+        Returns (B, Q, C).
+        """
+        tgt = self.norm1(
+            self.self_attn(query=tgt, key=tgt, value=tgt, query_pos=query_pos, key_pos=query_pos)
+        )
+        out = self.cross_attn(
+            tgt + query_pos_x, tgt + query_pos_y, key_x, key_y, memory, key_padding_mask=mask
+        )
+        tgt = self.norm2(tgt + self.dropout2(out))
+        ffn = self.linear2(self.dropout(self.activation(self.linear1(tgt))))
+        return self.norm3(tgt + self.dropout3(ffn))
+
+
+# ---------------------------------------------------------------------- transformer
+class AnchorDETRTransformer(nn.Module):
+    """Anchor DETR's encoder-decoder with anchor-point queries (single feature level).
+
+    Args:
+        encoder: :class:`RCDAEncoder` or a sequence encoder with the interface of
+            :class:`TransformerEncoder` (``encoder(src (N, B, C), pos, mask (B, N))``).
+        num_decoder_layers, num_heads, ffn_dim, dropout, activation: decoder settings.
+        num_anchors: number of anchor points A.
+        num_patterns: number of pattern embeddings P (Q = P * A queries).
+        anchor_prior: "learned" (``nn.Embedding(A, 2)``, uniform in [0, 1]) or "grid" (fixed
+            centres of a round(sqrt(A))^2 grid; A is changed to that square).
+        reset_parameters: Xavier-uniform initialisation of the weight matrices of the encoder and
+            decoder layers (the prototype copies then differ between layers).
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        num_decoder_layers: int = 6,
+        num_heads: int = 8,
+        ffn_dim: int = 1024,
+        dropout: float = 0.0,
+        activation: str = "relu",
+        num_anchors: int = 300,
+        num_patterns: int = 3,
+        anchor_prior: str = "learned",
+        reset_parameters: bool = True,
+    ):
+        super().__init__()
+        if num_decoder_layers < 1 or num_anchors < 1 or num_patterns < 1:
+            raise ValueError(
+                f"num_decoder_layers ({num_decoder_layers}), num_anchors ({num_anchors}) and "
+                f"num_patterns ({num_patterns}) must be >= 1"
+            )
+        if anchor_prior not in ANCHOR_PRIORS:
+            raise ValueError(f"anchor_prior must be one of {ANCHOR_PRIORS}, got {anchor_prior!r}")
+        embed_dim = encoder.embed_dim
+        if embed_dim % 4:
+            raise ValueError(f"embed_dim must be a multiple of 4, got {embed_dim}")
+        self.embed_dim = embed_dim
+        self.encoder = encoder
+        self.encoder_type = "rcda" if isinstance(encoder, RCDAEncoder) else "mhsa"
+        self.decoder_layers = nn.ModuleList(
+            AnchorDecoderLayer(embed_dim, num_heads, ffn_dim, dropout, activation)
+            for _ in range(num_decoder_layers)
+        )
+        self.num_decoder_layers = num_decoder_layers
+        self.anchor_prior = anchor_prior
+        if anchor_prior == "learned":
+            self.anchors = nn.Embedding(num_anchors, 2)
+        else:
+            side = max(1, round(math.sqrt(num_anchors)))
+            num_anchors = side * side
+            centres = (torch.arange(side, dtype=torch.float32) + 0.5) / side
+            gy, gx = torch.meshgrid(centres, centres, indexing="ij")
+            self.register_buffer("grid_anchors", torch.stack((gx, gy), -1).reshape(-1, 2))
+        self.num_anchors = num_anchors
+        self.num_patterns = num_patterns
+        self.num_queries = num_anchors * num_patterns
+        self.pattern = nn.Embedding(num_patterns, embed_dim)
+        self.adapt_pos2d = _position_mlp(embed_dim)
+        self.adapt_pos1d = _position_mlp(embed_dim)
+        if reset_parameters:
+            self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        for module in (self.encoder, self.decoder_layers):
+            for p in module.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+        if self.anchor_prior == "learned":
+            nn.init.uniform_(self.anchors.weight, 0.0, 1.0)
+
+    @property
+    def anchor_points(self) -> torch.Tensor:
+        """(A, 2) anchor points (x, y)."""
+        return self.anchors.weight if self.anchor_prior == "learned" else self.grid_anchors
+
+    def queries(self, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Query content (B, Q, C) and reference points (B, Q, 2); query p * A + a is
+        (pattern[p], anchor[a])."""
+        c = self.embed_dim
+        content = self.pattern.weight[:, None, :].expand(-1, self.num_anchors, -1)  # (P, A, C)
+        reference = self.anchor_points[None].expand(self.num_patterns, -1, -1)  # (P, A, 2)
+        content = content.reshape(1, self.num_queries, c).expand(batch_size, -1, -1)
+        reference = reference.reshape(1, self.num_queries, 2).expand(batch_size, -1, -1)
+        return content, reference
+
+    def encode(self, src: torch.Tensor, mask: torch.Tensor, pos_x, pos_y, x, y) -> torch.Tensor:
+        """src (B, H, W, C) -> memory (B, H, W, C)."""
+        if self.encoder_type == "rcda":
+            return self.encoder(src, pos_x, pos_y, mask)
+        b, h, w, c = src.shape
+        grid = torch.stack(
+            (x[:, None, :].expand(-1, h, -1), y[:, :, None].expand(-1, -1, w)), dim=-1
+        )  # (B, H, W, 2)
+        pos = self.adapt_pos2d(sine_embedding_2d(grid, c // 2).to(src.dtype))  # (B, H, W, C)
+        memory = self.encoder(
+            src.reshape(b, h * w, c).transpose(0, 1),
+            pos=pos.reshape(b, h * w, c).transpose(0, 1),
+            mask=mask.reshape(b, h * w),
+        )  # (HW, B, C)
+        return memory.transpose(0, 1).reshape(b, h, w, c)
+
+    def forward(
+        self, src: torch.Tensor, mask: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            src: projected features (B, C, H, W).
+            mask: padding mask (B, H, W), True = padding.
+
+        Returns:
+            hs: decoder outputs (L, B, Q, C);
+            reference: anchor point of every query (B, Q, 2), (x, y) in [0, 1];
+            memory: encoder output (B, C, H, W).
+        """
+        b, c, h, w = src.shape
+        src = src.permute(0, 2, 3, 1)  # (B, H, W, C)
+        x, y = mask_to_positions(mask)  # (B, W), (B, H)
+        pos_x = self.adapt_pos1d(sine_embedding(x, c).to(src.dtype))  # (B, W, C)
+        pos_y = self.adapt_pos1d(sine_embedding(y, c).to(src.dtype))  # (B, H, C)
+        memory = self.encode(src, mask, pos_x, pos_y, x, y)  # (B, H, W, C)
+
+        tgt, reference = self.queries(b)  # (B, Q, C), (B, Q, 2)
+        query_pos = self.adapt_pos2d(sine_embedding_2d(reference, c // 2).to(src.dtype))
+        query_pos_x = self.adapt_pos1d(sine_embedding(reference[..., 0], c).to(src.dtype))
+        query_pos_y = self.adapt_pos1d(sine_embedding(reference[..., 1], c).to(src.dtype))
+        key_x = memory + pos_x[:, None, :, :]
+        key_y = memory + pos_y[:, :, None, :]
+        outputs = []
+        for layer in self.decoder_layers:
+            tgt = layer(tgt, memory, query_pos, query_pos_x, query_pos_y, key_x, key_y, mask)
+            outputs.append(tgt)
+        return torch.stack(outputs), reference, memory.permute(0, 3, 1, 2)
+
+
+# ---------------------------------------------------------------------- meta-architecture
+class AnchorDETR(DETR):
+    """Anchor DETR detector (detectron2 meta-architecture interface).
+
+    Reuses :class:`DETR`'s input checks, image normalisation and padding, target preparation
+    and loss weighting; differs in the input projection (1x1 conv + GroupNorm), the queries
+    (anchor points x patterns, inside the transformer), the sigmoid class head and the box head
+    (offsets from the anchors) and in inference (top-k over (query, class) pairs).
+
+    Args:
+        backbone: module mapping (B, 3, H, W) to a dict of feature maps containing ``in_features``.
+        transformer: :class:`AnchorDETRTransformer`.
+        num_classes: number of object classes K (sigmoid logits, no "no object" class).
+        in_features, in_channels, embed_dim, criterion, aux_loss, pixel_mean, pixel_std, device,
+            select_box_nums_for_evaluation: as :class:`DETR` (the criterion must use focal loss).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        transformer: AnchorDETRTransformer,
+        num_classes: int = 80,
+        in_features: str = "res5",
+        in_channels: int = 2048,
+        embed_dim: int = 256,
+        criterion: Optional[nn.Module] = None,
+        aux_loss: bool = True,
+        pixel_mean: Optional[Sequence[float]] = None,
+        pixel_std: Optional[Sequence[float]] = None,
+        device: str = "cpu",
+        select_box_nums_for_evaluation: int = 100,
+    ):
+        super().__init__(
+            backbone=backbone,
+            position_embedding=None,  # positions are computed inside the transformer
+            transformer=transformer,
+            num_classes=num_classes,
+            num_queries=transformer.num_queries,
+            in_features=in_features,
+            in_channels=in_channels,
+            embed_dim=embed_dim,
+            criterion=criterion,
+            aux_loss=aux_loss,
+            pixel_mean=pixel_mean,
+            pixel_std=pixel_std,
+            device=device,
+            select_box_nums_for_evaluation=select_box_nums_for_evaluation,
+        )
+        if criterion is not None and not getattr(criterion, "use_focal", True):
+            raise ValueError("AnchorDETR predicts sigmoid class scores: use a focal criterion")
+        del self.query_embed  # the queries are anchor points x patterns, see the transformer
+        self.input_proj = nn.Sequential(
+            nn.Conv2d(in_channels, embed_dim, kernel_size=1),
+            nn.GroupNorm(math.gcd(32, embed_dim), embed_dim),
+        )
+        nn.init.xavier_uniform_(self.input_proj[0].weight, gain=1)
+        nn.init.zeros_(self.input_proj[0].bias)
+        # Heads shared by all decoder layers.
+        self.class_embed = nn.Linear(embed_dim, num_classes)
+        self.bbox_embed = MLP(embed_dim, embed_dim, 4, num_layers=3)
+        prior_prob = 0.01
+        nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
+        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
+        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        nn.init.constant_(self.bbox_embed.layers[-1].bias[2:], -2.0)
+        self.to(device)
+
+    def predict(self, hs: torch.Tensor, reference: torch.Tensor) -> Dict[str, object]:
+        """hs (L, B, Q, C), reference (B, Q, 2) -> the criterion's outputs dict: pred_logits
+        (B, Q, K), pred_boxes (B, Q, 4) normalised cxcywh, aux_outputs of the first L - 1 layers."""
+        logits = self.class_embed(hs)  # (L, B, Q, K)
+        delta = self.bbox_embed(hs)  # (L, B, Q, 4)
+        offset = F.pad(inverse_sigmoid(reference), (0, 2))  # (B, Q, 4): centre only
+        boxes = (delta + offset).sigmoid()  # (L, B, Q, 4)
+        outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if self.aux_loss:
+            outputs["aux_outputs"] = [
+                {"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])
+            ]
+        return outputs
+
+    def forward(self, batched_inputs: List[Dict]):
+        """As :meth:`DETR.forward`: training returns the dict of weighted losses, inference
+        ``[{"instances": Instances}]`` with pred_boxes (absolute xyxy in height x width), scores
+        (sigmoid) and pred_classes."""
+        self._check_inputs(batched_inputs)
+        if self.training and self.criterion is None:
+            raise ValueError(
+                "AnchorDETR was built without a criterion; it can only run in eval mode"
+            )
+        images = self.preprocess_image(batched_inputs)
+        targets = self.prepare_targets(batched_inputs, images) if self.training else None
+
+        mask = self.padding_mask(images)  # (B, H, W)
+        features = self.backbone(images.tensor)[self.in_features]  # (B, C_in, h, w)
+        mask = F.interpolate(mask[None].float(), size=features.shape[-2:])[0].bool()  # (B, h, w)
+        src = self.input_proj(features)  # (B, C, h, w)
+        hs, reference, _ = self.transformer(src, mask)  # (L, B, Q, C), (B, Q, 2)
+        outputs = self.predict(hs, reference)
+
+        if self.training:
+            return self.weight_losses(self.criterion(outputs, targets))
+        results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
+        processed = []
+        for x, result, (h, w) in zip(batched_inputs, results, images.image_sizes):
+            height, width = x.get("height", h), x.get("width", w)
+            processed.append({"instances": detector_postprocess(result, height, width)})
+        return processed
+
+    @torch.no_grad()
+    def inference(self, logits: torch.Tensor, boxes: torch.Tensor, image_sizes) -> List[Instances]:
+        """logits (B, Q, K), boxes (B, Q, 4) normalised cxcywh -> B Instances in input-image
+        coordinates: the ``select_box_nums_for_evaluation`` best (query, class) pairs by sigmoid
+        score (a query may appear with several classes)."""
+        num_classes = logits.shape[-1]
+        probs = logits.sigmoid().flatten(1)  # (B, Q * K)
+        k = min(self.select_box_nums_for_evaluation, probs.shape[1])
+        results = []
+        for prob, box, (h, w) in zip(probs, boxes, image_sizes):
+            score, idx = prob.topk(k)  # (k,)
+            query = torch.div(idx, num_classes, rounding_mode="floor")
+            scale = torch.tensor([w, h, w, h], dtype=box.dtype, device=box.device)
+            result = Instances((h, w))
+            result.pred_boxes = Boxes(box_cxcywh_to_xyxy(box[query]) * scale)
+            result.pred_boxes.clip((h, w))
+            result.scores = score
+            result.pred_classes = idx % num_classes
+            results.append(result)
+        return results
+
+
+def build_anchor_detr(
+    num_classes: int = 80,
+    depth: int = 50,
+    dilation: bool = True,
+    encoder_type: str = "rcda",
+    encoder_attention: Optional[nn.Module] = None,
+    num_anchors: int = 300,
+    num_patterns: int = 3,
+    anchor_prior: str = "learned",
+    embed_dim: int = 256,
+    num_heads: int = 8,
+    num_encoder_layers: int = 6,
+    num_decoder_layers: int = 6,
+    ffn_dim: int = 1024,
+    dropout: float = 0.0,
+    activation: str = "relu",
+    aux_loss: bool = True,
+    freeze_at: int = 2,
+    pixel_mean: Optional[Sequence[float]] = None,
+    pixel_std: Optional[Sequence[float]] = None,
+    device: str = "cpu",
+    select_box_nums_for_evaluation: int = 100,
+) -> AnchorDETR:
+    """Anchor DETR with the paper's defaults: R50-DC5, 6 + 6 layers, C = 256, 8 heads, FFN 1024,
+    dropout 0, 300 learnt anchors x 3 patterns; focal loss 2 / L1 5 / GIoU 2, matcher 2 / 5 / 2.
+
+    ``encoder_type`` picks the encoder ("rcda": the Anchor DETR baseline; "mhsa": standard
+    self-attention over the flattened map).  ``encoder_attention`` is its prototype attention,
+    deep-copied into every encoder layer: for "mhsa" a module with the signature of
+    :class:`MultiheadAttention` (default ``MultiheadAttention(embed_dim, num_heads, dropout,
+    dropout)``; pass an ENACT attention to get ENACT-Anchor-DETR), for "rcda" one with the
+    signature of :class:`MultiheadRCDA` (default ``MultiheadRCDA(embed_dim, num_heads, dropout)``).
+    ``freeze_at=2`` freezes the stem and res2, as Anchor DETR's backbone.
+    """
+    if encoder_type not in ENCODER_TYPES:
+        raise ValueError(f"encoder_type must be one of {ENCODER_TYPES}, got {encoder_type!r}")
+    backbone = build_resnet_backbone(depth=depth, dilation=dilation, freeze_at=freeze_at)
+    in_channels = backbone.output_shape()["res5"].channels
+    encoder_kwargs = dict(
+        num_layers=num_encoder_layers,
+        embed_dim=embed_dim,
+        ffn_dim=ffn_dim,
+        dropout=dropout,
+        activation=activation,
+        num_heads=num_heads,
+    )
+    if encoder_type == "rcda":
+        encoder = RCDAEncoder(encoder_attention, **encoder_kwargs)
+    else:
+        if encoder_attention is None:
+            encoder_attention = MultiheadAttention(
+                embed_dim, num_heads, attn_drop=dropout, proj_drop=dropout
+            )
+        encoder = TransformerEncoder(encoder_attention, **encoder_kwargs)
+    transformer = AnchorDETRTransformer(
+        encoder,
+        num_decoder_layers=num_decoder_layers,
+        num_heads=num_heads,
+        ffn_dim=ffn_dim,
+        dropout=dropout,
+        activation=activation,
+        num_anchors=num_anchors,
+        num_patterns=num_patterns,
+        anchor_prior=anchor_prior,
+    )
+    weight_dict = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+    if aux_loss:
+        weight_dict = aux_weight_dict(weight_dict, num_decoder_layers - 1)
+    criterion = SetCriterion(
+        num_classes,
+        matcher=HungarianMatcher(cost_class=2, cost_bbox=5, cost_giou=2, use_focal=True),
+        weight_dict=weight_dict,
+        losses=("class", "boxes"),
+        use_focal=True,
+        focal_alpha=0.25,
+        focal_gamma=2.0,
+    )
+    return AnchorDETR(
+        backbone=backbone,
+        transformer=transformer,
+        num_classes=num_classes,
+        in_features="res5",
+        in_channels=in_channels,
+        embed_dim=embed_dim,
+        criterion=criterion,
+        aux_loss=aux_loss,
+        pixel_mean=pixel_mean,
+        pixel_std=pixel_std,
+        device=device,
+        select_box_nums_for_evaluation=select_box_nums_for_evaluation,
+    )
