@@ -1,0 +1,586 @@
+"""Conditional DETR (Meng et al., ICCV 2021) as a detectron2 meta-architecture, with the same
+swappable encoder self-attention as :mod:`.detr` (standard multi-head attention or ENACT).
+
+What changes with respect to DETR is the decoder and the heads; the backbone, the positional
+embedding and the encoder are DETR's.  For a batch of B images, Q queries, width C, h heads::
+
+    memory (N, B, C), pos (N, B, C)       encoder output and its sine positional embedding
+    query_pos (Q, B, C)                   learnt query embedding (``query_embed``), tgt = 0
+    s = sigmoid(ref_point_head(query_pos))                       (Q, B, 2) reference points
+    per decoder layer l:
+        T = 1 if l == 0 else query_scale(f)                      f: output of layer l - 1
+        p_s = T * sinusoidal(s)                                  conditional spatial query
+        self-attention:  q = Wq_c f + Wq_p query_pos,  k = Wk_c f + Wk_p query_pos,  v = Wv f
+        cross-attention, per head, the content and spatial parts are concatenated:
+            q = [Wq_c f (+ Wq_p query_pos, first layer only) | Wq_s p_s]          (Q, B, h, 2C/h)
+            k = [Wk_c memory (+ Wk_p pos, first layer only)  | Wk_p pos]          (N, B, h, 2C/h)
+            v = Wv memory                                                         (N, B, h, C/h)
+        so that q.k = c_q.c_k + p_q.p_k (a dot product of dimension 2C/h per head).
+    class head: Linear(C, K) (sigmoid, focal loss), bias -log((1 - 0.01) / 0.01)
+    box head:   3-layer MLP, b = sigmoid(MLP(f) + [inverse_sigmoid(s), 0, 0])     cxcywh
+
+Only the first decoder layer has the projection ``Wq_p`` of the query embedding in the
+cross-attention, as in the authors' code; this gives the parameter layout (and count) of the
+reference implementation.  Every decoder layer is post-norm, and a shared LayerNorm normalises
+the outputs fed to the heads.
+
+Inference keeps, per image, the ``select_box_nums_for_evaluation`` best (query, class) pairs
+(scores = sigmoid probabilities), as detectron2 ``Instances``.
+"""
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import Boxes, Instances
+from torch import nn
+
+from .attention import ATTENTION_BACKENDS, MultiheadAttention
+from .backbone import build_resnet_backbone
+from .box_ops import box_cxcywh_to_xyxy
+from .criterion import SetCriterion, aux_weight_dict
+from .detr import DETR, MLP
+from .matcher import HungarianMatcher
+from .position_encoding import PositionEmbeddingSine
+from .transformer import Transformer, TransformerEncoder, _activation, _feed_forward
+
+__all__ = [
+    "inverse_sigmoid",
+    "point_sine_embedding",
+    "ConditionalSelfAttention",
+    "ConditionalCrossAttention",
+    "ConditionalDecoderLayer",
+    "ConditionalTransformerDecoder",
+    "ConditionalTransformer",
+    "ConditionalDETR",
+    "build_conditional_detr",
+]
+
+
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """log(x / (1 - x)) with x clamped to [0, 1] and both terms to >= eps (finite everywhere)."""
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def point_sine_embedding(
+    points: torch.Tensor,
+    num_pos_feats: int = 128,
+    temperature: float = 10000,
+    scale: float = 2 * math.pi,
+) -> torch.Tensor:
+    """Sine embedding of normalised 2-D points, in the layout of :class:`PositionEmbeddingSine`.
+
+    points (..., 2) as (x, y) in [0, 1] -> (..., 2 * num_pos_feats): the y-embedding then the
+    x-embedding, each with channels 2i / 2i + 1 = sin / cos(c * scale / T^(2i / F)).  A point
+    at (x, y) gets the embedding of the feature-map pixel at the same normalised position, so
+    the spatial dot products of the cross-attention compare positions directly.
+    """
+    if points.shape[-1] != 2:
+        raise ValueError(f"points must be (..., 2), got shape {tuple(points.shape)}")
+    if num_pos_feats <= 0 or num_pos_feats % 2 != 0:
+        raise ValueError(f"num_pos_feats must be a positive even number, got {num_pos_feats}")
+    idx = torch.arange(num_pos_feats, dtype=torch.float32, device=points.device)
+    dim_t = temperature ** (2 * torch.div(idx, 2, rounding_mode="floor") / num_pos_feats)  # (F,)
+    coords = points.float() * scale  # (..., 2)
+    embeds = coords[..., None] / dim_t  # (..., 2, F)
+    embeds = torch.stack((embeds[..., 0::2].sin(), embeds[..., 1::2].cos()), dim=-1).flatten(-2)
+    pos_x, pos_y = embeds.unbind(-2)  # (..., F) each
+    return torch.cat((pos_y, pos_x), dim=-1).to(points.dtype)  # (..., 2F)
+
+
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    dropout_p: float,
+    backend: str,
+) -> torch.Tensor:
+    """Scaled dot-product attention per head.
+
+    q (B, h, L, E), k (B, h, S, E), v (B, h, S, Ev); key_padding_mask (B, S) bool, True = ignore.
+    The logits are scaled by 1 / sqrt(E).  Returns (B, h, L, Ev).
+    """
+    mask = None
+    if key_padding_mask is not None:
+        mask = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
+        mask = mask.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]  # (B,1,1,S)
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    logits = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, h, L, S)
+    if mask is not None:
+        logits = logits + mask
+    weights = torch.softmax(logits, dim=-1)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    return torch.matmul(weights, v)
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(L, B, h * d) -> (B, h, L, d)."""
+    length, bsz, dim = x.shape
+    return x.reshape(length, bsz, heads, dim // heads).permute(1, 2, 0, 3)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, h, L, d) -> (L, B, h * d)."""
+    bsz, heads, length, dim = x.shape
+    return x.permute(2, 0, 1, 3).reshape(length, bsz, heads * dim)
+
+
+def _check_heads(embed_dim: int, num_heads: int, backend: str) -> None:
+    if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads != 0:
+        raise ValueError(
+            f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})"
+        )
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+
+
+class ConditionalSelfAttention(nn.Module):
+    """Decoder self-attention with separate content and positional projections:
+
+        q = Wq_c x + Wq_p pos,  k = Wk_c x + Wk_p pos,  v = Wv x
+        out = x + proj_drop(Wo MHA(q, k, v))
+
+    Inputs are sequence-first: x, pos (Q, B, C).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        attention: str = "sdpa",
+    ):
+        super().__init__()
+        _check_heads(embed_dim, num_heads, attention)
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.attention = attention
+        self.attn_drop = attn_drop
+        self.query_content_proj = nn.Linear(embed_dim, embed_dim)
+        self.query_pos_proj = nn.Linear(embed_dim, embed_dim)
+        self.key_content_proj = nn.Linear(embed_dim, embed_dim)
+        self.key_pos_proj = nn.Linear(embed_dim, embed_dim)
+        self.value_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """x, pos (Q, B, C) -> (Q, B, C), residual included."""
+        q = self.query_content_proj(x) + self.query_pos_proj(pos)
+        k = self.key_content_proj(x) + self.key_pos_proj(pos)
+        v = self.value_proj(x)
+        h = self.num_heads
+        out = _attend(
+            _split_heads(q, h),
+            _split_heads(k, h),
+            _split_heads(v, h),
+            None,
+            self.attn_drop if self.training else 0.0,
+            self.attention,
+        )  # (B, h, Q, C/h)
+        return x + self.proj_drop(self.out_proj(_merge_heads(out)))
+
+
+class ConditionalCrossAttention(nn.Module):
+    """Conditional cross-attention: per head, the query is [content | spatial] and so is the key,
+
+        q_h = [(Wq_c x + Wq_p query_pos)_h | (Wq_s p_s)_h]     (Wq_p only with ``use_query_pos``)
+        k_h = [(Wk_c m + Wk_p pos)_h       | (Wk_p pos)_h]     (Wk_p pos added only with it too)
+        v_h = (Wv m)_h
+
+    so the attention logits are (c_q.c_k + p_q.p_k) / sqrt(2 C / h) and the output is
+    ``x + proj_drop(Wo concat_h softmax(.) v_h)``.
+
+    Args:
+        use_query_pos: build ``query_pos_proj`` and add the positional terms to the content
+            parts (the first decoder layer of Conditional DETR); later layers leave it out.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        use_query_pos: bool = False,
+        attention: str = "sdpa",
+    ):
+        super().__init__()
+        _check_heads(embed_dim, num_heads, attention)
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.attention = attention
+        self.attn_drop = attn_drop
+        self.use_query_pos = use_query_pos
+        self.query_content_proj = nn.Linear(embed_dim, embed_dim)
+        self.query_pos_proj = nn.Linear(embed_dim, embed_dim) if use_query_pos else None
+        self.query_pos_sine_proj = nn.Linear(embed_dim, embed_dim)
+        self.key_content_proj = nn.Linear(embed_dim, embed_dim)
+        self.key_pos_proj = nn.Linear(embed_dim, embed_dim)
+        self.value_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor,
+        pos: torch.Tensor,
+        query_pos: torch.Tensor,
+        query_sine_embed: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """x, query_pos, query_sine_embed (Q, B, C); memory, pos (N, B, C);
+        key_padding_mask (B, N) bool, True = padding.  Returns (Q, B, C), residual included."""
+        q_content = self.query_content_proj(x)  # (Q, B, C)
+        k_content = self.key_content_proj(memory)  # (N, B, C)
+        k_pos = self.key_pos_proj(pos)  # (N, B, C)
+        v = self.value_proj(memory)  # (N, B, C)
+        if self.use_query_pos:
+            q_content = q_content + self.query_pos_proj(query_pos)
+            k_content = k_content + k_pos
+        q_spatial = self.query_pos_sine_proj(query_sine_embed)  # (Q, B, C)
+        h = self.num_heads
+        q = torch.cat((_split_heads(q_content, h), _split_heads(q_spatial, h)), dim=-1)
+        k = torch.cat((_split_heads(k_content, h), _split_heads(k_pos, h)), dim=-1)
+        out = _attend(
+            q,  # (B, h, Q, 2C/h)
+            k,  # (B, h, N, 2C/h)
+            _split_heads(v, h),  # (B, h, N, C/h)
+            key_padding_mask,
+            self.attn_drop if self.training else 0.0,
+            self.attention,
+        )  # (B, h, Q, C/h)
+        return x + self.proj_drop(self.out_proj(_merge_heads(out)))
+
+
+class ConditionalDecoderLayer(nn.Module):
+    """Post-norm Conditional DETR decoder layer: conditional self-attention, conditional
+    cross-attention, FFN, each followed by a LayerNorm.
+
+    Args:
+        is_first: first layer of the decoder (positional query projection in the
+            cross-attention, see :class:`ConditionalCrossAttention`).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        ffn_dim: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        is_first: bool = False,
+        attention: str = "sdpa",
+    ):
+        super().__init__()
+        self.is_first = is_first
+        self.self_attn = ConditionalSelfAttention(
+            embed_dim, num_heads, attn_drop=dropout, proj_drop=dropout, attention=attention
+        )
+        self.norm1 = nn.LayerNorm(embed_dim)
+        self.cross_attn = ConditionalCrossAttention(
+            embed_dim,
+            num_heads,
+            attn_drop=dropout,
+            proj_drop=dropout,
+            use_query_pos=is_first,
+            attention=attention,
+        )
+        self.norm2 = nn.LayerNorm(embed_dim)
+        # Feed-forward block (post-norm): norm3(x + dropout3(linear2(dropout(act(linear1(x)))))).
+        self.linear1 = nn.Linear(embed_dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, embed_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm3 = nn.LayerNorm(embed_dim)
+        self.activation = _activation(activation)
+
+    def forward(
+        self,
+        tgt: torch.Tensor,
+        memory: torch.Tensor,
+        pos: torch.Tensor,
+        query_pos: torch.Tensor,
+        query_sine_embed: torch.Tensor,
+        memory_key_padding_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """tgt, query_pos, query_sine_embed (Q, B, C); memory, pos (N, B, C).  -> (Q, B, C)."""
+        tgt = self.norm1(self.self_attn(tgt, query_pos))
+        tgt = self.norm2(
+            self.cross_attn(tgt, memory, pos, query_pos, query_sine_embed, memory_key_padding_mask)
+        )
+        return self.norm3(tgt + self.dropout3(_feed_forward(self, tgt)))
+
+
+class ConditionalTransformerDecoder(nn.Module):
+    """Conditional DETR decoder: reference points from the query embedding, conditional spatial
+    queries ``query_scale(f) * sine(s)`` (no scaling in the first layer), a shared final norm.
+
+    ``forward`` returns the normalised output of every layer (L, Q, B, C) — or only of the last
+    one (1, Q, B, C) without ``return_intermediate`` — and the reference points (Q, B, 2).
+    """
+
+    def __init__(
+        self,
+        num_layers: int = 6,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        ffn_dim: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        attention: str = "sdpa",
+        return_intermediate: bool = True,
+    ):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if embed_dim % 4 != 0:
+            raise ValueError(f"embed_dim must be a multiple of 4, got {embed_dim}")
+        self.embed_dim = embed_dim
+        self.num_layers = num_layers
+        self.return_intermediate = return_intermediate
+        self.layers = nn.ModuleList(
+            ConditionalDecoderLayer(
+                embed_dim, num_heads, ffn_dim, dropout, activation, i == 0, attention
+            )
+            for i in range(num_layers)
+        )
+        self.query_scale = MLP(embed_dim, embed_dim, embed_dim, num_layers=2)
+        self.ref_point_head = MLP(embed_dim, embed_dim, 2, num_layers=2)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(
+        self,
+        tgt: torch.Tensor,
+        memory: torch.Tensor,
+        pos: torch.Tensor,
+        query_pos: torch.Tensor,
+        memory_key_padding_mask: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """tgt, query_pos (Q, B, C); memory, pos (N, B, C); memory_key_padding_mask (B, N).
+
+        Returns hs (L, Q, B, C) and the reference points (Q, B, 2), sigmoid (x, y)."""
+        reference = self.ref_point_head(query_pos).sigmoid()  # (Q, B, 2)
+        sine = point_sine_embedding(reference, self.embed_dim // 2)  # (Q, B, C)
+        outputs = []
+        for idx, layer in enumerate(self.layers):
+            query_sine_embed = sine if idx == 0 else sine * self.query_scale(tgt)
+            tgt = layer(tgt, memory, pos, query_pos, query_sine_embed, memory_key_padding_mask)
+            if self.return_intermediate:
+                outputs.append(self.norm(tgt))
+        if not self.return_intermediate:
+            outputs.append(self.norm(tgt))
+        return torch.stack(outputs), reference
+
+
+class ConditionalTransformer(Transformer):
+    """DETR's encoder (swappable attention) with a :class:`ConditionalTransformerDecoder`.
+
+    Same construction (and Xavier-uniform re-initialisation of every weight matrix) as
+    :class:`.transformer.Transformer`; ``forward`` also returns the reference points.
+    """
+
+    def forward(
+        self,
+        src: torch.Tensor,
+        mask: torch.Tensor,
+        query_embed: torch.Tensor,
+        pos_embed: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            src: projected features (B, C, H, W); mask: padding mask (B, H, W), True = padding;
+            query_embed: learnt query embedding (Q, C); pos_embed: (B, C, H, W).
+
+        Returns:
+            hs (L, B, Q, C), reference points (B, Q, 2) in [0, 1], memory (B, C, H, W).
+        """
+        bs, c, h, w = src.shape
+        src = src.flatten(2).permute(2, 0, 1)  # (HW, B, C)
+        pos_embed = pos_embed.flatten(2).permute(2, 0, 1).to(src.dtype)  # (HW, B, C)
+        mask = mask.flatten(1)  # (B, HW)
+        query_embed = query_embed.unsqueeze(1).expand(-1, bs, -1)  # (Q, B, C)
+        tgt = torch.zeros_like(query_embed)  # (Q, B, C)
+
+        memory = self.encoder(src, pos=pos_embed, mask=mask)  # (HW, B, C)
+        hs, reference = self.decoder(
+            tgt, memory, pos=pos_embed, query_pos=query_embed, memory_key_padding_mask=mask
+        )  # (L, Q, B, C), (Q, B, 2)
+        return (
+            hs.transpose(1, 2),
+            reference.transpose(0, 1),
+            memory.permute(1, 2, 0).reshape(bs, c, h, w),
+        )
+
+
+class ConditionalDETR(DETR):
+    """Conditional DETR detector (detectron2 meta-architecture interface).
+
+    Arguments as :class:`.detr.DETR` (whose input checks, preprocessing, padding masks, target
+    preparation and loss weighting are reused); ``transformer`` must return
+    ``(hs, reference, memory)`` like :class:`ConditionalTransformer` and ``criterion`` use the
+    focal (sigmoid) classification loss.  The class head has ``num_classes`` logits (no
+    "no object" logit), initialised to the prior probability ``prior_prob``; the last layer of
+    the box head starts at zero, i.e. every query first predicts a box of half the image size
+    centred on its reference point.
+    """
+
+    def __init__(self, *args, prior_prob: float = 0.01, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not 0.0 < prior_prob < 1.0:
+            raise ValueError(f"prior_prob must be in (0, 1), got {prior_prob}")
+        self.class_embed = nn.Linear(self.embed_dim, self.num_classes)
+        nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
+        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
+        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        self.to(self.device)
+
+    def forward(self, batched_inputs: List[dict]):
+        """Same inputs and outputs as :meth:`.detr.DETR.forward`."""
+        self._check_inputs(batched_inputs)
+        if self.training and self.criterion is None:
+            raise ValueError(
+                "ConditionalDETR was built without a criterion; it can only run in eval mode"
+            )
+        images = self.preprocess_image(batched_inputs)
+        targets = self.prepare_targets(batched_inputs, images) if self.training else None
+
+        mask = self.padding_mask(images)  # (B, H, W)
+        features = self.backbone(images.tensor)[self.in_features]  # (B, C_in, h, w)
+        mask = F.interpolate(mask[None].float(), size=features.shape[-2:])[0].bool()  # (B, h, w)
+        pos = self.position_embedding(mask)  # (B, C, h, w)
+        src = self.input_proj(features)  # (B, C, h, w)
+        hs, reference, _ = self.transformer(src, mask, self.query_embed.weight, pos)
+        # hs (L, B, Q, C), reference (B, Q, 2)
+
+        logits = self.class_embed(hs)  # (L, B, Q, K)
+        offsets = self.bbox_embed(hs)  # (L, B, Q, 4)
+        ref_logit = inverse_sigmoid(reference)  # (B, Q, 2)
+        boxes = torch.cat((offsets[..., :2] + ref_logit, offsets[..., 2:]), dim=-1).sigmoid()
+        outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if self.aux_loss:
+            outputs["aux_outputs"] = [
+                {"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])
+            ]
+
+        if self.training:
+            return self.weight_losses(self.criterion(outputs, targets))
+        results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
+        processed = []
+        for x, result, (h, w) in zip(batched_inputs, results, images.image_sizes):
+            height, width = x.get("height", h), x.get("width", w)
+            processed.append({"instances": detector_postprocess(result, height, width)})
+        return processed
+
+    @torch.no_grad()
+    def inference(self, logits: torch.Tensor, boxes: torch.Tensor, image_sizes) -> List[Instances]:
+        """logits (B, Q, K), boxes (B, Q, 4) normalised cxcywh -> B Instances in input-image
+        coordinates: the ``select_box_nums_for_evaluation`` best (query, class) pairs by sigmoid
+        probability, over all queries and classes (a query may appear with several classes)."""
+        batch_size, num_queries, num_classes = logits.shape
+        probs = logits.sigmoid().reshape(batch_size, -1)  # (B, Q * K)
+        k = min(self.select_box_nums_for_evaluation, probs.shape[1])
+        scores, flat_idx = probs.topk(k, dim=1)  # (B, k), sorted
+        query_idx = torch.div(flat_idx, num_classes, rounding_mode="floor")  # (B, k)
+        labels = flat_idx % num_classes  # (B, k)
+        results = []
+        for score, label, q_idx, box, (h, w) in zip(scores, labels, query_idx, boxes, image_sizes):
+            scale = torch.tensor([w, h, w, h], dtype=box.dtype, device=box.device)
+            xyxy = box_cxcywh_to_xyxy(box[q_idx]) * scale  # (k, 4) absolute
+            result = Instances((h, w))
+            result.pred_boxes = Boxes(xyxy)
+            result.pred_boxes.clip((h, w))
+            result.scores = score
+            result.pred_classes = label
+            results.append(result)
+        return results
+
+
+def build_conditional_detr(
+    num_classes: int = 80,
+    depth: int = 50,
+    dilation: bool = False,
+    encoder_attention: Optional[nn.Module] = None,
+    num_queries: int = 300,
+    embed_dim: int = 256,
+    num_heads: int = 8,
+    num_encoder_layers: int = 6,
+    num_decoder_layers: int = 6,
+    ffn_dim: int = 2048,
+    dropout: float = 0.1,
+    aux_loss: bool = True,
+    freeze_at: int = 1,
+    pixel_mean: Optional[Sequence[float]] = None,
+    pixel_std: Optional[Sequence[float]] = None,
+    device: str = "cpu",
+    select_box_nums_for_evaluation: int = 100,
+) -> ConditionalDETR:
+    """Conditional DETR with the canonical hyper-parameters (R50, 6 + 6 layers, C = 256,
+    8 heads, FFN 2048, dropout 0.1, 300 queries; focal loss alpha 0.25 gamma 2, loss weights
+    class 2 / L1 5 / GIoU 2, matcher costs class 2 / L1 5 / GIoU 2; top-100 detections).
+
+    ``encoder_attention`` is the prototype encoder self-attention (copied into every encoder
+    layer), by default ``MultiheadAttention(embed_dim, num_heads, attn_drop=dropout,
+    proj_drop=dropout)``; pass an ENACT attention module to get ENACT-Conditional-DETR.
+    """
+    backbone = build_resnet_backbone(depth=depth, dilation=dilation, freeze_at=freeze_at)
+    in_channels = backbone.output_shape()["res5"].channels
+    if encoder_attention is None:
+        encoder_attention = MultiheadAttention(
+            embed_dim, num_heads, attn_drop=dropout, proj_drop=dropout
+        )
+    transformer = ConditionalTransformer(
+        encoder=TransformerEncoder(
+            encoder_attention,
+            num_layers=num_encoder_layers,
+            embed_dim=embed_dim,
+            ffn_dim=ffn_dim,
+            dropout=dropout,
+        ),
+        decoder=ConditionalTransformerDecoder(
+            num_layers=num_decoder_layers,
+            embed_dim=embed_dim,
+            num_heads=num_heads,
+            ffn_dim=ffn_dim,
+            dropout=dropout,
+            return_intermediate=True,
+        ),
+    )
+    weight_dict = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+    if aux_loss:
+        weight_dict = aux_weight_dict(weight_dict, num_decoder_layers - 1)
+    criterion = SetCriterion(
+        num_classes,
+        matcher=HungarianMatcher(
+            cost_class=2, cost_bbox=5, cost_giou=2, use_focal=True, alpha=0.25, gamma=2.0
+        ),
+        weight_dict=weight_dict,
+        losses=("class", "boxes"),
+        use_focal=True,
+        focal_alpha=0.25,
+        focal_gamma=2.0,
+    )
+    return ConditionalDETR(
+        backbone=backbone,
+        position_embedding=PositionEmbeddingSine(num_pos_feats=embed_dim // 2, normalize=True),
+        transformer=transformer,
+        num_classes=num_classes,
+        num_queries=num_queries,
+        in_features="res5",
+        in_channels=in_channels,
+        embed_dim=embed_dim,
+        criterion=criterion,
+        aux_loss=aux_loss,
+        pixel_mean=pixel_mean,
+        pixel_std=pixel_std,
+        device=device,
+        select_box_nums_for_evaluation=select_box_nums_for_evaluation,
+    )

@@ -1,0 +1,290 @@
+"""Tests of the Conditional DETR meta-architecture.
+
+The parameter count uses the real configuration (R50, 6 + 6 layers, C = 256, 300 queries); the
+functional tests use a tiny model (ResNet-18 backbone, 2 + 2 layers, C = 32) to stay fast on a
+CPU.
+"""
+
+import math
+
+import pytest
+import torch
+from detectron2.structures import Boxes, Instances
+
+from projects.enact.modeling.attention import MultiheadAttention
+from projects.enact.modeling.conditional_detr import (
+    ConditionalCrossAttention,
+    ConditionalDETR,
+    build_conditional_detr,
+    inverse_sigmoid,
+    point_sine_embedding,
+)
+from projects.enact.modeling.position_encoding import PositionEmbeddingSine
+
+# detrex's Conditional DETR R50 with 80 classes (FrozenBN affine terms are buffers).
+DETREX_CONDITIONAL_DETR_R50_PARAMS = 43_415_574
+
+NUM_CLASSES = 5
+TINY = dict(
+    num_classes=NUM_CLASSES,
+    depth=18,
+    num_queries=12,
+    embed_dim=32,
+    num_heads=4,
+    num_encoder_layers=2,
+    num_decoder_layers=2,
+    ffn_dim=64,
+)
+
+
+def _instances(h, w, boxes, classes):
+    inst = Instances((h, w))
+    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
+    return inst
+
+
+def _image(h, w, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+
+
+def _batch():
+    """Two images of different sizes: two boxes (one partly outside the image), and none."""
+    return [
+        {
+            "image": _image(96, 128, 0),
+            "instances": _instances(96, 128, [[10, 12, 60, 70], [80, 40, 150, 90]], [1, 3]),
+            "height": 96,
+            "width": 128,
+        },
+        {
+            "image": _image(64, 96, 1),
+            "instances": _instances(64, 96, [], []),
+            "height": 64,
+            "width": 96,
+        },
+    ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """The tiny models gain nothing from intra-op threads, and on a shared 2-core machine the
+    OpenMP synchronisation of two threads can make them ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(single_thread):
+    torch.manual_seed(0)
+    return build_conditional_detr(**TINY)
+
+
+def test_parameter_count_matches_detrex_r50():
+    model = build_conditional_detr(num_classes=80, depth=50)
+    count = sum(p.numel() for p in model.parameters())
+    expected = DETREX_CONDITIONAL_DETR_R50_PARAMS
+    assert abs(count - expected) <= 0.005 * expected, count
+    # Canonical structure: 6 + 6 layers, width 256, 300 queries, 80 sigmoid logits.
+    assert isinstance(model, ConditionalDETR)
+    decoder = model.transformer.decoder
+    assert len(model.transformer.encoder.layers) == 6 and len(decoder.layers) == 6
+    assert model.query_embed.weight.shape == (300, 256)
+    assert model.class_embed.out_features == 80
+    # The positional query projection of the cross-attention exists in the first layer only.
+    assert [layer.cross_attn.query_pos_proj is not None for layer in decoder.layers] == [True] + [
+        False
+    ] * 5
+    attn = model.transformer.encoder.layers[0].self_attn
+    assert isinstance(attn, MultiheadAttention) and attn.num_heads == 8
+    assert not any(p.requires_grad for p in model.backbone.stem.parameters())
+    # Losses and matcher of Conditional DETR.
+    weights = model.criterion.weight_dict
+    assert (weights["loss_ce"], weights["loss_bbox"], weights["loss_giou"]) == (2.0, 5.0, 2.0)
+    assert weights["loss_ce_4"] == 2.0 and "loss_ce_5" not in weights
+    assert model.criterion.use_focal and model.criterion.focal_alpha == 0.25
+    matcher = model.criterion.matcher
+    assert matcher.use_focal
+    assert (matcher.cost_class, matcher.cost_bbox, matcher.cost_giou) == (2, 5, 2)
+    # Initialisation: prior probability 0.01 and a zero last box layer.
+    torch.testing.assert_close(model.class_embed.bias, torch.full((80,), -math.log(0.99 / 0.01)))
+    assert not model.bbox_embed.layers[-1].weight.any()
+
+
+def test_training_step_losses_and_gradients(tiny_model):
+    model = tiny_model
+    model.train()
+    model.zero_grad(set_to_none=True)
+    losses = model(_batch())
+    expected = {"loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_bbox_0", "loss_giou_0"}
+    assert set(losses) == expected
+    for name, value in losses.items():
+        assert value.dim() == 0 and torch.isfinite(value), name
+        assert float(value.detach()) >= 0, name
+    sum(losses.values()).backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable
+    missing = [n for n, p in trainable if p.grad is None]
+    assert not missing, missing
+    bad = [n for n, p in trainable if not torch.isfinite(p.grad).all()]
+    assert not bad, bad
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert n.startswith("backbone.stem"), n  # freeze_at=1 freezes the stem only
+
+
+def test_inference_returns_instances_inside_the_image(tiny_model):
+    model = tiny_model
+    model.eval()
+    batch = _batch()
+    batch[0]["height"], batch[0]["width"] = 192, 256  # upscaled output
+    batch[1].pop("height"), batch[1].pop("width")  # defaults to the input size
+    del batch[0]["instances"]
+    with torch.no_grad():
+        outputs = model(batch)
+    assert len(outputs) == 2
+    # top-100 over the 12 x 5 (query, class) pairs keeps all 60 of them
+    num_pairs = model.num_queries * NUM_CLASSES
+    for out, (h, w) in zip(outputs, [(192, 256), (64, 96)]):
+        inst = out["instances"]
+        assert isinstance(inst, Instances)
+        assert inst.image_size == (h, w)
+        assert len(inst) == min(model.select_box_nums_for_evaluation, num_pairs)
+        boxes = inst.pred_boxes.tensor
+        assert torch.isfinite(boxes).all()
+        assert (boxes[:, 0::2] >= 0).all() and (boxes[:, 0::2] <= w).all()
+        assert (boxes[:, 1::2] >= 0).all() and (boxes[:, 1::2] <= h).all()
+        assert (boxes[:, 2:] >= boxes[:, :2]).all()
+        assert ((inst.scores > 0) & (inst.scores < 1)).all()
+        assert inst.scores.tolist() == sorted(inst.scores.tolist(), reverse=True)
+        assert ((inst.pred_classes >= 0) & (inst.pred_classes < NUM_CLASSES)).all()
+
+
+def test_inference_ranks_query_class_pairs(tiny_model):
+    model = tiny_model
+    logits = torch.full((1, 3, 4), -9.0)
+    logits[0, 1, 2] = 3.0  # best pair: query 1, class 2
+    logits[0, 1, 0] = 2.0  # the same query again with class 0
+    logits[0, 2, 3] = 1.0
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.25, 0.5, 0.5, 1.0], [0.5, 0.5, 3.0, 3.0]]])
+    old = model.select_box_nums_for_evaluation
+    model.select_box_nums_for_evaluation = 3
+    try:
+        (result,) = model.inference(logits, boxes, [(10, 20)])
+    finally:
+        model.select_box_nums_for_evaluation = old
+    assert result.pred_classes.tolist() == [2, 0, 3]
+    torch.testing.assert_close(result.scores, torch.tensor([3.0, 2.0, 1.0]).sigmoid())
+    torch.testing.assert_close(
+        result.pred_boxes.tensor,
+        torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 20.0, 10.0]]),
+    )  # the third box is clipped to the image
+
+
+def test_loss_decreases_on_fixed_images():
+    """30 Adam steps on two fixed images: the (weighted, summed) loss drops clearly.
+
+    The randomly initialised backbone has no batch statistics (FrozenBN), so it is frozen here
+    (as a pretrained one would be trained at a 10x lower rate); everything else learns."""
+    torch.manual_seed(0)
+    model = build_conditional_detr(**dict(TINY, dropout=0.0, freeze_at=5))
+    model.train()
+    batch = [
+        {
+            "image": _image(64, 96, 10),
+            "instances": _instances(64, 96, [[8, 6, 50, 40], [60, 20, 90, 60]], [1, 3]),
+        },
+        {"image": _image(80, 64, 11), "instances": _instances(80, 64, [[5, 30, 40, 75]], [2])},
+    ]
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params and not any(p.requires_grad for p in model.backbone.parameters())
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    history = []
+    for _ in range(30):
+        loss = sum(model(batch).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(float(loss.detach()))
+    assert all(math.isfinite(x) for x in history)
+    assert history[-1] < 0.7 * history[0], history
+
+
+class _RecordingAttention(MultiheadAttention):
+    """MultiheadAttention that records the keyword arguments it is called with."""
+
+    def forward(self, *args, **kwargs):
+        self.calls = getattr(self, "calls", []) + [sorted(kwargs)]
+        return super().forward(*args, **kwargs)
+
+
+def test_encoder_attention_is_swappable():
+    torch.manual_seed(0)
+    proto = _RecordingAttention(32, 4)
+    model = build_conditional_detr(**dict(TINY, num_encoder_layers=3), encoder_attention=proto)
+    layers = [layer.self_attn for layer in model.transformer.encoder.layers]
+    assert len(layers) == 3 and all(isinstance(a, _RecordingAttention) for a in layers)
+    assert all(a is not proto for a in layers) and layers[0] is not layers[1]
+    model.eval()
+    with torch.no_grad():
+        (out,) = model([{"image": _image(70, 90, 3)}])
+    assert out["instances"].image_size == (70, 90)
+    for attn in layers:
+        assert attn.calls == [["key", "key_padding_mask", "key_pos", "query", "query_pos", "value"]]
+    assert not hasattr(proto, "calls")
+    with pytest.raises(ValueError, match="embed_dim"):
+        build_conditional_detr(**TINY, encoder_attention=MultiheadAttention(64, 4))
+
+
+def test_point_sine_embedding_matches_feature_map_embedding():
+    """A point at a pixel's normalised position gets that pixel's positional embedding."""
+    h, w = 5, 7
+    pos = PositionEmbeddingSine(num_pos_feats=16, eps=0.0)(torch.zeros(1, h, w, dtype=torch.bool))
+    ys, xs = torch.meshgrid(torch.arange(1, h + 1), torch.arange(1, w + 1), indexing="ij")
+    points = torch.stack((xs / w, ys / h), dim=-1)  # (h, w, 2) as (x, y)
+    emb = point_sine_embedding(points, num_pos_feats=16)  # (h, w, 32)
+    torch.testing.assert_close(emb.permute(2, 0, 1), pos[0], atol=1e-5, rtol=1e-5)
+    x = torch.tensor([0.0, 1e-7, 0.3, 1.0])
+    inner = x.clamp(1e-3, 1 - 1e-3)
+    torch.testing.assert_close(inverse_sigmoid(inner).sigmoid(), inner)
+    assert torch.isfinite(inverse_sigmoid(x)).all()
+
+
+@pytest.mark.parametrize("use_query_pos", [True, False])
+def test_conditional_cross_attention_concatenates_content_and_space(use_query_pos):
+    torch.manual_seed(0)
+    c, heads, nq, nk, bs = 16, 2, 3, 5, 2
+    attn = ConditionalCrossAttention(c, heads, use_query_pos=use_query_pos, attention="eager")
+    attn.eval()
+    x, qpos, sine = torch.randn(nq, bs, c), torch.randn(nq, bs, c), torch.randn(nq, bs, c)
+    memory, pos = torch.randn(nk, bs, c), torch.randn(nk, bs, c)
+    mask = torch.zeros(bs, nk, dtype=torch.bool)
+    mask[1, 3:] = True
+    out = attn(x, memory, pos, qpos, sine, key_padding_mask=mask)
+
+    # Reference: per head, logits = (c_q . c_k + p_q . p_k) / sqrt(2 c / h).
+    q_c = attn.query_content_proj(x)
+    k_c = attn.key_content_proj(memory)
+    k_p = attn.key_pos_proj(pos)
+    if use_query_pos:
+        q_c = q_c + attn.query_pos_proj(qpos)
+        k_c = k_c + k_p
+    q_s = attn.query_pos_sine_proj(sine)
+    v = attn.value_proj(memory)
+    d = c // heads
+    ref = torch.zeros(nq, bs, c)
+    for b in range(bs):
+        for i in range(heads):
+            sl = slice(i * d, (i + 1) * d)
+            content = q_c[:, b, sl] @ k_c[:, b, sl].T  # (nq, nk)
+            spatial = q_s[:, b, sl] @ k_p[:, b, sl].T  # (nq, nk)
+            logits = (content + spatial) / math.sqrt(2 * d)
+            logits = logits.masked_fill(mask[b], float("-inf"))
+            ref[:, b, sl] = logits.softmax(-1) @ v[:, b, sl]
+    ref = x + attn.out_proj(ref)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    attn.attention = "sdpa"
+    torch.testing.assert_close(attn(x, memory, pos, qpos, sine, mask), out, atol=1e-5, rtol=1e-5)
