@@ -1,0 +1,42 @@
+# Conditional DETR R50 (C5): DETR's encoder, conditional cross-attention decoder, 300 queries,
+# focal loss (alpha 0.25, gamma 2), weights class 2 / L1 5 / GIoU 2.
+# The encoder self-attention is the one entry to swap: model.transformer.encoder.attention.
+from detectron2.config import LazyCall as L
+
+from projects.enact.modeling.attention import MultiheadAttention
+from projects.enact.modeling.backbone import build_resnet_backbone
+from projects.enact.modeling.conditional_detr import ConditionalDETR, ConditionalTransformer, ConditionalTransformerDecoder
+from projects.enact.modeling.criterion import SetCriterion, aux_weight_dict
+from projects.enact.modeling.matcher import HungarianMatcher
+from projects.enact.modeling.position_encoding import PositionEmbeddingSine
+from projects.enact.modeling.transformer import TransformerEncoder
+
+model = L(ConditionalDETR)(
+    backbone=L(build_resnet_backbone)(depth=50, dilation=False, freeze_at=1, norm="FrozenBN"),
+    position_embedding=L(PositionEmbeddingSine)(num_pos_feats=128, normalize=True),
+    transformer=L(ConditionalTransformer)(
+        encoder=L(TransformerEncoder)(
+            attention=L(MultiheadAttention)(embed_dim=256, num_heads=8, attn_drop=0.1, proj_drop=0.1),
+            num_layers=6, embed_dim=256, ffn_dim=2048, dropout=0.1,
+        ),
+        decoder=L(ConditionalTransformerDecoder)(
+            num_layers=6, embed_dim=256, num_heads=8, ffn_dim=2048, dropout=0.1, return_intermediate=True
+        ),
+    ),
+    num_classes=80,
+    num_queries=300,
+    in_features="res5",
+    in_channels=2048,
+    embed_dim=256,
+    criterion=L(SetCriterion)(
+        num_classes="${..num_classes}",
+        matcher=L(HungarianMatcher)(cost_class=2, cost_bbox=5, cost_giou=2, use_focal=True, alpha=0.25, gamma=2.0),
+        weight_dict=aux_weight_dict({"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}, 5),
+        losses=("class", "boxes"),
+        use_focal=True,
+        focal_alpha=0.25,
+        focal_gamma=2.0,
+    ),
+    aux_loss=True,
+    device="${train.device}",
+)

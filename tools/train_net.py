@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Train and evaluate the project's detectors from a detectron2 LazyConfig.
+
+    python tools/train_net.py --config-file configs/detr_r50_300ep_enact.py --num-gpus 8
+    python tools/train_net.py --config-file configs/shapes/detr_r18_shapes_enact.py train.max_iter=300
+    python tools/train_net.py --config-file CFG --resume                  # continue from last_checkpoint
+    python tools/train_net.py --config-file CFG --eval-only train.init_checkpoint=model_final.pth
+
+Uses detectron2's engine throughout: LazyConfig + instantiate, DetectionCheckpointer (periodic
+checkpoints, --resume), EvalHook with the config's evaluator (COCOEvaluator), launch() for
+multi-GPU / multi-machine, and the default writers (console with ETA, metrics.json,
+TensorBoard).  ENACT's clusters per image and compression are logged under ``enact/``.
+"""
+import logging
+import os
+import sys
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import create_ddp_model, default_argument_parser, default_setup, default_writers, hooks, launch
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from projects.enact.data import check_dataset_available  # noqa: E402
+from projects.enact.engine import DetrTrainer, EnactStatsHook  # noqa: E402
+
+logger = logging.getLogger("enact")
+
+
+def _dataset_names(loader_cfg):
+    dataset = loader_cfg.get("dataset", {}) if loader_cfg is not None else {}
+    names = dataset.get("names", None) if hasattr(dataset, "get") else None
+    if names is None:
+        return []
+    return [names] if isinstance(names, str) else list(names)
+
+
+def _check_device(cfg):
+    device = cfg.train.get("device", "cuda")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={device!r} but CUDA is not available; add `train.device=cpu` to the command")
+    return device
+
+
+def do_test(cfg, model):
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    for name in _dataset_names(cfg.dataloader.test):
+        check_dataset_available(name)
+    loader = instantiate(cfg.dataloader.test)
+    evaluator = instantiate(cfg.dataloader.evaluator)
+    results = inference_on_dataset(model, loader, evaluator)
+    if comm.is_main_process():
+        print_csv_format(results)
+    return results
+
+
+def do_train(args, cfg):
+    device = _check_device(cfg)
+    model = instantiate(cfg.model).to(device)
+    logger.info("Model:\n%s", model)
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    for name in _dataset_names(cfg.dataloader.train):
+        check_dataset_available(name)
+    train_loader = instantiate(cfg.dataloader.train)
+    model = create_ddp_model(model, **cfg.train.get("ddp", {}))
+    amp = cfg.train.get("amp", {})
+    trainer = DetrTrainer(
+        model, train_loader, optimizer,
+        clip_max_norm=cfg.train.get("clip_max_norm", 0.1),
+        amp=amp.get("enabled", False), amp_dtype=amp.get("dtype", "float16"), device=device,
+    )
+    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    trainer.register_hooks([
+        hooks.IterationTimer(),
+        hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+        hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
+        EnactStatsHook(model, period=cfg.train.log_period),
+        hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+        hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
+        if comm.is_main_process() else None,
+    ])
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
+def main(args):
+    cfg = LazyConfig.load(args.config_file)
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    default_setup(cfg, args)
+    if args.eval_only:
+        model = instantiate(cfg.model).to(_check_device(cfg))
+        model = create_ddp_model(model)
+        DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        return do_test(cfg, model)
+    do_train(args, cfg)
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
