@@ -1,0 +1,119 @@
+"""The three detectors with and without ENACT: a training step, inference, and the overfitting
+check (the loss drops on a handful of fixed images within a bounded number of CPU steps)."""
+import math
+
+import pytest
+import torch
+from detectron2.structures import Boxes, Instances
+
+from projects.enact import EnactAttention
+from projects.enact.engine import enact_modules
+from projects.enact.modeling.anchor_detr import build_anchor_detr
+from projects.enact.modeling.conditional_detr import build_conditional_detr
+from projects.enact.modeling.detr import build_detr
+
+TINY = dict(num_classes=4, depth=18, embed_dim=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, ffn_dim=64)
+
+
+def enact(sigma=1):
+    return EnactAttention(32, 4, sigma=sigma)
+
+
+# (name, builder, kwargs, ENACT in the encoder?)
+VARIANTS = [
+    ("detr", build_detr, dict(num_queries=12), False),
+    ("detr+enact", build_detr, dict(num_queries=12, encoder_attention=enact()), True),
+    ("conditional_detr", build_conditional_detr, dict(num_queries=12), False),
+    ("conditional_detr+enact", build_conditional_detr, dict(num_queries=12, encoder_attention=enact()), True),
+    ("anchor_detr(rcda)", build_anchor_detr, dict(num_anchors=6, num_patterns=2, dilation=False), False),
+    ("anchor_detr(mhsa)+enact", build_anchor_detr,
+     dict(num_anchors=6, num_patterns=2, dilation=False, encoder_type="mhsa", encoder_attention=enact()), True),
+]
+IDS = [v[0] for v in VARIANTS]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def instances(h, w, boxes, classes):
+    inst = Instances((h, w))
+    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
+    return inst
+
+
+def image(h, w, seed):
+    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def batch():
+    """Images of different sizes (padded in the batch), one without objects."""
+    return [
+        {"image": image(160, 224, 0), "instances": instances(160, 224, [[10, 12, 90, 100], [120, 40, 210, 150]], [1, 3]),
+         "height": 320, "width": 448},
+        {"image": image(128, 160, 1), "instances": instances(128, 160, [], [])},
+    ]
+
+
+def build(builder, kwargs, **extra):
+    torch.manual_seed(0)
+    return builder(**dict(TINY, **kwargs, **extra))
+
+
+@pytest.mark.parametrize("name,builder,kwargs,has_enact", VARIANTS, ids=IDS)
+def test_training_step_and_inference(name, builder, kwargs, has_enact):
+    model = build(builder, kwargs)
+    model.train()
+    losses = model(batch())
+    assert {"loss_ce", "loss_bbox", "loss_giou"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), n
+    layers = enact_modules(model)
+    assert bool(layers) == has_enact
+    for _, m in layers:
+        stats = m.statistics()
+        assert stats["compression"] >= 1.0 and stats["clusters_per_image"] >= 1
+        assert m.clustering.w_prob.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        results = model(batch())
+    for inputs, result in zip(batch(), results):
+        inst = result["instances"]
+        h, w = inputs.get("height", inputs["image"].shape[1]), inputs.get("width", inputs["image"].shape[2])
+        assert inst.image_size == (h, w) and len(inst) > 0
+        box = inst.pred_boxes.tensor
+        assert (box[:, 0] >= 0).all() and (box[:, 2] <= w).all() and (box[:, 1] >= 0).all() and (box[:, 3] <= h).all()
+
+
+@pytest.mark.parametrize("name,builder,kwargs,has_enact", VARIANTS, ids=IDS)
+def test_overfits_fixed_images(name, builder, kwargs, has_enact):
+    """60 Adam steps on two fixed images: the summed weighted loss falls below 60% of its start.
+
+    The randomly initialised backbone is frozen (it has no batch statistics); everything after
+    it, ENACT's W_prob included, learns."""
+    model = build(builder, kwargs, dropout=0.0, freeze_at=5)
+    model.train()
+    data = [
+        {"image": image(128, 192, 10), "instances": instances(128, 192, [[8, 6, 100, 80], [120, 40, 180, 120]], [1, 3])},
+        {"image": image(160, 128, 11), "instances": instances(160, 128, [[10, 60, 80, 150]], [2])},
+    ]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    history = []
+    for _ in range(60):
+        loss = sum(model(data).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(float(loss.detach()))
+    assert all(math.isfinite(x) for x in history)
+    assert history[-1] < 0.6 * history[0], (name, history[0], history[-1])
