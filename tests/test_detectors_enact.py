@@ -28,6 +28,8 @@ VARIANTS = [
     ("anchor_detr(rcda)", build_anchor_detr, dict(num_anchors=6, num_patterns=2, dilation=False), False),
     ("anchor_detr(mhsa)+enact", build_anchor_detr,
      dict(num_anchors=6, num_patterns=2, dilation=False, encoder_type="mhsa", encoder_attention=enact()), True),
+    ("anchor_detr(rcda)+separable_enact", build_anchor_detr,
+     dict(num_anchors=6, num_patterns=2, dilation=False, encoder_type="enact_rcda", enact_sigma=1), True),
 ]
 IDS = [v[0] for v in VARIANTS]
 
@@ -82,7 +84,8 @@ def test_training_step_and_inference(name, builder, kwargs, has_enact):
     for _, m in layers:
         stats = m.statistics()
         assert stats["compression"] >= 1.0 and stats["clusters_per_image"] >= 1
-        assert m.clustering.w_prob.weight.grad.abs().sum() > 0
+        for w_prob in [mod for n, mod in m.named_modules() if n.endswith("w_prob")]:
+            assert w_prob.weight.grad.abs().sum() > 0
     model.eval()
     with torch.no_grad():
         results = model(batch())

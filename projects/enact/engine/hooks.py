@@ -9,10 +9,14 @@ __all__ = ["EnactStatsHook", "enact_modules"]
 
 
 def enact_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """(name, module) of every ENACT attention in ``model`` (anything with ``statistics()``
-    and a ``clustering`` child), in registration order."""
+    """(name, module) of every ENACT layer in ``model``, in registration order: anything with
+    ``statistics()`` and its own clustering (``EnactAttention.clustering``, or
+    ``EnactRCDAEncoderLayer.cluster_x`` / ``cluster_y``)."""
     model = getattr(model, "module", model)  # unwrap DDP
-    return [(n, m) for n, m in model.named_modules() if hasattr(m, "clustering") and hasattr(m, "statistics")]
+    return [
+        (n, m) for n, m in model.named_modules()
+        if hasattr(m, "statistics") and (hasattr(m, "clustering") or hasattr(m, "cluster_x"))
+    ]
 
 
 class EnactStatsHook(HookBase):

@@ -71,7 +71,7 @@ __all__ = [
     "build_anchor_detr",
 ]
 
-ENCODER_TYPES = ("rcda", "mhsa")
+ENCODER_TYPES = ("rcda", "mhsa", "enact_rcda")
 ANCHOR_PRIORS = ("learned", "grid")
 
 
@@ -580,6 +580,7 @@ def build_anchor_detr(
     pixel_std: Optional[Sequence[float]] = None,
     device: str = "cpu",
     select_box_nums_for_evaluation: int = 100,
+    enact_sigma: int = 3,
 ) -> AnchorDETR:
     """Anchor DETR with the paper's defaults: R50-DC5, 6 + 6 layers, C = 256, 8 heads, FFN 1024,
     dropout 0, 300 learnt anchors x 3 patterns; focal loss 2 / L1 5 / GIoU 2, matcher 2 / 5 / 2.
@@ -590,6 +591,8 @@ def build_anchor_detr(
     :class:`MultiheadAttention` (default ``MultiheadAttention(embed_dim, num_heads, dropout,
     dropout)``; pass an ENACT attention to get ENACT-Anchor-DETR), for "rcda" one with the
     signature of :class:`MultiheadRCDA` (default ``MultiheadRCDA(embed_dim, num_heads, dropout)``).
+    ``encoder_type="enact_rcda"`` is the "rcda" encoder with separable ENACT
+    (:class:`~projects.enact.modeling.enact_rcda.EnactRCDAEncoder`, sigma ``enact_sigma``).
     ``freeze_at=2`` freezes the stem and res2, as Anchor DETR's backbone.
     """
     if encoder_type not in ENCODER_TYPES:
@@ -606,6 +609,10 @@ def build_anchor_detr(
     )
     if encoder_type == "rcda":
         encoder = RCDAEncoder(encoder_attention, **encoder_kwargs)
+    elif encoder_type == "enact_rcda":
+        from .enact_rcda import EnactRCDAEncoder  # imports this module
+
+        encoder = EnactRCDAEncoder(encoder_attention, sigma=enact_sigma, **encoder_kwargs)
     else:
         if encoder_attention is None:
             encoder_attention = MultiheadAttention(
