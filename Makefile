@@ -10,7 +10,7 @@ CSRC := $(wildcard enact_ops/csrc/*.cpp enact_ops/csrc/*.h enact_ops/csrc/cpu/*.
 CUDA_HOME ?= /usr/local/cuda
 TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: env test demo benchmark-ops build-cuda-check clean
+.PHONY: env test demo benchmark-ops benchmark-attention build-cuda-check clean
 
 env: $(VENV)/.built
 
@@ -31,11 +31,16 @@ $(VENV)/.built: $(VENV)/.deps setup.py $(CSRC)
 test: env
 	$(PY) -m pytest -q tests
 
+# The main job: DETR + ENACT trained from scratch on the built-in shapes dataset (generated on
+# first use under ./datasets), evaluated with COCOEvaluator.  Extra overrides: DEMO_OPTS="...".
 demo: env
-	$(PY) tools/benchmark_ops.py --repeats 5
+	$(PY) tools/train_net.py --config-file configs/shapes/detr_r18_shapes_enact.py $(DEMO_OPTS)
 
 benchmark-ops: env
 	$(PY) tools/benchmark_ops.py
+
+benchmark-attention: env
+	$(PY) tools/benchmark_attention.py
 
 # Compile the CUDA kernels without a GPU (nvcc only) into build/cuda-lib and load the result.
 build-cuda-check: $(VENV)/.deps
