@@ -7,7 +7,21 @@ tests use a tiny model (ResNet-18 backbone, 2 + 2 layers, C = 32, 6 anchors x 2 
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.structures import Boxes, Instances
+from detection_helpers import (
+    NUM_CLASSES,
+    TINY_ANCHOR_DETR as TINY,
+    CachedBackbone,
+    RecordingAttention,
+    check_detections,
+    checked_gradients,
+    infer,
+    inference_batch,
+    instances,
+    tiny_anchor_detr,
+    train_steps,
+    training_losses,
+    two_image_batch,
+)
 
 from projects.enact.modeling.anchor_detr import (
     AnchorDETR,
@@ -17,61 +31,17 @@ from projects.enact.modeling.anchor_detr import (
     build_anchor_detr,
     mask_to_positions,
 )
-from projects.enact.modeling.attention import MultiheadAttention
 from projects.enact.modeling.rcda import MultiheadRCDA
 from projects.enact.modeling.transformer import TransformerEncoder
 
 # detrex's Anchor DETR R50-DC5 with 80 classes (FrozenBN affine terms are buffers).
 DETREX_ANCHOR_DETR_R50_DC5_PARAMS = 37_035_884
 
-NUM_CLASSES = 5
-TINY = dict(
-    num_classes=NUM_CLASSES,
-    depth=18,
-    dilation=False,
-    num_anchors=6,
-    num_patterns=2,
-    embed_dim=32,
-    num_heads=4,
-    num_encoder_layers=2,
-    num_decoder_layers=2,
-    ffn_dim=64,
-)
-
-
-def _instances(h, w, boxes, classes):
-    inst = Instances((h, w))
-    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
-    return inst
-
-
-def _image(h, w, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
 
 
 def _batch():
     """Two images of different sizes: two boxes (one partly outside the image), and none."""
-    return [
-        {
-            "image": _image(64, 96, 0),
-            "instances": _instances(64, 96, [[10, 12, 60, 50], [70, 30, 120, 60]], [1, 3]),
-            "height": 64,
-            "width": 96,
-        },
-        {
-            "image": _image(48, 64, 1),
-            "instances": _instances(48, 64, [], []),
-            "height": 48,
-            "width": 64,
-        },
-    ]
-
-
-def _tiny(encoder_type="rcda", **kwargs):
-    torch.manual_seed(0)
-    return build_anchor_detr(**{**TINY, "encoder_type": encoder_type, **kwargs})
+    return two_image_batch((64, 96), [[10, 12, 60, 50], [70, 30, 120, 60]], (48, 64))
 
 
 # ---------------------------------------------------------------------- configuration
@@ -200,41 +170,22 @@ def test_positions_and_queries():
 
 
 # ---------------------------------------------------------------------- detector
-class _RecordingAttention(MultiheadAttention):
-    def forward(self, *args, **kwargs):
-        self.calls = getattr(self, "calls", 0) + 1
-        return super().forward(*args, **kwargs)
-
-
 @pytest.mark.parametrize("encoder_type", ["rcda", "mhsa"])
 def test_training_step_losses_and_gradients(encoder_type):
     kwargs = {}
     if encoder_type == "mhsa":
-        kwargs["encoder_attention"] = _RecordingAttention(32, 4)
-    model = _tiny(encoder_type, **kwargs)
-    model.train()
-    losses = model(_batch())
-    expected = {"loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_bbox_0", "loss_giou_0"}
-    assert set(losses) == expected
-    for name, value in losses.items():
-        value = value.detach()
-        assert value.dim() == 0 and torch.isfinite(value) and float(value) >= 0, name
+        kwargs["encoder_attention"] = RecordingAttention(32, 4)
+    model = tiny_anchor_detr(encoder_type, **kwargs)
+    losses = training_losses(model, _batch())
     sum(losses.values()).backward()
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    missing = [n for n, p in trainable if p.grad is None]
-    assert not missing, missing
+    trainable = checked_gradients(model, frozen=("backbone.stem", "backbone.res2"))
     # Non-zero everywhere except behind the zero-initialised last layer of the box MLP.
     behind_zero_init = ("bbox_embed.layers.0.", "bbox_embed.layers.1.")
     zero = [n for n, p in trainable if not p.grad.abs().sum() > 0]
     assert all(n.startswith(behind_zero_init) for n in zero), zero
-    bad = [n for n, p in trainable if not torch.isfinite(p.grad).all()]
-    assert not bad, bad
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            assert n.startswith(("backbone.stem", "backbone.res2")), n
     if encoder_type == "mhsa":
         layers = [layer.self_attn for layer in model.transformer.encoder.layers]
-        assert all(isinstance(a, _RecordingAttention) and a.calls == 1 for a in layers)
+        assert all(isinstance(a, RecordingAttention) and len(a.calls) == 1 for a in layers)
         assert not torch.equal(layers[0].attn.in_proj_weight, layers[1].attn.in_proj_weight)
 
 
@@ -261,27 +212,12 @@ def test_rcda_encoder_attention_is_one_overridable_method():
 
 
 def test_inference_returns_instances_inside_the_image():
-    model = _tiny()
-    model.eval()
-    batch = _batch()
-    batch[0]["height"], batch[0]["width"] = 192, 256  # upscaled output
-    batch[1].pop("height"), batch[1].pop("width")  # defaults to the input size
-    with torch.no_grad():
-        outputs = model(batch)
-    assert len(outputs) == 2
+    model = tiny_anchor_detr()
     num_pairs = model.num_queries * NUM_CLASSES  # 60 < 100: every (query, class) pair
-    for out, (h, w) in zip(outputs, [(192, 256), (48, 64)]):
-        inst = out["instances"]
-        assert isinstance(inst, Instances) and inst.image_size == (h, w)
+    for inst, size in zip(infer(model, inference_batch(_batch())), [(192, 256), (48, 64)]):
+        check_detections(inst, size, NUM_CLASSES)
         assert len(inst) == min(num_pairs, 100)
-        boxes = inst.pred_boxes.tensor
-        assert torch.isfinite(boxes).all()
-        assert (boxes[:, 0::2] >= 0).all() and (boxes[:, 0::2] <= w).all()
-        assert (boxes[:, 1::2] >= 0).all() and (boxes[:, 1::2] <= h).all()
-        assert (boxes[:, 2:] >= boxes[:, :2]).all()
         assert ((inst.scores > 0) & (inst.scores < 1)).all()
-        assert inst.scores.tolist() == sorted(inst.scores.tolist(), reverse=True)
-        assert ((inst.pred_classes >= 0) & (inst.pred_classes < NUM_CLASSES)).all()
     # Top-k over (query, class) pairs: with k = 4 the best four sigmoid scores over all pairs.
     logits = torch.tensor([[[0.0, 3.0], [2.0, 1.0], [-1.0, 2.5]]])
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.25, 0.25, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]])
@@ -293,36 +229,15 @@ def test_inference_returns_instances_inside_the_image():
     torch.testing.assert_close(res.pred_boxes.tensor[2], torch.tensor([0.0, 0.0, 10.0, 5.0]))
 
 
-class _CachedBackbone(torch.nn.Module):
-    """Wraps a frozen backbone and returns its first output ever after (fixed input images)."""
-
-    def __init__(self, backbone):
-        super().__init__()
-        self.backbone = backbone
-        self.features = None
-
-    def forward(self, images):
-        if self.features is None:
-            with torch.no_grad():
-                self.features = self.backbone(images)
-        return self.features
-
-
 def test_loss_decreases_on_fixed_images():
     # The backbone is frozen (freeze_at=5) and, the images being fixed, its output cached to keep
     # the 30 steps fast; everything after it (input projection, transformer, heads) is trained.
-    model = _tiny(freeze_at=5)
-    model.backbone = _CachedBackbone(model.backbone)
+    model = tiny_anchor_detr(freeze_at=5)
+    model.backbone = CachedBackbone(model.backbone)
     model.train()
     batch = _batch()
-    batch[1]["instances"] = _instances(48, 64, [[20, 8, 50, 40]], [2])
+    batch[1]["instances"] = instances(48, 64, [[20, 8, 50, 40]], [2])
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    history = []
-    for _ in range(30):
-        loss = sum(model(batch).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        history.append(float(loss.detach()))
+    history = train_steps(model, batch, optimizer, steps=30)
     assert all(torch.isfinite(torch.tensor(history)))
     assert min(history[-5:]) < 0.5 * history[0], history

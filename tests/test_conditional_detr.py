@@ -9,7 +9,20 @@ import math
 
 import pytest
 import torch
-from detectron2.structures import Boxes, Instances
+from detection_helpers import (
+    NUM_CLASSES,
+    TINY_DETR as TINY,
+    RecordingAttention,
+    check_detections,
+    checked_gradients,
+    image,
+    infer,
+    inference_batch,
+    sample,
+    train_steps,
+    training_losses,
+    two_image_batch,
+)
 
 from projects.enact.modeling.attention import MultiheadAttention
 from projects.enact.modeling.conditional_detr import (
@@ -24,57 +37,7 @@ from projects.enact.modeling.position_encoding import PositionEmbeddingSine
 # detrex's Conditional DETR R50 with 80 classes (FrozenBN affine terms are buffers).
 DETREX_CONDITIONAL_DETR_R50_PARAMS = 43_415_574
 
-NUM_CLASSES = 5
-TINY = dict(
-    num_classes=NUM_CLASSES,
-    depth=18,
-    num_queries=12,
-    embed_dim=32,
-    num_heads=4,
-    num_encoder_layers=2,
-    num_decoder_layers=2,
-    ffn_dim=64,
-)
-
-
-def _instances(h, w, boxes, classes):
-    inst = Instances((h, w))
-    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
-    return inst
-
-
-def _image(h, w, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
-
-
-def _batch():
-    """Two images of different sizes: two boxes (one partly outside the image), and none."""
-    return [
-        {
-            "image": _image(96, 128, 0),
-            "instances": _instances(96, 128, [[10, 12, 60, 70], [80, 40, 150, 90]], [1, 3]),
-            "height": 96,
-            "width": 128,
-        },
-        {
-            "image": _image(64, 96, 1),
-            "instances": _instances(64, 96, [], []),
-            "height": 64,
-            "width": 96,
-        },
-    ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """The tiny models gain nothing from intra-op threads, and on a shared 2-core machine the
-    OpenMP synchronisation of two threads can make them ten times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -116,51 +79,21 @@ def test_parameter_count_matches_detrex_r50():
 
 def test_training_step_losses_and_gradients(tiny_model):
     model = tiny_model
-    model.train()
-    model.zero_grad(set_to_none=True)
-    losses = model(_batch())
-    expected = {"loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_bbox_0", "loss_giou_0"}
-    assert set(losses) == expected
-    for name, value in losses.items():
-        assert value.dim() == 0 and torch.isfinite(value), name
-        assert float(value.detach()) >= 0, name
+    losses = training_losses(model, two_image_batch())
     sum(losses.values()).backward()
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable
-    missing = [n for n, p in trainable if p.grad is None]
-    assert not missing, missing
-    bad = [n for n, p in trainable if not torch.isfinite(p.grad).all()]
-    assert not bad, bad
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            assert n.startswith("backbone.stem"), n  # freeze_at=1 freezes the stem only
+    checked_gradients(model, frozen=("backbone.stem",))  # freeze_at=1 freezes the stem only
 
 
 def test_inference_returns_instances_inside_the_image(tiny_model):
     model = tiny_model
-    model.eval()
-    batch = _batch()
-    batch[0]["height"], batch[0]["width"] = 192, 256  # upscaled output
-    batch[1].pop("height"), batch[1].pop("width")  # defaults to the input size
+    batch = inference_batch(two_image_batch())
     del batch[0]["instances"]
-    with torch.no_grad():
-        outputs = model(batch)
-    assert len(outputs) == 2
     # top-100 over the 12 x 5 (query, class) pairs keeps all 60 of them
     num_pairs = model.num_queries * NUM_CLASSES
-    for out, (h, w) in zip(outputs, [(192, 256), (64, 96)]):
-        inst = out["instances"]
-        assert isinstance(inst, Instances)
-        assert inst.image_size == (h, w)
+    for inst, size in zip(infer(model, batch), [(192, 256), (64, 96)]):
+        check_detections(inst, size, NUM_CLASSES)
         assert len(inst) == min(model.select_box_nums_for_evaluation, num_pairs)
-        boxes = inst.pred_boxes.tensor
-        assert torch.isfinite(boxes).all()
-        assert (boxes[:, 0::2] >= 0).all() and (boxes[:, 0::2] <= w).all()
-        assert (boxes[:, 1::2] >= 0).all() and (boxes[:, 1::2] <= h).all()
-        assert (boxes[:, 2:] >= boxes[:, :2]).all()
         assert ((inst.scores > 0) & (inst.scores < 1)).all()
-        assert inst.scores.tolist() == sorted(inst.scores.tolist(), reverse=True)
-        assert ((inst.pred_classes >= 0) & (inst.pred_classes < NUM_CLASSES)).all()
 
 
 def test_inference_ranks_query_class_pairs(tiny_model):
@@ -193,47 +126,32 @@ def test_loss_decreases_on_fixed_images():
     model = build_conditional_detr(**dict(TINY, dropout=0.0, freeze_at=5))
     model.train()
     batch = [
-        {
-            "image": _image(64, 96, 10),
-            "instances": _instances(64, 96, [[8, 6, 50, 40], [60, 20, 90, 60]], [1, 3]),
-        },
-        {"image": _image(80, 64, 11), "instances": _instances(80, 64, [[5, 30, 40, 75]], [2])},
+        sample(64, 96, 10, [[8, 6, 50, 40], [60, 20, 90, 60]], [1, 3]),
+        sample(80, 64, 11, [[5, 30, 40, 75]], [2]),
     ]
     params = [p for p in model.parameters() if p.requires_grad]
     assert params and not any(p.requires_grad for p in model.backbone.parameters())
     optimizer = torch.optim.Adam(params, lr=1e-3)
-    history = []
-    for _ in range(30):
-        loss = sum(model(batch).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        history.append(float(loss.detach()))
+    history = train_steps(model, batch, optimizer, steps=30)
     assert all(math.isfinite(x) for x in history)
     assert history[-1] < 0.7 * history[0], history
 
 
-class _RecordingAttention(MultiheadAttention):
-    """MultiheadAttention that records the keyword arguments it is called with."""
-
-    def forward(self, *args, **kwargs):
-        self.calls = getattr(self, "calls", []) + [sorted(kwargs)]
-        return super().forward(*args, **kwargs)
-
-
 def test_encoder_attention_is_swappable():
     torch.manual_seed(0)
-    proto = _RecordingAttention(32, 4)
+    proto = RecordingAttention(32, 4)
     model = build_conditional_detr(**dict(TINY, num_encoder_layers=3), encoder_attention=proto)
     layers = [layer.self_attn for layer in model.transformer.encoder.layers]
-    assert len(layers) == 3 and all(isinstance(a, _RecordingAttention) for a in layers)
+    assert len(layers) == 3 and all(isinstance(a, RecordingAttention) for a in layers)
     assert all(a is not proto for a in layers) and layers[0] is not layers[1]
     model.eval()
     with torch.no_grad():
-        (out,) = model([{"image": _image(70, 90, 3)}])
+        (out,) = model([{"image": image(70, 90, 3)}])
     assert out["instances"].image_size == (70, 90)
     for attn in layers:
-        assert attn.calls == [["key", "key_padding_mask", "key_pos", "query", "query_pos", "value"]]
+        assert attn.calls == [
+            ((), ["key", "key_padding_mask", "key_pos", "query", "query_pos", "value"])
+        ]
     assert not hasattr(proto, "calls")
     with pytest.raises(ValueError, match="embed_dim"):
         build_conditional_detr(**TINY, encoder_attention=MultiheadAttention(64, 4))

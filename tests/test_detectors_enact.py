@@ -4,7 +4,15 @@ import math
 
 import pytest
 import torch
-from detectron2.structures import Boxes, Instances
+from detection_helpers import (
+    TINY_TRANSFORMER,
+    check_detections,
+    checked_gradients,
+    infer,
+    sample,
+    train_steps,
+    training_losses,
+)
 
 from projects.enact import EnactAttention
 from projects.enact.engine import enact_modules
@@ -12,7 +20,7 @@ from projects.enact.modeling.anchor_detr import build_anchor_detr
 from projects.enact.modeling.conditional_detr import build_conditional_detr
 from projects.enact.modeling.detr import build_detr
 
-TINY = dict(num_classes=4, depth=18, embed_dim=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, ffn_dim=64)
+TINY = dict(num_classes=4, depth=18, **TINY_TRANSFORMER)
 
 
 def enact(sigma=1):
@@ -33,33 +41,14 @@ VARIANTS = [
 ]
 IDS = [v[0] for v in VARIANTS]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models gain nothing from intra-op threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def instances(h, w, boxes, classes):
-    inst = Instances((h, w))
-    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
-    return inst
-
-
-def image(h, w, seed):
-    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one intra-op thread
 
 
 def batch():
     """Images of different sizes (padded in the batch), one without objects."""
     return [
-        {"image": image(160, 224, 0), "instances": instances(160, 224, [[10, 12, 90, 100], [120, 40, 210, 150]], [1, 3]),
-         "height": 320, "width": 448},
-        {"image": image(128, 160, 1), "instances": instances(128, 160, [], [])},
+        sample(160, 224, 0, [[10, 12, 90, 100], [120, 40, 210, 150]], [1, 3], output_size=(320, 448)),
+        sample(128, 160, 1),
     ]
 
 
@@ -71,14 +60,9 @@ def build(builder, kwargs, **extra):
 @pytest.mark.parametrize("name,builder,kwargs,has_enact", VARIANTS, ids=IDS)
 def test_training_step_and_inference(name, builder, kwargs, has_enact):
     model = build(builder, kwargs)
-    model.train()
-    losses = model(batch())
-    assert {"loss_ce", "loss_bbox", "loss_giou"} <= set(losses)
-    assert all(torch.isfinite(v) for v in losses.values())
+    losses = training_losses(model, batch())
     sum(losses.values()).backward()
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            assert p.grad is not None and torch.isfinite(p.grad).all(), n
+    checked_gradients(model)
     layers = enact_modules(model)
     assert bool(layers) == has_enact
     for _, m in layers:
@@ -86,15 +70,10 @@ def test_training_step_and_inference(name, builder, kwargs, has_enact):
         assert stats["compression"] >= 1.0 and stats["clusters_per_image"] >= 1
         for w_prob in [mod for n, mod in m.named_modules() if n.endswith("w_prob")]:
             assert w_prob.weight.grad.abs().sum() > 0
-    model.eval()
-    with torch.no_grad():
-        results = model(batch())
-    for inputs, result in zip(batch(), results):
-        inst = result["instances"]
+    for inputs, inst in zip(batch(), infer(model, batch())):
         h, w = inputs.get("height", inputs["image"].shape[1]), inputs.get("width", inputs["image"].shape[2])
         assert inst.image_size == (h, w) and len(inst) > 0
-        box = inst.pred_boxes.tensor
-        assert (box[:, 0] >= 0).all() and (box[:, 2] <= w).all() and (box[:, 1] >= 0).all() and (box[:, 3] <= h).all()
+        check_detections(inst, (h, w), TINY["num_classes"])
 
 
 @pytest.mark.parametrize("name,builder,kwargs,has_enact", VARIANTS, ids=IDS)
@@ -106,17 +85,11 @@ def test_overfits_fixed_images(name, builder, kwargs, has_enact):
     model = build(builder, kwargs, dropout=0.0, freeze_at=5)
     model.train()
     data = [
-        {"image": image(128, 192, 10), "instances": instances(128, 192, [[8, 6, 100, 80], [120, 40, 180, 120]], [1, 3])},
-        {"image": image(160, 128, 11), "instances": instances(160, 128, [[10, 60, 80, 150]], [2])},
+        sample(128, 192, 10, [[8, 6, 100, 80], [120, 40, 180, 120]], [1, 3]),
+        sample(160, 128, 11, [[10, 60, 80, 150]], [2]),
     ]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-3)
-    history = []
-    for _ in range(60):
-        loss = sum(model(data).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        history.append(float(loss.detach()))
+    history = train_steps(model, data, optimizer, steps=60)
     assert all(math.isfinite(x) for x in history)
     assert history[-1] < 0.6 * history[0], (name, history[0], history[-1])

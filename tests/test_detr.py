@@ -12,6 +12,19 @@ from detectron2.config import LazyCall as L
 from detectron2.config import instantiate
 from detectron2.modeling.backbone import BasicStem, ResNet
 from detectron2.structures import Boxes, Instances
+from detection_helpers import (
+    NUM_CLASSES,
+    TINY_DETR,
+    RecordingAttention,
+    check_detections,
+    checked_gradients,
+    image,
+    infer,
+    inference_batch,
+    instances,
+    training_losses,
+    two_image_batch,
+)
 from torch import nn
 
 from projects.enact.modeling.attention import MultiheadAttention
@@ -23,53 +36,12 @@ from projects.enact.modeling.transformer import Transformer, TransformerDecoder,
 # detrex's DETR-R50 with 80 classes (FrozenBN affine terms are buffers, not parameters).
 DETREX_DETR_R50_PARAMS = 41_521_941
 
-NUM_CLASSES = 5
-TINY = dict(
-    num_classes=NUM_CLASSES,
-    depth=18,
-    num_queries=12,
-    embed_dim=32,
-    num_heads=4,
-    num_encoder_layers=2,
-    num_decoder_layers=2,
-    ffn_dim=64,
-)
-
-
-def _instances(h, w, boxes, classes):
-    inst = Instances((h, w))
-    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
-    return inst
-
-
-def _image(h, w, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
-
-
-def _batch():
-    """Two images of different sizes: two boxes (one partly outside the image), and none."""
-    return [
-        {
-            "image": _image(96, 128, 0),
-            "instances": _instances(96, 128, [[10, 12, 60, 70], [80, 40, 150, 90]], [1, 3]),
-            "height": 96,
-            "width": 128,
-        },
-        {
-            "image": _image(64, 96, 1),
-            "instances": _instances(64, 96, [], []),
-            "height": 64,
-            "width": 96,
-        },
-    ]
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
     torch.manual_seed(0)
-    return build_detr(**TINY)
+    return build_detr(**TINY_DETR)
 
 
 def test_parameter_count_matches_detrex_r50():
@@ -89,36 +61,21 @@ def test_parameter_count_matches_detrex_r50():
 
 def test_training_step_losses_and_gradients(tiny_model):
     model = tiny_model
-    model.train()
-    model.zero_grad(set_to_none=True)
-    losses = model(_batch())
-    expected = {"loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_bbox_0", "loss_giou_0"}
-    assert set(losses) == expected
-    for name, value in losses.items():
-        assert value.dim() == 0 and torch.isfinite(value), name
-    assert all(float(v.detach()) >= 0 for v in losses.values())
+    losses = training_losses(model, two_image_batch())
     # Weighting: canonical weights, aux losses weighted as their base loss, unweighted dropped.
     one = torch.tensor(1.0)
     weighted = model.weight_losses({"loss_bbox": one, "loss_giou_7": one, "class_error": one})
     assert {k: float(v) for k, v in weighted.items()} == {"loss_bbox": 5.0, "loss_giou_7": 2.0}
     sum(losses.values()).backward()
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable
-    missing = [n for n, p in trainable if p.grad is None]
-    assert not missing, missing
-    bad = [n for n, p in trainable if not torch.isfinite(p.grad).all()]
-    assert not bad, bad
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            assert n.startswith("backbone.stem"), n  # freeze_at=1 freezes the stem only
+    checked_gradients(model, frozen=("backbone.stem",))  # freeze_at=1 freezes the stem only
 
 
 def test_targets_are_normalised_clipped_and_filtered(tiny_model):
     model = tiny_model
     batch = [
         {
-            "image": _image(50, 100, 2),
-            "instances": _instances(
+            "image": image(50, 100, 2),
+            "instances": instances(
                 50,
                 100,
                 [
@@ -131,7 +88,7 @@ def test_targets_are_normalised_clipped_and_filtered(tiny_model):
                 [0, 1, 2, 3, 4],
             ),
         },
-        {"image": _image(40, 40, 3), "instances": Instances((40, 40))},  # no fields at all
+        {"image": image(40, 40, 3), "instances": Instances((40, 40))},  # no fields at all
     ]
     images = model.preprocess_image(batch)
     targets = model.prepare_targets(batch, images)
@@ -146,66 +103,43 @@ def test_targets_are_normalised_clipped_and_filtered(tiny_model):
 
 def test_inference_returns_instances_inside_output_size(tiny_model):
     model = tiny_model
-    model.eval()
-    batch = _batch()
-    batch[0]["height"], batch[0]["width"] = 192, 256  # upscaled output
-    batch[1].pop("height"), batch[1].pop("width")  # defaults to the input size
+    batch = inference_batch(two_image_batch())
     del batch[0]["instances"]
-    with torch.no_grad():
-        outputs = model(batch)
-    assert len(outputs) == 2
-    for out, (h, w) in zip(outputs, [(192, 256), (64, 96)]):
-        inst = out["instances"]
-        assert isinstance(inst, Instances)
-        assert inst.image_size == (h, w)
+    for inst, size in zip(infer(model, batch), [(192, 256), (64, 96)]):
+        check_detections(inst, size, NUM_CLASSES)
         assert 0 < len(inst) <= model.num_queries
-        boxes = inst.pred_boxes.tensor
-        assert torch.isfinite(boxes).all()
-        assert (boxes[:, 0::2] >= 0).all() and (boxes[:, 0::2] <= w).all()
-        assert (boxes[:, 1::2] >= 0).all() and (boxes[:, 1::2] <= h).all()
-        assert (boxes[:, 2:] >= boxes[:, :2]).all()
         assert ((inst.scores >= 0) & (inst.scores <= 1)).all()
-        assert inst.scores.tolist() == sorted(inst.scores.tolist(), reverse=True)
-        assert ((inst.pred_classes >= 0) & (inst.pred_classes < NUM_CLASSES)).all()
 
 
 def test_clear_errors_for_bad_inputs(tiny_model):
     model = tiny_model
     model.eval()
     with pytest.raises(KeyError, match="image"):
-        model([{"img": _image(32, 32, 0)}])
+        model([{"img": image(32, 32, 0)}])
     with pytest.raises(ValueError, match="image"):
         model([{"image": torch.zeros(32, 32)}])
     with pytest.raises(TypeError, match="list"):
-        model({"image": _image(32, 32, 0)})
+        model({"image": image(32, 32, 0)})
     with pytest.raises(ValueError, match="empty"):
         model([])
     model.train()
     with pytest.raises(ValueError, match="instances"):
-        model([{"image": _image(32, 32, 0)}])
+        model([{"image": image(32, 32, 0)}])
     inst = Instances((32, 32))
     inst.gt_boxes = Boxes(torch.tensor([[1.0, 1.0, 10.0, 10.0]]))
     with pytest.raises(ValueError, match="gt_classes"):
-        model([{"image": _image(32, 32, 0), "instances": inst}])
+        model([{"image": image(32, 32, 0), "instances": inst}])
     inst.gt_classes = torch.tensor([NUM_CLASSES])  # out of range
     with pytest.raises(ValueError, match="gt_classes"):
-        model([{"image": _image(32, 32, 0), "instances": inst}])
+        model([{"image": image(32, 32, 0), "instances": inst}])
     model.eval()
 
 
-class _RecordingAttention(MultiheadAttention):
-    """MultiheadAttention that records the keyword arguments it is called with."""
-
-    def forward(self, *args, **kwargs):
-        self.calls = getattr(self, "calls", []) + [(args, sorted(kwargs))]
-        return super().forward(*args, **kwargs)
-
-
 def test_encoder_attention_is_swappable_and_copied():
-    proto = _RecordingAttention(32, 4)
+    proto = RecordingAttention(32, 4)
     encoder = TransformerEncoder(proto, num_layers=2, embed_dim=32, ffn_dim=64)
     layers = [layer.self_attn for layer in encoder.layers]
-    assert all(isinstance(a, _RecordingAttention) for a in layers)
+    assert all(isinstance(a, RecordingAttention) for a in layers)
     assert layers[0] is not proto and layers[0] is not layers[1]
     transformer = Transformer(
         encoder, TransformerDecoder(num_layers=1, embed_dim=32, num_heads=4, ffn_dim=64)
@@ -277,5 +211,5 @@ def test_backbone_dc5_and_lazy_config():
     )
     detr.eval()
     with torch.no_grad():
-        out = detr([{"image": _image(40, 48, 5)}])
+        out = detr([{"image": image(40, 48, 5)}])
     assert out[0]["instances"].image_size == (40, 48)

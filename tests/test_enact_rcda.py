@@ -9,10 +9,18 @@ import math
 
 import pytest
 import torch
-from detectron2.structures import Boxes, Instances
+from detection_helpers import (
+    TINY_ANCHOR_DETR as TINY,
+    CachedBackbone,
+    checked_gradients,
+    sample,
+    tiny_anchor_detr,
+    train_steps,
+    training_losses,
+)
 
 import enact_ops
-from projects.enact.modeling.anchor_detr import RCDAEncoder, RCDAEncoderLayer, build_anchor_detr
+from projects.enact.modeling.anchor_detr import RCDAEncoder, RCDAEncoderLayer
 from projects.enact.modeling.enact import EnactClustering
 from projects.enact.modeling.enact_rcda import (
     EnactRCDAEncoder,
@@ -22,32 +30,13 @@ from projects.enact.modeling.enact_rcda import (
 from projects.enact.modeling.rcda import MultiheadRCDA
 
 C, HEADS = 16, 2
-NUM_CLASSES = 5
-TINY = dict(
-    num_classes=NUM_CLASSES,
-    depth=18,
-    dilation=False,
-    num_anchors=6,
-    num_patterns=2,
-    embed_dim=32,
-    num_heads=4,
-    num_encoder_layers=2,
-    num_decoder_layers=2,
-    ffn_dim=64,
-)
+
+# These tensors are small: one intra-op thread is as fast and, on a busy 2-core machine,
+# several times faster than OpenMP threads competing with other processes.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are small: one intra-op thread is as fast and, on a busy 2-core machine,
-    several times faster than OpenMP threads competing with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomise(module, std=0.3):
     """Non-trivial weights and biases everywhere (LayerNorm scales around 1)."""
     with torch.no_grad():
@@ -271,59 +260,17 @@ def test_gradients_reach_w_prob_and_rcda_projections():
 
 
 # ---------------------------------------------------------------------- detector-level
-def _instances(h, w, boxes, classes):
-    inst = Instances((h, w))
-    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
-    return inst
-
-
-def _image(h, w, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
-
-
 def _batch(h0=256, w0=320, h1=192, w1=256):
     """Two images of different sizes (feature maps 8 x 10 and 6 x 8 at stride 32)."""
     return [
-        {
-            "image": _image(h0, w0, 0),
-            "instances": _instances(h0, w0, [[40, 48, 240, 200], [180, 120, 300, 240]], [1, 3]),
-            "height": h0,
-            "width": w0,
-        },
-        {
-            "image": _image(h1, w1, 1),
-            "instances": _instances(h1, w1, [[80, 32, 200, 160]], [2]),
-            "height": h1,
-            "width": w1,
-        },
+        sample(h0, w0, 0, [[40, 48, 240, 200], [180, 120, 300, 240]], [1, 3], output_size=(h0, w0)),
+        sample(h1, w1, 1, [[80, 32, 200, 160]], [2], output_size=(h1, w1)),
     ]
 
 
-def _tiny(encoder_type, **kwargs):
-    torch.manual_seed(0)
-    return build_anchor_detr(**{**TINY, "encoder_type": encoder_type, **kwargs})
-
-
-class _CachedBackbone(torch.nn.Module):
-    """Wraps a frozen backbone and returns its first output ever after (fixed input images)."""
-
-    def __init__(self, backbone):
-        super().__init__()
-        self.backbone = backbone
-        self.features = None
-
-    def forward(self, images):
-        if self.features is None:
-            with torch.no_grad():
-                self.features = self.backbone(images)
-        return self.features
-
-
 def test_baseline_checkpoint_loads_with_only_w_prob_missing():
-    base = _tiny("rcda")
-    enact = _tiny("enact_rcda")
+    base = tiny_anchor_detr("rcda")
+    enact = tiny_anchor_detr("enact_rcda")
     encoder = enact.transformer.encoder
     assert isinstance(encoder, EnactRCDAEncoder) and encoder.sigma == 3
     assert all(isinstance(layer, EnactRCDAEncoderLayer) and layer.sigma == 3 for layer in encoder.layers)
@@ -358,18 +305,10 @@ def test_baseline_checkpoint_loads_with_only_w_prob_missing():
 
 
 def test_training_step_finite_losses_and_gradients():
-    model = _tiny("enact_rcda", enact_sigma=1)
-    model.train()
-    losses = model(_batch())
-    for name, value in losses.items():
-        value = value.detach()
-        assert torch.isfinite(value) and float(value) >= 0, name
+    model = tiny_anchor_detr("enact_rcda", enact_sigma=1)
+    losses = training_losses(model, _batch())
     sum(losses.values()).backward()
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    missing = [n for n, p in trainable if p.grad is None]
-    assert not missing, missing
-    bad = [n for n, p in trainable if not torch.isfinite(p.grad).all()]
-    assert not bad, bad
+    checked_gradients(model)
     for i, layer in enumerate(model.transformer.encoder.layers):
         assert layer.sigma == 1
         for a in "xy":
@@ -382,18 +321,12 @@ def test_training_step_finite_losses_and_gradients():
 
 
 def test_loss_decreases_on_fixed_images():
-    model = _tiny("enact_rcda", enact_sigma=1, freeze_at=5)
-    model.backbone = _CachedBackbone(model.backbone)
+    model = tiny_anchor_detr("enact_rcda", enact_sigma=1, freeze_at=5)
+    model.backbone = CachedBackbone(model.backbone)
     model.train()
     batch = _batch()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    history = []
-    for _ in range(30):
-        loss = sum(model(batch).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        history.append(float(loss.detach()))
+    history = train_steps(model, batch, optimizer, steps=30)
     assert all(math.isfinite(x) for x in history)
     assert min(history[-5:]) < 0.5 * history[0], history
     assert model.transformer.encoder.statistics()["compression"] > 1.5

@@ -38,24 +38,23 @@ Hungarian matching (costs 2 / 5 / 2), on the last and every intermediate decoder
 Inference keeps the top ``select_box_nums_for_evaluation`` (query, class) pairs by sigmoid score.
 """
 
-import copy
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
-from detectron2.modeling.postprocessing import detector_postprocess
-from detectron2.structures import Boxes, Instances
 from torch import nn
 
 from .attention import MultiheadAttention
 from .backbone import build_resnet_backbone
-from .box_ops import box_cxcywh_to_xyxy
-from .criterion import SetCriterion, aux_weight_dict
-from .detr import DETR, MLP
-from .matcher import HungarianMatcher
+from .detr import MLP, ReferencePointDETR, focal_set_criterion, inverse_sigmoid
 from .rcda import MultiheadRCDA
-from .transformer import TransformerEncoder, _activation
+from .transformer import (
+    EncoderStack,
+    TransformerEncoder,
+    _feed_forward,
+    check_attention_width,
+    feed_forward_modules,
+)
 
 __all__ = [
     "ENCODER_TYPES",
@@ -110,11 +109,6 @@ def mask_to_positions(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    x = x.clamp(0, 1)
-    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
-
-
 def _position_mlp(embed_dim: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(embed_dim, embed_dim), nn.ReLU(inplace=True), nn.Linear(embed_dim, embed_dim)
@@ -140,20 +134,13 @@ class RCDAEncoderLayer(nn.Module):
         activation: str = "relu",
     ):
         super().__init__()
-        attn_dim = getattr(attention, "embed_dim", embed_dim)
-        if attn_dim != embed_dim:
-            raise ValueError(
-                f"attention embed_dim ({attn_dim}) differs from embed_dim ({embed_dim})"
-            )
+        check_attention_width(attention, embed_dim)
         self.self_attn = attention
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(embed_dim)
-        self.linear1 = nn.Linear(embed_dim, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, embed_dim)
-        self.dropout = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.norm2 = nn.LayerNorm(embed_dim)
-        self.activation = _activation(activation)
+        self.linear1, self.linear2, self.dropout, self.dropout2, self.norm2, self.activation = (
+            feed_forward_modules(embed_dim, ffn_dim, dropout, activation)
+        )
 
     def attend(
         self,
@@ -189,11 +176,10 @@ class RCDAEncoderLayer(nn.Module):
     ) -> torch.Tensor:
         """src (B, H, W, C) -> (B, H, W, C); see :meth:`attend`."""
         src = self.norm1(self.attend(src, pos_x, pos_y, mask))
-        ffn = self.linear2(self.dropout(self.activation(self.linear1(src))))
-        return self.norm2(src + self.dropout2(ffn))
+        return self.norm2(src + self.dropout2(_feed_forward(self, src)))
 
 
-class RCDAEncoder(nn.Module):
+class RCDAEncoder(EncoderStack):
     """A stack of :class:`RCDAEncoderLayer` (class attribute ``layer_class``), each with a deep
     copy of the prototype attention (``MultiheadRCDA(embed_dim, num_heads, dropout)`` if None)."""
 
@@ -209,17 +195,11 @@ class RCDAEncoder(nn.Module):
         activation: str = "relu",
         num_heads: int = 8,
     ):
-        super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        if attention is None:
-            attention = MultiheadRCDA(embed_dim, num_heads, dropout=dropout)
-        self.embed_dim = embed_dim
-        self.num_layers = num_layers
-        self.layers = nn.ModuleList(
-            self.layer_class(copy.deepcopy(attention), embed_dim, ffn_dim, dropout, activation)
-            for _ in range(num_layers)
-        )
+        super().__init__(attention, num_layers, embed_dim, ffn_dim, dropout, activation, num_heads)
+
+    @staticmethod
+    def default_attention(embed_dim: int, num_heads: int, dropout: float) -> nn.Module:
+        return MultiheadRCDA(embed_dim, num_heads, dropout=dropout)
 
     def forward(self, src, pos_x, pos_y, mask=None) -> torch.Tensor:
         """src (B, H, W, C), pos_x (B, W, C), pos_y (B, H, C), mask (B, H, W) -> (B, H, W, C)."""
@@ -249,12 +229,9 @@ class AnchorDecoderLayer(nn.Module):
         self.cross_attn = MultiheadRCDA(embed_dim, num_heads, dropout=dropout)
         self.dropout2 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(embed_dim)
-        self.linear1 = nn.Linear(embed_dim, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, embed_dim)
-        self.dropout = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
-        self.norm3 = nn.LayerNorm(embed_dim)
-        self.activation = _activation(activation)
+        self.linear1, self.linear2, self.dropout, self.dropout3, self.norm3, self.activation = (
+            feed_forward_modules(embed_dim, ffn_dim, dropout, activation)
+        )
 
     def forward(
         self,
@@ -285,8 +262,7 @@ class AnchorDecoderLayer(nn.Module):
             tgt + query_pos_x, tgt + query_pos_y, key_x, key_y, memory, key_padding_mask=mask
         )
         tgt = self.norm2(tgt + self.dropout2(out))
-        ffn = self.linear2(self.dropout(self.activation(self.linear1(tgt))))
-        return self.norm3(tgt + self.dropout3(ffn))
+        return self.norm3(tgt + self.dropout3(_feed_forward(self, tgt)))
 
 
 # ---------------------------------------------------------------------- transformer
@@ -428,13 +404,14 @@ class AnchorDETRTransformer(nn.Module):
 
 
 # ---------------------------------------------------------------------- meta-architecture
-class AnchorDETR(DETR):
+class AnchorDETR(ReferencePointDETR):
     """Anchor DETR detector (detectron2 meta-architecture interface).
 
     Reuses :class:`DETR`'s input checks, image normalisation and padding, target preparation
-    and loss weighting; differs in the input projection (1x1 conv + GroupNorm), the queries
-    (anchor points x patterns, inside the transformer), the sigmoid class head and the box head
-    (offsets from the anchors) and in inference (top-k over (query, class) pairs).
+    and loss weighting, and :class:`ReferencePointDETR`'s sigmoid class head, box head (offsets
+    from the anchors) and inference (top-k over (query, class) pairs); differs in the input
+    projection (1x1 conv + GroupNorm) and the queries (anchor points x patterns, inside the
+    transformer, which also computes the positions).
 
     Args:
         backbone: module mapping (B, 3, H, W) to a dict of feature maps containing ``in_features``.
@@ -487,75 +464,17 @@ class AnchorDETR(DETR):
         # Heads shared by all decoder layers.
         self.class_embed = nn.Linear(embed_dim, num_classes)
         self.bbox_embed = MLP(embed_dim, embed_dim, 4, num_layers=3)
-        prior_prob = 0.01
-        nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
-        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
-        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        self.init_heads(prior_prob=0.01)
         nn.init.constant_(self.bbox_embed.layers[-1].bias[2:], -2.0)
         self.to(device)
 
-    def predict(self, hs: torch.Tensor, reference: torch.Tensor) -> Dict[str, object]:
-        """hs (L, B, Q, C), reference (B, Q, 2) -> the criterion's outputs dict: pred_logits
-        (B, Q, K), pred_boxes (B, Q, 4) normalised cxcywh, aux_outputs of the first L - 1 layers."""
-        logits = self.class_embed(hs)  # (L, B, Q, K)
-        delta = self.bbox_embed(hs)  # (L, B, Q, 4)
-        offset = F.pad(inverse_sigmoid(reference), (0, 2))  # (B, Q, 4): centre only
-        boxes = (delta + offset).sigmoid()  # (L, B, Q, 4)
-        outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if self.aux_loss:
-            outputs["aux_outputs"] = [
-                {"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])
-            ]
-        return outputs
-
-    def forward(self, batched_inputs: List[Dict]):
-        """As :meth:`DETR.forward`: training returns the dict of weighted losses, inference
-        ``[{"instances": Instances}]`` with pred_boxes (absolute xyxy in height x width), scores
-        (sigmoid) and pred_classes."""
-        self._check_inputs(batched_inputs)
-        if self.training and self.criterion is None:
-            raise ValueError(
-                "AnchorDETR was built without a criterion; it can only run in eval mode"
-            )
-        images = self.preprocess_image(batched_inputs)
-        targets = self.prepare_targets(batched_inputs, images) if self.training else None
-
-        mask = self.padding_mask(images)  # (B, H, W)
-        features = self.backbone(images.tensor)[self.in_features]  # (B, C_in, h, w)
-        mask = F.interpolate(mask[None].float(), size=features.shape[-2:])[0].bool()  # (B, h, w)
-        src = self.input_proj(features)  # (B, C, h, w)
-        hs, reference, _ = self.transformer(src, mask)  # (L, B, Q, C), (B, Q, 2)
-        outputs = self.predict(hs, reference)
-
-        if self.training:
-            return self.weight_losses(self.criterion(outputs, targets))
-        results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
-        processed = []
-        for x, result, (h, w) in zip(batched_inputs, results, images.image_sizes):
-            height, width = x.get("height", h), x.get("width", w)
-            processed.append({"instances": detector_postprocess(result, height, width)})
-        return processed
-
-    @torch.no_grad()
-    def inference(self, logits: torch.Tensor, boxes: torch.Tensor, image_sizes) -> List[Instances]:
-        """logits (B, Q, K), boxes (B, Q, 4) normalised cxcywh -> B Instances in input-image
-        coordinates: the ``select_box_nums_for_evaluation`` best (query, class) pairs by sigmoid
-        score (a query may appear with several classes)."""
-        num_classes = logits.shape[-1]
-        probs = logits.sigmoid().flatten(1)  # (B, Q * K)
-        k = min(self.select_box_nums_for_evaluation, probs.shape[1])
-        results = []
-        for prob, box, (h, w) in zip(probs, boxes, image_sizes):
-            score, idx = prob.topk(k)  # (k,)
-            query = torch.div(idx, num_classes, rounding_mode="floor")
-            scale = torch.tensor([w, h, w, h], dtype=box.dtype, device=box.device)
-            result = Instances((h, w))
-            result.pred_boxes = Boxes(box_cxcywh_to_xyxy(box[query]) * scale)
-            result.pred_boxes.clip((h, w))
-            result.scores = score
-            result.pred_classes = idx % num_classes
-            results.append(result)
-        return results
+    def run_transformer(
+        self, src: torch.Tensor, mask: torch.Tensor, pos: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """hs (L, B, Q, C) and the anchor point of every query (B, Q, 2); the transformer
+        computes the positions from the mask itself (``pos`` is None)."""
+        hs, reference, _ = self.transformer(src, mask)
+        return hs, reference
 
 
 def build_anchor_detr(
@@ -598,7 +517,6 @@ def build_anchor_detr(
     if encoder_type not in ENCODER_TYPES:
         raise ValueError(f"encoder_type must be one of {ENCODER_TYPES}, got {encoder_type!r}")
     backbone = build_resnet_backbone(depth=depth, dilation=dilation, freeze_at=freeze_at)
-    in_channels = backbone.output_shape()["res5"].channels
     encoder_kwargs = dict(
         num_layers=num_encoder_layers,
         embed_dim=embed_dim,
@@ -614,10 +532,6 @@ def build_anchor_detr(
 
         encoder = EnactRCDAEncoder(encoder_attention, sigma=enact_sigma, **encoder_kwargs)
     else:
-        if encoder_attention is None:
-            encoder_attention = MultiheadAttention(
-                embed_dim, num_heads, attn_drop=dropout, proj_drop=dropout
-            )
         encoder = TransformerEncoder(encoder_attention, **encoder_kwargs)
     transformer = AnchorDETRTransformer(
         encoder,
@@ -630,26 +544,14 @@ def build_anchor_detr(
         num_patterns=num_patterns,
         anchor_prior=anchor_prior,
     )
-    weight_dict = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
-    if aux_loss:
-        weight_dict = aux_weight_dict(weight_dict, num_decoder_layers - 1)
-    criterion = SetCriterion(
-        num_classes,
-        matcher=HungarianMatcher(cost_class=2, cost_bbox=5, cost_giou=2, use_focal=True),
-        weight_dict=weight_dict,
-        losses=("class", "boxes"),
-        use_focal=True,
-        focal_alpha=0.25,
-        focal_gamma=2.0,
-    )
     return AnchorDETR(
         backbone=backbone,
         transformer=transformer,
         num_classes=num_classes,
         in_features="res5",
-        in_channels=in_channels,
+        in_channels=backbone.output_shape()["res5"].channels,
         embed_dim=embed_dim,
-        criterion=criterion,
+        criterion=focal_set_criterion(num_classes, num_decoder_layers, aux_loss),
         aux_loss=aux_loss,
         pixel_mean=pixel_mean,
         pixel_std=pixel_std,

@@ -29,22 +29,17 @@ Inference keeps, per image, the ``select_box_nums_for_evaluation`` best (query, 
 """
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from detectron2.modeling.postprocessing import detector_postprocess
-from detectron2.structures import Boxes, Instances
 from torch import nn
 
-from .attention import ATTENTION_BACKENDS, MultiheadAttention
+from .attention import ATTENTION_BACKENDS
 from .backbone import build_resnet_backbone
-from .box_ops import box_cxcywh_to_xyxy
-from .criterion import SetCriterion, aux_weight_dict
-from .detr import DETR, MLP
-from .matcher import HungarianMatcher
+from .detr import MLP, ReferencePointDETR, focal_set_criterion, inverse_sigmoid
 from .position_encoding import PositionEmbeddingSine
-from .transformer import Transformer, TransformerEncoder, _activation, _feed_forward
+from .transformer import Transformer, _feed_forward, feed_forward_modules
 
 __all__ = [
     "inverse_sigmoid",
@@ -57,12 +52,6 @@ __all__ = [
     "ConditionalDETR",
     "build_conditional_detr",
 ]
-
-
-def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """log(x / (1 - x)) with x clamped to [0, 1] and both terms to >= eps (finite everywhere)."""
-    x = x.clamp(min=0, max=1)
-    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
 def point_sine_embedding(
@@ -140,7 +129,51 @@ def _check_heads(embed_dim: int, num_heads: int, backend: str) -> None:
         raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {backend!r}")
 
 
-class ConditionalSelfAttention(nn.Module):
+class _ConditionalAttention(nn.Module):
+    """What the two conditional attentions share: the settings, the projections (the query
+    projections named by the subclass, then ``key_content_proj``, ``key_pos_proj``,
+    ``value_proj``, ``out_proj``) and the residual output :meth:`attend`."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        attn_drop: float,
+        proj_drop: float,
+        attention: str,
+        query_projections: Sequence[str],
+    ):
+        super().__init__()
+        _check_heads(embed_dim, num_heads, attention)
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.attention = attention
+        self.attn_drop = attn_drop
+        for name in query_projections:
+            setattr(self, name, nn.Linear(embed_dim, embed_dim))
+        self.key_content_proj = nn.Linear(embed_dim, embed_dim)
+        self.key_pos_proj = nn.Linear(embed_dim, embed_dim)
+        self.value_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def attend(
+        self,
+        x: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """x (L, B, C); per-head q (B, h, L, E), k (B, h, S, E), v (B, h, S, C/h);
+        key_padding_mask (B, S).  Returns ``x + proj_drop(Wo concat_h attention)`` (L, B, C)."""
+        out = _attend(
+            q, k, v, key_padding_mask, self.attn_drop if self.training else 0.0, self.attention
+        )  # (B, h, L, C/h)
+        return x + self.proj_drop(self.out_proj(_merge_heads(out)))
+
+
+class ConditionalSelfAttention(_ConditionalAttention):
     """Decoder self-attention with separate content and positional projections:
 
         q = Wq_c x + Wq_p pos,  k = Wk_c x + Wk_p pos,  v = Wv x
@@ -157,19 +190,14 @@ class ConditionalSelfAttention(nn.Module):
         proj_drop: float = 0.0,
         attention: str = "sdpa",
     ):
-        super().__init__()
-        _check_heads(embed_dim, num_heads, attention)
-        self.embed_dim = embed_dim
-        self.num_heads = num_heads
-        self.attention = attention
-        self.attn_drop = attn_drop
-        self.query_content_proj = nn.Linear(embed_dim, embed_dim)
-        self.query_pos_proj = nn.Linear(embed_dim, embed_dim)
-        self.key_content_proj = nn.Linear(embed_dim, embed_dim)
-        self.key_pos_proj = nn.Linear(embed_dim, embed_dim)
-        self.value_proj = nn.Linear(embed_dim, embed_dim)
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        super().__init__(
+            embed_dim,
+            num_heads,
+            attn_drop,
+            proj_drop,
+            attention,
+            query_projections=("query_content_proj", "query_pos_proj"),
+        )
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """x, pos (Q, B, C) -> (Q, B, C), residual included."""
@@ -177,18 +205,10 @@ class ConditionalSelfAttention(nn.Module):
         k = self.key_content_proj(x) + self.key_pos_proj(pos)
         v = self.value_proj(x)
         h = self.num_heads
-        out = _attend(
-            _split_heads(q, h),
-            _split_heads(k, h),
-            _split_heads(v, h),
-            None,
-            self.attn_drop if self.training else 0.0,
-            self.attention,
-        )  # (B, h, Q, C/h)
-        return x + self.proj_drop(self.out_proj(_merge_heads(out)))
+        return self.attend(x, _split_heads(q, h), _split_heads(k, h), _split_heads(v, h))
 
 
-class ConditionalCrossAttention(nn.Module):
+class ConditionalCrossAttention(_ConditionalAttention):
     """Conditional cross-attention: per head, the query is [content | spatial] and so is the key,
 
         q_h = [(Wq_c x + Wq_p query_pos)_h | (Wq_s p_s)_h]     (Wq_p only with ``use_query_pos``)
@@ -212,21 +232,18 @@ class ConditionalCrossAttention(nn.Module):
         use_query_pos: bool = False,
         attention: str = "sdpa",
     ):
-        super().__init__()
-        _check_heads(embed_dim, num_heads, attention)
-        self.embed_dim = embed_dim
-        self.num_heads = num_heads
-        self.attention = attention
-        self.attn_drop = attn_drop
+        query_pos = ("query_pos_proj",) if use_query_pos else ()  # Wq_p: first layer only
+        super().__init__(
+            embed_dim,
+            num_heads,
+            attn_drop,
+            proj_drop,
+            attention,
+            query_projections=("query_content_proj", *query_pos, "query_pos_sine_proj"),
+        )
         self.use_query_pos = use_query_pos
-        self.query_content_proj = nn.Linear(embed_dim, embed_dim)
-        self.query_pos_proj = nn.Linear(embed_dim, embed_dim) if use_query_pos else None
-        self.query_pos_sine_proj = nn.Linear(embed_dim, embed_dim)
-        self.key_content_proj = nn.Linear(embed_dim, embed_dim)
-        self.key_pos_proj = nn.Linear(embed_dim, embed_dim)
-        self.value_proj = nn.Linear(embed_dim, embed_dim)
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        if not use_query_pos:
+            self.query_pos_proj = None
 
     def forward(
         self,
@@ -250,15 +267,8 @@ class ConditionalCrossAttention(nn.Module):
         h = self.num_heads
         q = torch.cat((_split_heads(q_content, h), _split_heads(q_spatial, h)), dim=-1)
         k = torch.cat((_split_heads(k_content, h), _split_heads(k_pos, h)), dim=-1)
-        out = _attend(
-            q,  # (B, h, Q, 2C/h)
-            k,  # (B, h, N, 2C/h)
-            _split_heads(v, h),  # (B, h, N, C/h)
-            key_padding_mask,
-            self.attn_drop if self.training else 0.0,
-            self.attention,
-        )  # (B, h, Q, C/h)
-        return x + self.proj_drop(self.out_proj(_merge_heads(out)))
+        # q (B, h, Q, 2C/h), k (B, h, N, 2C/h), v (B, h, N, C/h)
+        return self.attend(x, q, k, _split_heads(v, h), key_padding_mask)
 
 
 class ConditionalDecoderLayer(nn.Module):
@@ -296,12 +306,9 @@ class ConditionalDecoderLayer(nn.Module):
         )
         self.norm2 = nn.LayerNorm(embed_dim)
         # Feed-forward block (post-norm): norm3(x + dropout3(linear2(dropout(act(linear1(x)))))).
-        self.linear1 = nn.Linear(embed_dim, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, embed_dim)
-        self.dropout = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
-        self.norm3 = nn.LayerNorm(embed_dim)
-        self.activation = _activation(activation)
+        self.linear1, self.linear2, self.dropout, self.dropout3, self.norm3, self.activation = (
+            feed_forward_modules(embed_dim, ffn_dim, dropout, activation)
+        )
 
     def forward(
         self,
@@ -388,6 +395,8 @@ class ConditionalTransformer(Transformer):
     :class:`.transformer.Transformer`; ``forward`` also returns the reference points.
     """
 
+    decoder_class = ConditionalTransformerDecoder
+
     def forward(
         self,
         src: torch.Tensor,
@@ -403,25 +412,12 @@ class ConditionalTransformer(Transformer):
         Returns:
             hs (L, B, Q, C), reference points (B, Q, 2) in [0, 1], memory (B, C, H, W).
         """
-        bs, c, h, w = src.shape
-        src = src.flatten(2).permute(2, 0, 1)  # (HW, B, C)
-        pos_embed = pos_embed.flatten(2).permute(2, 0, 1).to(src.dtype)  # (HW, B, C)
-        mask = mask.flatten(1)  # (B, HW)
-        query_embed = query_embed.unsqueeze(1).expand(-1, bs, -1)  # (Q, B, C)
-        tgt = torch.zeros_like(query_embed)  # (Q, B, C)
-
-        memory = self.encoder(src, pos=pos_embed, mask=mask)  # (HW, B, C)
-        hs, reference = self.decoder(
-            tgt, memory, pos=pos_embed, query_pos=query_embed, memory_key_padding_mask=mask
-        )  # (L, Q, B, C), (Q, B, 2)
-        return (
-            hs.transpose(1, 2),
-            reference.transpose(0, 1),
-            memory.permute(1, 2, 0).reshape(bs, c, h, w),
-        )
+        (hs, reference), memory = self.encode_decode(src, mask, query_embed, pos_embed)
+        # hs (L, Q, B, C), reference (Q, B, 2)
+        return hs.transpose(1, 2), reference.transpose(0, 1), memory
 
 
-class ConditionalDETR(DETR):
+class ConditionalDETR(ReferencePointDETR):
     """Conditional DETR detector (detectron2 meta-architecture interface).
 
     Arguments as :class:`.detr.DETR` (whose input checks, preprocessing, padding masks, target
@@ -430,7 +426,8 @@ class ConditionalDETR(DETR):
     focal (sigmoid) classification loss.  The class head has ``num_classes`` logits (no
     "no object" logit), initialised to the prior probability ``prior_prob``; the last layer of
     the box head starts at zero, i.e. every query first predicts a box of half the image size
-    centred on its reference point.
+    centred on its reference point.  Boxes and inference: see
+    :class:`.detr.ReferencePointDETR`.
     """
 
     def __init__(self, *args, prior_prob: float = 0.01, **kwargs):
@@ -438,70 +435,15 @@ class ConditionalDETR(DETR):
         if not 0.0 < prior_prob < 1.0:
             raise ValueError(f"prior_prob must be in (0, 1), got {prior_prob}")
         self.class_embed = nn.Linear(self.embed_dim, self.num_classes)
-        nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
-        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
-        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        self.init_heads(prior_prob)
         self.to(self.device)
 
-    def forward(self, batched_inputs: List[dict]):
-        """Same inputs and outputs as :meth:`.detr.DETR.forward`."""
-        self._check_inputs(batched_inputs)
-        if self.training and self.criterion is None:
-            raise ValueError(
-                "ConditionalDETR was built without a criterion; it can only run in eval mode"
-            )
-        images = self.preprocess_image(batched_inputs)
-        targets = self.prepare_targets(batched_inputs, images) if self.training else None
-
-        mask = self.padding_mask(images)  # (B, H, W)
-        features = self.backbone(images.tensor)[self.in_features]  # (B, C_in, h, w)
-        mask = F.interpolate(mask[None].float(), size=features.shape[-2:])[0].bool()  # (B, h, w)
-        pos = self.position_embedding(mask)  # (B, C, h, w)
-        src = self.input_proj(features)  # (B, C, h, w)
+    def run_transformer(
+        self, src: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """hs (L, B, Q, C) and the reference points (B, Q, 2) of the learnt queries."""
         hs, reference, _ = self.transformer(src, mask, self.query_embed.weight, pos)
-        # hs (L, B, Q, C), reference (B, Q, 2)
-
-        logits = self.class_embed(hs)  # (L, B, Q, K)
-        offsets = self.bbox_embed(hs)  # (L, B, Q, 4)
-        ref_logit = inverse_sigmoid(reference)  # (B, Q, 2)
-        boxes = torch.cat((offsets[..., :2] + ref_logit, offsets[..., 2:]), dim=-1).sigmoid()
-        outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if self.aux_loss:
-            outputs["aux_outputs"] = [
-                {"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])
-            ]
-
-        if self.training:
-            return self.weight_losses(self.criterion(outputs, targets))
-        results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
-        processed = []
-        for x, result, (h, w) in zip(batched_inputs, results, images.image_sizes):
-            height, width = x.get("height", h), x.get("width", w)
-            processed.append({"instances": detector_postprocess(result, height, width)})
-        return processed
-
-    @torch.no_grad()
-    def inference(self, logits: torch.Tensor, boxes: torch.Tensor, image_sizes) -> List[Instances]:
-        """logits (B, Q, K), boxes (B, Q, 4) normalised cxcywh -> B Instances in input-image
-        coordinates: the ``select_box_nums_for_evaluation`` best (query, class) pairs by sigmoid
-        probability, over all queries and classes (a query may appear with several classes)."""
-        batch_size, num_queries, num_classes = logits.shape
-        probs = logits.sigmoid().reshape(batch_size, -1)  # (B, Q * K)
-        k = min(self.select_box_nums_for_evaluation, probs.shape[1])
-        scores, flat_idx = probs.topk(k, dim=1)  # (B, k), sorted
-        query_idx = torch.div(flat_idx, num_classes, rounding_mode="floor")  # (B, k)
-        labels = flat_idx % num_classes  # (B, k)
-        results = []
-        for score, label, q_idx, box, (h, w) in zip(scores, labels, query_idx, boxes, image_sizes):
-            scale = torch.tensor([w, h, w, h], dtype=box.dtype, device=box.device)
-            xyxy = box_cxcywh_to_xyxy(box[q_idx]) * scale  # (k, 4) absolute
-            result = Instances((h, w))
-            result.pred_boxes = Boxes(xyxy)
-            result.pred_boxes.clip((h, w))
-            result.scores = score
-            result.pred_classes = label
-            results.append(result)
-        return results
+        return hs, reference
 
 
 def build_conditional_detr(
@@ -532,41 +474,9 @@ def build_conditional_detr(
     proj_drop=dropout)``; pass an ENACT attention module to get ENACT-Conditional-DETR.
     """
     backbone = build_resnet_backbone(depth=depth, dilation=dilation, freeze_at=freeze_at)
-    in_channels = backbone.output_shape()["res5"].channels
-    if encoder_attention is None:
-        encoder_attention = MultiheadAttention(
-            embed_dim, num_heads, attn_drop=dropout, proj_drop=dropout
-        )
-    transformer = ConditionalTransformer(
-        encoder=TransformerEncoder(
-            encoder_attention,
-            num_layers=num_encoder_layers,
-            embed_dim=embed_dim,
-            ffn_dim=ffn_dim,
-            dropout=dropout,
-        ),
-        decoder=ConditionalTransformerDecoder(
-            num_layers=num_decoder_layers,
-            embed_dim=embed_dim,
-            num_heads=num_heads,
-            ffn_dim=ffn_dim,
-            dropout=dropout,
-            return_intermediate=True,
-        ),
-    )
-    weight_dict = {"loss_ce": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
-    if aux_loss:
-        weight_dict = aux_weight_dict(weight_dict, num_decoder_layers - 1)
-    criterion = SetCriterion(
-        num_classes,
-        matcher=HungarianMatcher(
-            cost_class=2, cost_bbox=5, cost_giou=2, use_focal=True, alpha=0.25, gamma=2.0
-        ),
-        weight_dict=weight_dict,
-        losses=("class", "boxes"),
-        use_focal=True,
-        focal_alpha=0.25,
-        focal_gamma=2.0,
+    transformer = ConditionalTransformer.build(
+        encoder_attention, num_encoder_layers, num_decoder_layers, embed_dim, num_heads, ffn_dim,
+        dropout,
     )
     return ConditionalDETR(
         backbone=backbone,
@@ -575,9 +485,9 @@ def build_conditional_detr(
         num_classes=num_classes,
         num_queries=num_queries,
         in_features="res5",
-        in_channels=in_channels,
+        in_channels=backbone.output_shape()["res5"].channels,
         embed_dim=embed_dim,
-        criterion=criterion,
+        criterion=focal_set_criterion(num_classes, num_decoder_layers, aux_loss),
         aux_loss=aux_loss,
         pixel_mean=pixel_mean,
         pixel_std=pixel_std,

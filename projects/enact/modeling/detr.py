@@ -18,10 +18,15 @@ Ground truth: ``Instances.gt_boxes`` are absolute xyxy boxes in the coordinates 
 image tensor.  Boxes are clipped to the image and boxes left empty (zero width or height, or
 non-finite) are dropped before matching: they cannot be predicted by a sigmoid head and would make
 the GIoU undefined.  An image without boxes is valid (all its queries learn "no object").
+
+``DETR.forward`` runs overridable steps (``encode_images`` -> ``run_transformer`` -> ``predict``
+-> losses or ``postprocess``); :class:`ReferencePointDETR` is the sigmoid-head variant with boxes
+relative to reference points that Conditional DETR and Anchor DETR build on.
 """
 
+import math
 import re
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,21 +34,34 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
-from .attention import MultiheadAttention
 from .backbone import build_resnet_backbone
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .criterion import SetCriterion, aux_weight_dict
 from .matcher import HungarianMatcher
 from .position_encoding import PositionEmbeddingSine
-from .transformer import Transformer, TransformerDecoder, TransformerEncoder
+from .transformer import Transformer
 
-__all__ = ["MLP", "DETR", "build_detr"]
+__all__ = [
+    "MLP",
+    "inverse_sigmoid",
+    "DETR",
+    "ReferencePointDETR",
+    "loss_weight_dict",
+    "focal_set_criterion",
+    "build_detr",
+]
 
 # detectron2's default statistics (BGR, 0-255), i.e. MODEL.PIXEL_MEAN / MODEL.PIXEL_STD.
 DEFAULT_PIXEL_MEAN = (103.530, 116.280, 123.675)
 DEFAULT_PIXEL_STD = (57.375, 57.120, 58.395)
 
 _AUX_SUFFIX = re.compile(r"_\d+$")
+
+
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """log(x / (1 - x)) with x clamped to [0, 1] and both terms to >= eps (finite everywhere)."""
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
 class MLP(nn.Module):
@@ -282,30 +300,70 @@ class DETR(nn.Module):
         Returns:
             training: dict of weighted losses; inference: ``[{"instances": Instances}]`` with
             pred_boxes (absolute xyxy in height x width), scores, pred_classes.
+
+        The steps, for subclasses to override: :meth:`encode_images`, :meth:`run_transformer`,
+        :meth:`predict`, then :meth:`weight_losses` of the criterion's losses (training) or
+        :meth:`postprocess` (inference).
         """
         self._check_inputs(batched_inputs)
         if self.training and self.criterion is None:
-            raise ValueError("DETR was built without a criterion; it can only run in eval mode")
+            raise ValueError(
+                f"{type(self).__name__} was built without a criterion; it can only run in eval mode"
+            )
         images = self.preprocess_image(batched_inputs)
         targets = self.prepare_targets(batched_inputs, images) if self.training else None
 
+        src, mask, pos = self.encode_images(images)  # (B, C, h, w), (B, h, w), (B, C, h, w)
+        hs, reference = self.run_transformer(src, mask, pos)  # (L, B, Q, C), (B, Q, 2) or None
+        outputs = self.predict(hs, reference)
+
+        if self.training:
+            return self.weight_losses(self.criterion(outputs, targets))
+        return self.postprocess(batched_inputs, outputs, images)
+
+    def encode_images(
+        self, images: ImageList
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """The backbone feature map projected to the transformer width, src (B, C, h, w); the
+        padding mask at its resolution, mask (B, h, w); its positional embedding pos (B, C, h, w)
+        (``None`` for a model without ``position_embedding``)."""
         mask = self.padding_mask(images)  # (B, H, W)
         features = self.backbone(images.tensor)[self.in_features]  # (B, C_in, h, w)
         mask = F.interpolate(mask[None].float(), size=features.shape[-2:])[0].bool()  # (B, h, w)
-        pos = self.position_embedding(mask)  # (B, C, h, w)
+        pos = None if self.position_embedding is None else self.position_embedding(mask)
         src = self.input_proj(features)  # (B, C, h, w)
-        hs, _ = self.transformer(src, mask, self.query_embed.weight, pos)  # (L, B, Q, C)
+        return src, mask, pos
 
+    def run_transformer(
+        self, src: torch.Tensor, mask: torch.Tensor, pos: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The decoder outputs hs (L, B, Q, C) and the queries' reference points (B, Q, 2)
+        (``None``: DETR has none)."""
+        hs, _ = self.transformer(src, mask, self.query_embed.weight, pos)  # (L, B, Q, C)
+        return hs, None
+
+    def predict(self, hs: torch.Tensor, reference: Optional[torch.Tensor] = None) -> Dict:
+        """hs (L, B, Q, C) -> the criterion's outputs dict (see :meth:`head_outputs`)."""
         logits = self.class_embed(hs)  # (L, B, Q, K + 1)
         boxes = self.bbox_embed(hs).sigmoid()  # (L, B, Q, 4) cxcywh in [0, 1]
+        return self.head_outputs(logits, boxes)
+
+    def head_outputs(self, logits: torch.Tensor, boxes: torch.Tensor) -> Dict:
+        """Per-layer logits (L, B, Q, K') and boxes (L, B, Q, 4) -> ``{"pred_logits",
+        "pred_boxes"}`` of the last layer, with ``aux_outputs`` (the same for the first L - 1
+        layers) when ``aux_loss``."""
         outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
             outputs["aux_outputs"] = [
                 {"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits[:-1], boxes[:-1])
             ]
+        return outputs
 
-        if self.training:
-            return self.weight_losses(self.criterion(outputs, targets))
+    def postprocess(
+        self, batched_inputs: List[Dict], outputs: Dict, images: ImageList
+    ) -> List[Dict[str, Instances]]:
+        """:meth:`inference` on the last layer's outputs, rescaled to each image's requested
+        "height" x "width" (the input size by default)."""
         results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
         processed = []
         for x, result, (h, w) in zip(batched_inputs, results, images.image_sizes):
@@ -333,17 +391,100 @@ class DETR(nn.Module):
         scores, labels = probs.max(-1)  # (B, Q)
         k = min(self.select_box_nums_for_evaluation, scores.shape[1])
         results = []
-        for score, label, box, (h, w) in zip(scores, labels, boxes, image_sizes):
+        for score, label, box, image_size in zip(scores, labels, boxes, image_sizes):
             top_score, top_idx = score.topk(k)  # (k,)
-            scale = torch.tensor([w, h, w, h], dtype=box.dtype, device=box.device)
-            xyxy = box_cxcywh_to_xyxy(box[top_idx]) * scale  # (k, 4) absolute
-            result = Instances((h, w))
-            result.pred_boxes = Boxes(xyxy)
-            result.pred_boxes.clip((h, w))
-            result.scores = top_score
-            result.pred_classes = label[top_idx]
-            results.append(result)
+            results.append(_detections(box, top_idx, top_score, label[top_idx], image_size))
         return results
+
+
+def _detections(
+    boxes: torch.Tensor,
+    query: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    image_size: Tuple[int, int],
+) -> Instances:
+    """One image's detections: the boxes (Q, 4), normalised cxcywh, of the queries ``query``
+    (k,) with their scores and labels (k,), as Instances in (h, w) = ``image_size`` coordinates
+    (absolute xyxy, clipped to the image)."""
+    h, w = image_size
+    scale = torch.tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
+    result = Instances((h, w))
+    result.pred_boxes = Boxes(box_cxcywh_to_xyxy(boxes[query]) * scale)  # (k, 4) absolute
+    result.pred_boxes.clip((h, w))
+    result.scores = scores
+    result.pred_classes = labels
+    return result
+
+
+class ReferencePointDETR(DETR):
+    """Base of Conditional DETR and Anchor DETR: a sigmoid class head over the K classes (focal
+    loss, no "no object" logit) and boxes predicted relative to per-query reference points.
+
+    Subclasses build the heads and call :meth:`init_heads`; their :meth:`run_transformer`
+    returns the reference points (B, Q, 2) as (x, y) in [0, 1].
+    """
+
+    def init_heads(self, prior_prob: float) -> None:
+        """Class logits start at the prior probability ``prior_prob``; the last layer of the box
+        head starts at zero, i.e. every query first predicts a box of half the image size
+        centred on its reference point."""
+        nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
+        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
+        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+
+    def predict(self, hs: torch.Tensor, reference: torch.Tensor) -> Dict:
+        """hs (L, B, Q, C), reference (B, Q, 2) -> the criterion's outputs dict: pred_logits
+        (B, Q, K), pred_boxes (B, Q, 4) normalised cxcywh, aux_outputs of the first L - 1 layers.
+
+        Boxes: ``sigmoid(MLP(h) + [inverse_sigmoid(reference), 0, 0])``, centre offsets on the
+        inverse sigmoid of the reference point, width and height predicted directly."""
+        logits = self.class_embed(hs)  # (L, B, Q, K)
+        delta = self.bbox_embed(hs)  # (L, B, Q, 4)
+        offset = F.pad(inverse_sigmoid(reference), (0, 2))  # (B, Q, 4): centre only
+        boxes = (delta + offset).sigmoid()  # (L, B, Q, 4)
+        return self.head_outputs(logits, boxes)
+
+    @torch.no_grad()
+    def inference(self, logits: torch.Tensor, boxes: torch.Tensor, image_sizes) -> List[Instances]:
+        """logits (B, Q, K), boxes (B, Q, 4) normalised cxcywh -> B Instances in input-image
+        coordinates: the ``select_box_nums_for_evaluation`` best (query, class) pairs by sigmoid
+        probability, over all queries and classes (a query may appear with several classes)."""
+        num_classes = logits.shape[-1]
+        probs = logits.sigmoid().flatten(1)  # (B, Q * K)
+        k = min(self.select_box_nums_for_evaluation, probs.shape[1])
+        results = []
+        for prob, box, image_size in zip(probs, boxes, image_sizes):
+            score, idx = prob.topk(k)  # (k,), sorted
+            query = torch.div(idx, num_classes, rounding_mode="floor")  # (k,)
+            results.append(_detections(box, query, score, idx % num_classes, image_size))
+        return results
+
+
+def loss_weight_dict(class_weight: float, num_decoder_layers: int, aux_loss: bool) -> Dict:
+    """Loss weights class ``class_weight`` / L1 5 / GIoU 2, also for the auxiliary losses of the
+    first ``num_decoder_layers - 1`` decoder layers when ``aux_loss``."""
+    weight_dict = {"loss_ce": class_weight, "loss_bbox": 5.0, "loss_giou": 2.0}
+    if aux_loss:
+        weight_dict = aux_weight_dict(weight_dict, num_decoder_layers - 1)
+    return weight_dict
+
+
+def focal_set_criterion(num_classes: int, num_decoder_layers: int, aux_loss: bool) -> SetCriterion:
+    """The criterion of Conditional and Anchor DETR: sigmoid focal loss (alpha 0.25, gamma 2),
+    loss weights class 2 / L1 5 / GIoU 2, matcher costs class 2 / L1 5 / GIoU 2 (focal class
+    cost)."""
+    return SetCriterion(
+        num_classes,
+        matcher=HungarianMatcher(
+            cost_class=2, cost_bbox=5, cost_giou=2, use_focal=True, alpha=0.25, gamma=2.0
+        ),
+        weight_dict=loss_weight_dict(2.0, num_decoder_layers, aux_loss),
+        losses=("class", "boxes"),
+        use_focal=True,
+        focal_alpha=0.25,
+        focal_gamma=2.0,
+    )
 
 
 def build_detr(
@@ -373,35 +514,14 @@ def build_detr(
     proj_drop=dropout)``; pass an ENACT attention module to get ENACT-DETR.
     """
     backbone = build_resnet_backbone(depth=depth, dilation=dilation, freeze_at=freeze_at)
-    in_channels = backbone.output_shape()["res5"].channels
-    if encoder_attention is None:
-        encoder_attention = MultiheadAttention(
-            embed_dim, num_heads, attn_drop=dropout, proj_drop=dropout
-        )
-    transformer = Transformer(
-        encoder=TransformerEncoder(
-            encoder_attention,
-            num_layers=num_encoder_layers,
-            embed_dim=embed_dim,
-            ffn_dim=ffn_dim,
-            dropout=dropout,
-        ),
-        decoder=TransformerDecoder(
-            num_layers=num_decoder_layers,
-            embed_dim=embed_dim,
-            num_heads=num_heads,
-            ffn_dim=ffn_dim,
-            dropout=dropout,
-            return_intermediate=True,
-        ),
+    transformer = Transformer.build(
+        encoder_attention, num_encoder_layers, num_decoder_layers, embed_dim, num_heads, ffn_dim,
+        dropout,
     )
-    weight_dict = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
-    if aux_loss:
-        weight_dict = aux_weight_dict(weight_dict, num_decoder_layers - 1)
     criterion = SetCriterion(
         num_classes,
         matcher=HungarianMatcher(cost_class=1, cost_bbox=5, cost_giou=2),
-        weight_dict=weight_dict,
+        weight_dict=loss_weight_dict(1.0, num_decoder_layers, aux_loss),
         losses=("class", "boxes"),
         eos_coef=0.1,
     )
@@ -412,7 +532,7 @@ def build_detr(
         num_classes=num_classes,
         num_queries=num_queries,
         in_features="res5",
-        in_channels=in_channels,
+        in_channels=backbone.output_shape()["res5"].channels,
         embed_dim=embed_dim,
         criterion=criterion,
         aux_loss=aux_loss,

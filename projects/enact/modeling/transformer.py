@@ -30,7 +30,10 @@ from torch import nn
 from .attention import MultiheadAttention
 
 __all__ = [
+    "feed_forward_modules",
+    "check_attention_width",
     "TransformerEncoderLayer",
+    "EncoderStack",
     "TransformerEncoder",
     "TransformerDecoderLayer",
     "TransformerDecoder",
@@ -44,6 +47,33 @@ def _activation(name: str):
     if name not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {name!r}")
     return _ACTIVATIONS[name]
+
+
+def feed_forward_modules(embed_dim: int, ffn_dim: int, dropout: float, activation: str):
+    """The parts of a post-norm feed-forward block, in the order (and under the names) every
+    layer registers them: ``linear1`` (C -> F), ``linear2`` (F -> C), ``dropout`` (hidden), the
+    dropout after ``linear2`` and the LayerNorm after the residual (``dropout2``/``norm2`` in an
+    encoder layer, ``dropout3``/``norm3`` in a decoder layer), and the activation function::
+
+        self.linear1, self.linear2, self.dropout, self.dropout2, self.norm2, self.activation = (
+            feed_forward_modules(embed_dim, ffn_dim, dropout, activation)
+        )
+    """
+    return (
+        nn.Linear(embed_dim, ffn_dim),
+        nn.Linear(ffn_dim, embed_dim),
+        nn.Dropout(dropout),
+        nn.Dropout(dropout),
+        nn.LayerNorm(embed_dim),
+        _activation(activation),
+    )
+
+
+def check_attention_width(attention: nn.Module, embed_dim: int) -> None:
+    """An encoder layer's attention (if it says its width) must be as wide as the layer."""
+    attn_dim = getattr(attention, "embed_dim", embed_dim)
+    if attn_dim != embed_dim:
+        raise ValueError(f"attention embed_dim ({attn_dim}) differs from embed_dim ({embed_dim})")
 
 
 def _feed_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -72,22 +102,15 @@ class TransformerEncoderLayer(nn.Module):
         activation: str = "relu",
     ):
         super().__init__()
-        attn_dim = getattr(attention, "embed_dim", embed_dim)
-        if attn_dim != embed_dim:
-            raise ValueError(
-                f"attention embed_dim ({attn_dim}) differs from embed_dim ({embed_dim})"
-            )
+        check_attention_width(attention, embed_dim)
         if getattr(attention, "batch_first", False):
             raise ValueError("the encoder attention must be sequence-first (batch_first=False)")
         self.self_attn = attention
         self.norm1 = nn.LayerNorm(embed_dim)
         # Feed-forward block (post-norm): norm2(x + dropout2(linear2(dropout(act(linear1(x)))))).
-        self.linear1 = nn.Linear(embed_dim, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, embed_dim)
-        self.dropout = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.norm2 = nn.LayerNorm(embed_dim)
-        self.activation = _activation(activation)
+        self.linear1, self.linear2, self.dropout, self.dropout2, self.norm2, self.activation = (
+            feed_forward_modules(embed_dim, ffn_dim, dropout, activation)
+        )
 
     def forward(
         self,
@@ -103,7 +126,42 @@ class TransformerEncoderLayer(nn.Module):
         return self.norm2(src + self.dropout2(_feed_forward(self, src)))
 
 
-class TransformerEncoder(nn.Module):
+class EncoderStack(nn.Module):
+    """Base of the encoders: ``num_layers`` layers of class ``layer_class``, each built as
+    ``layer_class(attention, embed_dim, ffn_dim, dropout, activation)`` around its own deep copy
+    of one prototype attention (``default_attention(embed_dim, num_heads, dropout)`` when the
+    prototype is ``None``).  Subclasses give the defaults and ``forward``."""
+
+    layer_class: type
+
+    def __init__(
+        self,
+        attention: Optional[nn.Module],
+        num_layers: int,
+        embed_dim: int,
+        ffn_dim: int,
+        dropout: float,
+        activation: str,
+        num_heads: int,
+    ):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if attention is None:
+            attention = self.default_attention(embed_dim, num_heads, dropout)
+        self.embed_dim = embed_dim
+        self.num_layers = num_layers
+        self.layers = nn.ModuleList(
+            self.layer_class(copy.deepcopy(attention), embed_dim, ffn_dim, dropout, activation)
+            for _ in range(num_layers)
+        )
+
+    @staticmethod
+    def default_attention(embed_dim: int, num_heads: int, dropout: float) -> nn.Module:
+        raise NotImplementedError
+
+
+class TransformerEncoder(EncoderStack):
     """A stack of ``num_layers`` post-norm encoder layers (no final norm, as post-norm DETR).
 
     Args:
@@ -115,6 +173,8 @@ class TransformerEncoder(nn.Module):
         num_heads: heads of the default attention (ignored when ``attention`` is given).
     """
 
+    layer_class = TransformerEncoderLayer
+
     def __init__(
         self,
         attention: Optional[nn.Module] = None,
@@ -125,21 +185,11 @@ class TransformerEncoder(nn.Module):
         activation: str = "relu",
         num_heads: int = 8,
     ):
-        super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        if attention is None:
-            attention = MultiheadAttention(
-                embed_dim, num_heads, attn_drop=dropout, proj_drop=dropout
-            )
-        self.embed_dim = embed_dim
-        self.num_layers = num_layers
-        self.layers = nn.ModuleList(
-            TransformerEncoderLayer(
-                copy.deepcopy(attention), embed_dim, ffn_dim, dropout, activation
-            )
-            for _ in range(num_layers)
-        )
+        super().__init__(attention, num_layers, embed_dim, ffn_dim, dropout, activation, num_heads)
+
+    @staticmethod
+    def default_attention(embed_dim: int, num_heads: int, dropout: float) -> nn.Module:
+        return MultiheadAttention(embed_dim, num_heads, attn_drop=dropout, proj_drop=dropout)
 
     def forward(
         self,
@@ -180,12 +230,9 @@ class TransformerDecoderLayer(nn.Module):
         )
         self.norm2 = nn.LayerNorm(embed_dim)
         # Feed-forward block (post-norm): norm3(x + dropout3(linear2(dropout(act(linear1(x)))))).
-        self.linear1 = nn.Linear(embed_dim, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, embed_dim)
-        self.dropout = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
-        self.norm3 = nn.LayerNorm(embed_dim)
-        self.activation = _activation(activation)
+        self.linear1, self.linear2, self.dropout, self.dropout3, self.norm3, self.activation = (
+            feed_forward_modules(embed_dim, ffn_dim, dropout, activation)
+        )
 
     def forward(
         self,
@@ -275,6 +322,8 @@ class Transformer(nn.Module):
         reset_parameters: Xavier-uniform initialisation of every weight matrix, as DETR.
     """
 
+    decoder_class = TransformerDecoder  # of :meth:`build`
+
     def __init__(
         self,
         encoder: TransformerEncoder,
@@ -292,10 +341,69 @@ class Transformer(nn.Module):
         if reset_parameters:
             self._reset_parameters()
 
+    @classmethod
+    def build(
+        cls,
+        encoder_attention: Optional[nn.Module] = None,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        ffn_dim: int = 2048,
+        dropout: float = 0.1,
+    ) -> "Transformer":
+        """The transformer of the detector builders: a :class:`TransformerEncoder` around the
+        prototype ``encoder_attention`` (standard multi-head attention when ``None``) and a
+        ``decoder_class`` returning every layer's output, ReLU, the same dropout everywhere."""
+        return cls(
+            encoder=TransformerEncoder(
+                encoder_attention,
+                num_layers=num_encoder_layers,
+                embed_dim=embed_dim,
+                ffn_dim=ffn_dim,
+                dropout=dropout,
+                num_heads=num_heads,
+            ),
+            decoder=cls.decoder_class(
+                num_layers=num_decoder_layers,
+                embed_dim=embed_dim,
+                num_heads=num_heads,
+                ffn_dim=ffn_dim,
+                dropout=dropout,
+                return_intermediate=True,
+            ),
+        )
+
     def _reset_parameters(self) -> None:
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
+
+    def encode_decode(
+        self,
+        src: torch.Tensor,
+        mask: torch.Tensor,
+        query_embed: torch.Tensor,
+        pos_embed: torch.Tensor,
+    ):
+        """Flattens the map, runs the encoder and the decoder (from zero targets).
+
+        Args: as :meth:`forward`.
+        Returns: the decoder's result as it returns it (hs (L, Q, B, C), or a tuple starting
+        with hs for a decoder that returns more) and the memory (B, C, H, W).
+        """
+        bs, c, h, w = src.shape
+        src = src.flatten(2).permute(2, 0, 1)  # (HW, B, C)
+        pos_embed = pos_embed.flatten(2).permute(2, 0, 1).to(src.dtype)  # (HW, B, C)
+        mask = mask.flatten(1)  # (B, HW)
+        query_embed = query_embed.unsqueeze(1).expand(-1, bs, -1)  # (Q, B, C)
+        tgt = torch.zeros_like(query_embed)  # (Q, B, C)
+
+        memory = self.encoder(src, pos=pos_embed, mask=mask)  # (HW, B, C)
+        decoded = self.decoder(
+            tgt, memory, pos=pos_embed, query_pos=query_embed, memory_key_padding_mask=mask
+        )  # hs (L, Q, B, C) or (hs, ...)
+        return decoded, memory.permute(1, 2, 0).reshape(bs, c, h, w)
 
     def forward(
         self,
@@ -315,15 +423,5 @@ class Transformer(nn.Module):
             hs: decoder outputs (L, B, Q, C), L = decoder layers (or 1).
             memory: encoder output (B, C, H, W).
         """
-        bs, c, h, w = src.shape
-        src = src.flatten(2).permute(2, 0, 1)  # (HW, B, C)
-        pos_embed = pos_embed.flatten(2).permute(2, 0, 1).to(src.dtype)  # (HW, B, C)
-        mask = mask.flatten(1)  # (B, HW)
-        query_embed = query_embed.unsqueeze(1).expand(-1, bs, -1)  # (Q, B, C)
-        tgt = torch.zeros_like(query_embed)  # (Q, B, C)
-
-        memory = self.encoder(src, pos=pos_embed, mask=mask)  # (HW, B, C)
-        hs = self.decoder(
-            tgt, memory, pos=pos_embed, query_pos=query_embed, memory_key_padding_mask=mask
-        )  # (L, Q, B, C)
-        return hs.transpose(1, 2), memory.permute(1, 2, 0).reshape(bs, c, h, w)
+        hs, memory = self.encode_decode(src, mask, query_embed, pos_embed)  # (L, Q, B, C)
+        return hs.transpose(1, 2), memory
