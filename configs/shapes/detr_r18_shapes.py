@@ -1,6 +1,6 @@
 # Demo: a small DETR trained from scratch on the built-in shapes dataset, on a CPU in minutes.
 # R18 with GroupNorm (no pretrained weights exist here, and frozen BN would not train) up to
-# res4 (stride 16: ~7 x 8 tokens), d = 128, 3 + 3 layers, 10 queries (at most 4 objects).
+# res4 (stride 16: ~10 x 12 tokens), d = 128, 3 + 3 layers, 20 queries (at most 6 objects).
 from detectron2.config import LazyCall as L
 
 from projects.enact.engine.schedule import step_lr_multiplier
@@ -20,15 +20,15 @@ model.transformer.encoder.update(num_layers=3, embed_dim=128, ffn_dim=512, dropo
 model.transformer.encoder.attention.update(embed_dim=128, num_heads=8, attn_drop=0.0, proj_drop=0.0)
 model.transformer.decoder.update(num_layers=3, embed_dim=128, num_heads=8, ffn_dim=512, dropout=0.0)
 model.num_classes = 4
-model.num_queries = 10
-model.select_box_nums_for_evaluation = 10
+model.num_queries = 20
+model.select_box_nums_for_evaluation = 20
 model.criterion.weight_dict = aux_weight_dict({"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}, 2)
 
 optimizer.lr = 5e-4
 optimizer.params.lr_factor_func = None  # the backbone is trained from scratch at the full lr
 
 train.device = "cpu"
-train.max_iter = 2000
+train.max_iter = 1500
 lr_multiplier = L(step_lr_multiplier)(max_iter="${train.max_iter}", drop_fraction=2 / 3)
 train.checkpointer.period = 500
 train.eval_period = 0  # evaluate once, at the end
