@@ -1,0 +1,69 @@
+"""tools/benchmark.py and tools/analyze_model.py end to end, as subprocesses, on the shapes demo
+configs shrunk with --opts (R18 at 64 x 96, 2 encoder / 1 decoder layers)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import enact_ops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ["configs/shapes/detr_r18_shapes.py", "configs/shapes/detr_r18_shapes_enact.py"]
+TINY = ["model.transformer.encoder.num_layers=2", "model.transformer.decoder.num_layers=1", "model.num_queries=10",
+        "model.select_box_nums_for_evaluation=10"]
+
+
+def run_tool(script, *argv, tmp_path):
+    md, js = tmp_path / f"{script}.md", tmp_path / f"{script}.json"
+    cmd = [sys.executable, os.path.join(ROOT, "tools", f"{script}.py"), "--configs", *CONFIGS, "--threads", "1",
+           "--out-md", str(md), "--out-json", str(js), *argv, "--opts", *TINY]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert md.is_file() and "| model |" in md.read_text()
+    return json.loads(js.read_text()), proc.stdout
+
+
+def test_benchmark(tmp_path):
+    result, stdout = run_tool("benchmark", "--batch", "1", "--size", "64", "96", "--repeats", "1",
+                              "--attention", "eager", "--jobs", "2", "--quiet", tmp_path=tmp_path)
+    assert "padded 64x96" in stdout and "batch 1" in stdout and "| detr_r18_shapes_enact | eager |" in stdout
+    assert result["complete"] and result["device"] == "cpu" and result["attention_backends"] == ["eager"]
+    assert result["sizes"] == {"detr_r18_shapes": {"batch": 1, "size": [64, 96]}}
+    rows = {r["model"]: r for r in result["rows"]}
+    assert list(rows) == ["detr_r18_shapes", "detr_r18_shapes_enact"]
+    for row in rows.values():
+        assert row["attention"] == "eager" and row["attention_modules_set"] == 2  # one per encoder layer (--opts)
+        for key in ("train_s_per_img", "infer_s_per_img", "encoder_ms_per_img", "train_memory_bytes",
+                    "encoder_memory_bytes"):
+            assert row[key] > 0, key
+        assert row["infer_memory_bytes"] >= 0
+        assert row["train_memory"]["peak_bytes"] > row["train_memory"]["increase_bytes"]
+    base, enact = rows["detr_r18_shapes"], rows["detr_r18_shapes_enact"]
+    assert "clusters_per_layer" not in base and "train_memory_gain" not in base
+    assert len(enact["clusters_per_layer"]) == 2 and all(m >= 1 for m in enact["clusters_per_layer"])
+    assert enact["compression_mean"] >= 1
+    for key in ("train_memory_gain", "infer_memory_gain", "encoder_memory_gain", "train_time_ratio",
+                "infer_time_ratio", "encoder_time_ratio"):
+        assert key in enact, key
+    assert enact["train_time_ratio"] == pytest.approx(enact["train_s_per_img"] / base["train_s_per_img"])
+
+
+def test_analyze_model(tmp_path):
+    result, stdout = run_tool("analyze_model", "--size", "64", "96", tmp_path=tmp_path)
+    rows = {r["model"]: r for r in result["rows"]}
+    assert list(rows) == ["detr_r18_shapes", "detr_r18_shapes_enact"]
+    for row in rows.values():
+        assert 0 < row["trainable_params"] <= row["params"] and 0 < row["encoder_params"] < row["params"]
+        assert 0 < row["encoder_flops"] < row["flops"] and 0 < row["encoder_share"] < 1
+        assert row["custom_op_flops"]["aten::scaled_dot_product_attention"] > 0  # the SDPA handle counts
+        assert "aten::scaled_dot_product_attention" not in row["unsupported_ops"]
+        assert isinstance(row["unsupported_ops"], dict)
+    base, enact = rows["detr_r18_shapes"], rows["detr_r18_shapes_enact"]
+    assert enact["params"] - base["params"] == 2 * (128 + 1)  # W_prob: Linear(128, 1) per encoder layer
+    if enact_ops.compiled_available():  # the fused pooling is traced as one op with its own handle
+        assert enact["custom_op_flops"]["prim::PythonOp._SegmentSoftmaxPool"] > 0
+    assert not any(op.startswith(("enact_ops::", "prim::PythonOp")) for op in enact["unsupported_ops"])
+    assert len(enact["clusters_per_layer"]) == 2 and "clusters_per_layer" not in base
+    assert "unsupported (counted as 0)" in stdout
