@@ -122,10 +122,12 @@ class MultiheadAttention(nn.Module):
                 key_pos = query_pos
             else:
                 warnings.warn(f"position encoding of key is missing in {self.__class__.__name__}.")
+        self_attention = key is query and key_pos is query_pos
         if query_pos is not None:
             query = query + query_pos
         if key_pos is not None:
-            key = key + key_pos
+            # q = k = src + pos in encoder self-attention: add once, keep one tensor alive
+            key = query if self_attention else key + key_pos
         if not self.batch_first:  # (L, B, C) -> (B, L, C): views, no copy
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         return query, key, value, identity
