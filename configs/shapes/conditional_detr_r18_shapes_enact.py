@@ -1,0 +1,11 @@
+# Small Conditional DETR + ENACT on the shapes dataset; differs only in the encoder attention.
+from detectron2.config import LazyCall as L
+
+from projects.enact import EnactAttention
+
+from .conditional_detr_r18_shapes import dataloader, lr_multiplier, model, optimizer, train
+
+model.transformer.encoder.attention = L(EnactAttention)(
+    embed_dim=128, num_heads=8, attn_drop=0.0, proj_drop=0.0, sigma=2
+)
+train.output_dir = "./output/shapes/conditional_detr_r18_enact"
