@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include "../enact.h"
+#include "../segment_rows.h"
 
 namespace enact {
 namespace {
@@ -35,22 +36,7 @@ SegmentationTuple csr_from_cluster_ids(const at::Tensor& cluster_ids,
   int64_t* sb = seg_batch.data_ptr<int64_t>();
   ss[S] = T;
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      int64_t t = to[b], prev = -1;
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t c = cid[b * N + n];
-        if (c < 0) continue;
-        const int64_t s = ro[b] + c;
-        if (c != prev) {
-          ss[s] = t;
-          sb[s] = b;
-          prev = c;
-        }
-        tk[t] = b * N + n;
-        ts[t] = s;
-        ++t;
-      }
-    }
+    for (int64_t b = b0; b < b1; ++b) fill_csr_row(cid, b, N, ro, to, tk, ts, ss, sb);
   });
   return {cluster_ids, num_clusters, tokens, token_segment, seg_starts, seg_batch, row_offsets};
 }
@@ -72,23 +58,7 @@ SegmentationTuple segment_runs_cpu(const at::Tensor& sign_in, const at::Tensor& 
   int64_t* nc = num_clusters.data_ptr<int64_t>();
   int64_t* nk = kept.data_ptr<int64_t>();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      int64_t slot = -1, count = 0;
-      bool last = false;
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t i = b * N + n;
-        if (!vd[i]) {
-          cid[i] = -1;
-          continue;
-        }
-        if (slot < 0 || sg[i] != last) ++slot;  // a run starts at the first valid token
-        last = sg[i];
-        cid[i] = slot;
-        ++count;
-      }
-      nc[b] = slot + 1;
-      nk[b] = count;
-    }
+    for (int64_t b = b0; b < b1; ++b) label_runs_row(sg, vd, b, N, cid, nc, nk);
   });
   return csr_from_cluster_ids(cluster_ids, num_clusters, kept);
 }
@@ -107,26 +77,7 @@ SegmentationTuple segment_uniform_cpu(const at::Tensor& valid_in, int64_t chunk)
   int64_t* nc = num_clusters.data_ptr<int64_t>();
   int64_t* nk = kept.data_ptr<int64_t>();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      int64_t n_valid = 0;
-      for (int64_t n = 0; n < N; ++n) n_valid += vd[b * N + n];
-      const bool is_short = n_valid < chunk;
-      const int64_t m = is_short ? (n_valid > 0) : n_valid / chunk;
-      const int64_t start = is_short ? 0 : (n_valid % chunk) / 2;
-      const int64_t keep = is_short ? n_valid : m * chunk;
-      int64_t p = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t i = b * N + n;
-        if (!vd[i]) {
-          cid[i] = -1;
-          continue;
-        }
-        const int64_t local = p++ - start;
-        cid[i] = (local < 0 || local >= keep) ? -1 : (is_short ? 0 : local / chunk);
-      }
-      nc[b] = m;
-      nk[b] = keep;
-    }
+    for (int64_t b = b0; b < b1; ++b) label_uniform_row(vd, b, N, chunk, cid, nc, nk);
   });
   return csr_from_cluster_ids(cluster_ids, num_clusters, kept);
 }

@@ -14,6 +14,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "../enact.h"
+#include "../segment_rows.h"
 
 namespace enact {
 namespace {
@@ -26,22 +27,7 @@ __global__ void label_runs_kernel(const bool* __restrict__ sign, const bool* __r
                                   int64_t B, int64_t N, int64_t* __restrict__ cid,
                                   int64_t* __restrict__ num_clusters, int64_t* __restrict__ kept) {
   const int64_t b = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (b >= B) return;
-  int64_t slot = -1, count = 0;
-  bool last = false;
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t i = b * N + n;
-    if (!valid[i]) {
-      cid[i] = -1;
-      continue;
-    }
-    if (slot < 0 || sign[i] != last) ++slot;
-    last = sign[i];
-    cid[i] = slot;
-    ++count;
-  }
-  num_clusters[b] = slot + 1;
-  kept[b] = count;
+  if (b < B) label_runs_row(sign, valid, b, N, cid, num_clusters, kept);
 }
 
 __global__ void label_uniform_kernel(const bool* __restrict__ valid, int64_t B, int64_t N,
@@ -49,25 +35,7 @@ __global__ void label_uniform_kernel(const bool* __restrict__ valid, int64_t B, 
                                      int64_t* __restrict__ num_clusters,
                                      int64_t* __restrict__ kept) {
   const int64_t b = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (b >= B) return;
-  int64_t n_valid = 0;
-  for (int64_t n = 0; n < N; ++n) n_valid += valid[b * N + n];
-  const bool is_short = n_valid < chunk;
-  const int64_t m = is_short ? (n_valid > 0) : n_valid / chunk;
-  const int64_t start = is_short ? 0 : (n_valid % chunk) / 2;
-  const int64_t keep = is_short ? n_valid : m * chunk;
-  int64_t p = 0;
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t i = b * N + n;
-    if (!valid[i]) {
-      cid[i] = -1;
-      continue;
-    }
-    const int64_t local = p++ - start;
-    cid[i] = (local < 0 || local >= keep) ? -1 : (is_short ? 0 : local / chunk);
-  }
-  num_clusters[b] = m;
-  kept[b] = keep;
+  if (b < B) label_uniform_row(valid, b, N, chunk, cid, num_clusters, kept);
 }
 
 __global__ void fill_csr_kernel(const int64_t* __restrict__ cid, int64_t B, int64_t N,
@@ -77,20 +45,7 @@ __global__ void fill_csr_kernel(const int64_t* __restrict__ cid, int64_t B, int6
                                 int64_t* __restrict__ seg_starts, int64_t* __restrict__ seg_batch) {
   const int64_t b = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (b >= B) return;
-  int64_t t = tok_offsets[b], prev = -1;
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t c = cid[b * N + n];
-    if (c < 0) continue;
-    const int64_t s = row_offsets[b] + c;
-    if (c != prev) {
-      seg_starts[s] = t;
-      seg_batch[s] = b;
-      prev = c;
-    }
-    tokens[t] = b * N + n;
-    token_segment[t] = s;
-    ++t;
-  }
+  fill_csr_row(cid, b, N, row_offsets, tok_offsets, tokens, token_segment, seg_starts, seg_batch);
   if (b == B - 1) seg_starts[row_offsets[B]] = tok_offsets[B];
 }
 
