@@ -67,3 +67,22 @@ def test_analyze_model(tmp_path):
     assert not any(op.startswith(("enact_ops::", "prim::PythonOp")) for op in enact["unsupported_ops"])
     assert len(enact["clusters_per_layer"]) == 2 and "clusters_per_layer" not in base
     assert "unsupported (counted as 0)" in stdout
+
+
+@pytest.mark.parametrize("script,argv", [
+    ("benchmark_ops", ["--seq-lens", "40", "--batch", "2", "--channels", "8"]),
+    ("benchmark_attention", ["--seq-lens", "40", "--batch", "2", "--channels", "16", "--heads", "2"]),
+])
+def test_kernel_and_attention_benchmarks(script, argv, tmp_path):
+    if script == "benchmark_ops" and not enact_ops.compiled_available("cpu"):
+        pytest.skip("enact_ops._C is not built")
+    out = tmp_path / f"{script}.json"
+    cmd = [sys.executable, os.path.join(ROOT, "tools", f"{script}.py"), "--repeats", "1", "--out", str(out), *argv]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["tool"] == script and result["rows"] and result["memory_measure"]
+    for row in result["rows"]:
+        times = row["times_s"].values() if "times_s" in row else [row["time_s"]]
+        assert all(t > 0 for t in times)

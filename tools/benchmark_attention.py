@@ -15,7 +15,6 @@ variant; on CUDA torch.cuda.max_memory_allocated above the inputs.
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from projects.enact import EnactAttention, MultiheadAttention  # noqa: E402
-from benchmark_utils import peak_rss_bytes, reset_peak_rss, rss_bytes, sync, timed  # noqa: E402
+from benchmark_utils import peak_rss_bytes, reset_peak_rss, rss_bytes, sync, timed, write_result  # noqa: E402
 
 VARIANTS = {
     "mhsa-sdpa": lambda a: MultiheadAttention(a.channels, a.heads, a.dropout, a.dropout, attention="sdpa"),
@@ -128,18 +127,7 @@ def main():
         print(f"{row['N']:>6} {row['variant']:>22} | {row['time_s'] * 1e3:>9.1f} | {row['peak_bytes'] / 2**20:>9.1f} | "
               f"{row.get('clusters_per_image', float('nan')):>7.1f} | {fmt('time_ratio_vs_sdpa'):>7} "
               f"{fmt('memory_ratio_vs_sdpa'):>8} | {fmt('time_ratio_vs_eager'):>7} {fmt('memory_ratio_vs_eager'):>9}")
-    result = dict(
-        tool="benchmark_attention", device=str(device),
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        cpu_threads=torch.get_num_threads(), torch=torch.__version__, args={k: v for k, v in vars(args).items() if not k.startswith("worker")},
-        memory_measure="cuda max_memory_allocated above inputs" if device.type == "cuda"
-        else "peak RSS increase over the state before the measured call, fresh process per variant",
-        rows=rows,
-    )
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_result(args.out, "benchmark_attention", device, rows, args={k: v for k, v in vars(args).items() if not k.startswith("worker")})
 
 
 if __name__ == "__main__":

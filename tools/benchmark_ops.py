@@ -13,7 +13,6 @@ the process's state just before the measured calls, one fresh process per (backe
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import enact_ops  # noqa: E402
-from benchmark_utils import peak_rss_bytes, reset_peak_rss, rss_bytes, sync, timed  # noqa: E402
+from benchmark_utils import peak_rss_bytes, reset_peak_rss, rss_bytes, sync, timed, write_result  # noqa: E402
 
 BACKENDS = ("compiled", "reference")
 
@@ -133,19 +132,7 @@ def main():
               f"  | {times['pool/compiled'] * 1e3:>12.2f} / {times['pool/reference'] * 1e3:>12.2f}  |"
               f" {row['speedup']:>7.2f}x | {mem['compiled'] / 2**20:>9.1f} / {mem['reference'] / 2**20:>9.1f} |"
               f" {row['memory_ratio']:>8.2f}x")
-    result = dict(
-        tool="benchmark_ops", device=str(device),
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        cpu_threads=torch.get_num_threads(), torch=torch.__version__, batch=args.batch, channels=args.channels,
-        dtype=str(args.dtype), mean_run=args.mean_run, repeats=args.repeats,
-        memory_measure="cuda max_memory_allocated above inputs" if device.type == "cuda"
-        else "peak RSS increase over the state before the measured call, fresh process per case",
-        rows=rows,
-    )
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_result(args.out, "benchmark_ops", device, rows, batch=args.batch, channels=args.channels, dtype=str(args.dtype), mean_run=args.mean_run, repeats=args.repeats)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""Measurement helpers shared by the benchmark tools: peak memory and synchronised timing."""
+"""Measurement helpers shared by the benchmark tools: peak memory, synchronised timing, JSON output."""
+import json
 import os
+import platform
 import time
 
 import torch
 
-__all__ = ["rss_bytes", "peak_rss_bytes", "reset_peak_rss", "sync", "timed"]
+__all__ = ["rss_bytes", "peak_rss_bytes", "reset_peak_rss", "sync", "timed", "write_result"]
 
 
 def rss_bytes() -> int:
@@ -44,3 +46,19 @@ def timed(fn, device: torch.device) -> float:
     fn()
     sync(device)
     return time.perf_counter() - t0
+
+
+def write_result(path: str, tool: str, device: torch.device, rows, **fields) -> None:
+    """Write a benchmark's JSON: the tool, the machine, how memory was measured, the rows."""
+    result = dict(
+        tool=tool, device=str(device),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        cpu_threads=torch.get_num_threads(), torch=torch.__version__,
+        memory_measure="cuda max_memory_allocated above the inputs" if device.type == "cuda"
+        else "peak RSS increase over the state before the measured call, fresh process per case",
+        **fields, rows=rows,
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
