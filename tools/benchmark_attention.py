@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from projects.enact import EnactAttention, MultiheadAttention  # noqa: E402
-from benchmark_utils import peak_rss_bytes, reset_peak_rss, rss_bytes, sync, timed, write_result  # noqa: E402
+from benchmark_utils import peak_memory_increase, timed, write_result  # noqa: E402
 
 VARIANTS = {
     "mhsa-sdpa": lambda a: MultiheadAttention(a.channels, a.heads, a.dropout, a.dropout, attention="sdpa"),
@@ -57,20 +57,9 @@ def memory_worker(args):
     device = torch.device(args.device)
     step(*make_case(args, 64, device, args.worker_variant))  # warm-up: lazy inits, thread pools
     case = make_case(args, args.worker_n, device, args.worker_variant)
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        step(*case)
-        sync(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        reset_peak_rss()
-        base = rss_bytes()
-        step(*case)
-        peak = peak_rss_bytes() - base
+    peak = peak_memory_increase(lambda: step(*case), device)
     stats = case[0].statistics() if hasattr(case[0], "statistics") else {}
-    print(json.dumps({"peak_bytes": max(peak, 0), "stats": stats}))
+    print(json.dumps({"peak_bytes": peak, "stats": stats}))
 
 
 def measure_memory(args, seq_len, variant):

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import enact_ops  # noqa: E402
-from benchmark_utils import peak_rss_bytes, reset_peak_rss, rss_bytes, sync, timed, write_result  # noqa: E402
+from benchmark_utils import peak_memory_increase, timed, write_result  # noqa: E402
 
 BACKENDS = ("compiled", "reference")
 
@@ -70,19 +70,8 @@ def memory_worker(args):
     pool_step(args.worker_backend, *make_inputs(2, 64, 8, args.mean_run, device, args.dtype))
     inputs = make_inputs(args.batch, args.worker_n, args.channels, args.mean_run, device, args.dtype)
     seg = enact_ops.segment_runs(*inputs[:2], backend=args.worker_backend)
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        pool_step(args.worker_backend, *inputs, seg=seg)
-        sync(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        reset_peak_rss()
-        base = rss_bytes()
-        pool_step(args.worker_backend, *inputs, seg=seg)
-        peak = peak_rss_bytes() - base
-    print(json.dumps({"peak_bytes": max(peak, 0)}))
+    peak = peak_memory_increase(lambda: pool_step(args.worker_backend, *inputs, seg=seg), device)
+    print(json.dumps({"peak_bytes": peak}))
 
 
 def measure_memory(args, seq_len, backend):

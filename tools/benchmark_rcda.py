@@ -38,7 +38,7 @@ from projects.enact.modeling.attention import MultiheadAttention  # noqa: E402
 from projects.enact.modeling.enact import EnactAttention  # noqa: E402
 from projects.enact.modeling.enact_rcda import EnactRCDAEncoder  # noqa: E402
 from projects.enact.modeling.transformer import TransformerEncoder  # noqa: E402
-from benchmark_utils import peak_rss_bytes, reset_peak_rss, rss_bytes, sync, timed  # noqa: E402
+from benchmark_utils import peak_memory_increase, timed  # noqa: E402
 
 
 def _common(a):
@@ -109,19 +109,8 @@ def memory_worker(args):
     device = torch.device(args.device)
     step(*make_case(args, 10, 12, device, args.worker_variant))  # warm-up: lazy inits, thread pools
     module, inputs = make_case(args, args.height, args.width, device, args.worker_variant)
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        step(module, inputs)
-        sync(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        reset_peak_rss()
-        base = rss_bytes()
-        step(module, inputs)
-        peak = peak_rss_bytes() - base
-    print(json.dumps({"peak_bytes": max(peak, 0), "stats": cluster_statistics(module)}))
+    peak = peak_memory_increase(lambda: step(module, inputs), device)
+    print(json.dumps({"peak_bytes": peak, "stats": cluster_statistics(module)}))
 
 
 def measure_memory(args, variant):

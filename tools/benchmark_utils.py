@@ -6,7 +6,7 @@ import time
 
 import torch
 
-__all__ = ["rss_bytes", "peak_rss_bytes", "reset_peak_rss", "sync", "timed", "write_result"]
+__all__ = ["rss_bytes", "peak_rss_bytes", "reset_peak_rss", "peak_memory_increase", "sync", "timed", "write_result"]
 
 
 def rss_bytes() -> int:
@@ -32,6 +32,24 @@ def reset_peak_rss() -> None:
             f.write("5")
     except OSError:
         pass
+
+
+def peak_memory_increase(fn, device: torch.device) -> int:
+    """Bytes by which one call of fn raises the peak memory: torch.cuda.max_memory_allocated above
+    what was allocated before the call on CUDA, VmHWM above the RSS before the call on CPU."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        reset_peak_rss()
+        base = rss_bytes()
+        fn()
+        peak = peak_rss_bytes() - base
+    return max(peak, 0)
 
 
 def sync(device: torch.device) -> None:
