@@ -16,13 +16,13 @@ import os
 import sys
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.engine import create_ddp_model, default_argument_parser, default_setup, default_writers, hooks, launch
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from projects.enact.checkpoint.checkpointer import EnactCheckpointer  # noqa: E402
 from projects.enact.data import check_dataset_available  # noqa: E402
 from projects.enact.engine import DetrTrainer, EnactStatsHook  # noqa: E402
 
@@ -73,7 +73,7 @@ def do_train(args, cfg):
         clip_max_norm=cfg.train.get("clip_max_norm", 0.1),
         amp=amp.get("enabled", False), amp_dtype=amp.get("dtype", "float16"), device=device,
     )
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = EnactCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     trainer.register_hooks([
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
@@ -95,7 +95,7 @@ def main(args):
     if args.eval_only:
         model = instantiate(cfg.model).to(_check_device(cfg))
         model = create_ddp_model(model)
-        DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        EnactCheckpointer(model).load(cfg.train.init_checkpoint)
         return do_test(cfg, model)
     do_train(args, cfg)
 
