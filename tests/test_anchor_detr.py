@@ -142,6 +142,45 @@ def test_rcda_matches_naive_reference_and_ignores_padding(h, w):
     )
 
 
+def test_rcda_key_pooling_all_averages_over_the_padded_map_like_the_authors_code():
+    torch.manual_seed(0)
+    b, h, w, c = 2, 3, 4, 8
+    key_x, key_y = torch.randn(b, h, w, c), torch.randn(b, h, w, c)
+    mask = torch.zeros(b, h, w, dtype=torch.bool)
+    mask[1, 2:, :] = True
+    mask[1, :, 3:] = True
+    k_x, k_y, pad_x, pad_y = MultiheadRCDA.pool_keys(key_x, key_y, mask, "all")
+    torch.testing.assert_close(k_x, key_x.mean(1))
+    torch.testing.assert_close(k_y, key_y.mean(2))
+    assert pad_x[1].tolist() == [False, False, False, True] and pad_y[1].tolist() == [False, False, True]
+    v_x, _, v_pad_x, _ = MultiheadRCDA.pool_keys(key_x, key_y, mask)  # "valid"
+    torch.testing.assert_close(v_x[1, :3], key_x[1, :2, :3].mean(0))
+    assert not torch.allclose(v_x[1], k_x[1]) and torch.equal(v_pad_x, pad_x)
+    torch.testing.assert_close(v_x[0], k_x[0])  # an unpadded image: both the same
+
+    attn = MultiheadRCDA(c, 2, key_pooling="all")
+    q = torch.randn(b, 5, c)
+    value = torch.randn(b, h, w, c)
+    out_all = attn(q, q, key_x, key_y, value, key_padding_mask=mask)
+    attn.key_pooling = "valid"
+    out_valid = attn(q, q, key_x, key_y, value, key_padding_mask=mask)
+    torch.testing.assert_close(out_all[0], out_valid[0])
+    assert not torch.allclose(out_all[1], out_valid[1])
+
+    transformer = AnchorDETRTransformer(
+        RCDAEncoder(num_layers=1, embed_dim=c, ffn_dim=16, num_heads=2),
+        num_decoder_layers=1, num_heads=2, ffn_dim=16, num_anchors=4, num_patterns=1,
+        rcda_key_pooling="all",
+    )
+    pools = [m.key_pooling for m in transformer.modules() if isinstance(m, MultiheadRCDA)]
+    assert pools == ["all", "all"]
+    with pytest.raises(ValueError, match="key_pooling must be one of"):
+        MultiheadRCDA(c, 2, key_pooling="padded")
+    with pytest.raises(ValueError, match="key_pooling must be one of"):
+        AnchorDETRTransformer(RCDAEncoder(num_layers=1, embed_dim=c, ffn_dim=16, num_heads=2),
+                              num_heads=2, rcda_key_pooling="mean")
+
+
 def test_positions_and_queries():
     mask = torch.zeros(2, 4, 6, dtype=torch.bool)
     mask[1, 2:, :] = True

@@ -308,6 +308,11 @@ def convert_original(
         report.notes.append(
             f"dropped {len(counters)} BatchNorm num_batches_tracked counter(s) (frozen BN has none)"
         )
+    if source == "anchor_detr":
+        report.notes.append(
+            "the authors' RCDA averages its keys over padded pixels too; set "
+            "model.transformer.rcda_key_pooling=all to reproduce their outputs exactly on padded batches"
+        )
     return out, report
 
 

@@ -47,7 +47,7 @@ from torch import nn
 from .attention import MultiheadAttention
 from .backbone import build_resnet_backbone
 from .detr import MLP, ReferencePointDETR, focal_set_criterion, inverse_sigmoid
-from .rcda import MultiheadRCDA
+from .rcda import MultiheadRCDA, check_key_pooling
 from .transformer import (
     EncoderStack,
     TransformerEncoder,
@@ -279,6 +279,9 @@ class AnchorDETRTransformer(nn.Module):
             centres of a round(sqrt(A))^2 grid; A is changed to that square).
         reset_parameters: Xavier-uniform initialisation of the weight matrices of the encoder and
             decoder layers (the prototype copies then differ between layers).
+        rcda_key_pooling: ``key_pooling`` of every :class:`MultiheadRCDA` (encoder and decoder):
+            "valid" (default, batch-independent) or "all" (the authors' code, to reproduce a
+            released model's outputs exactly on padded batches).
     """
 
     def __init__(
@@ -293,8 +296,10 @@ class AnchorDETRTransformer(nn.Module):
         num_patterns: int = 3,
         anchor_prior: str = "learned",
         reset_parameters: bool = True,
+        rcda_key_pooling: str = "valid",
     ):
         super().__init__()
+        check_key_pooling(rcda_key_pooling)
         if num_decoder_layers < 1 or num_anchors < 1 or num_patterns < 1:
             raise ValueError(
                 f"num_decoder_layers ({num_decoder_layers}), num_anchors ({num_anchors}) and "
@@ -330,6 +335,9 @@ class AnchorDETRTransformer(nn.Module):
         self.adapt_pos1d = _position_mlp(embed_dim)
         if reset_parameters:
             self._reset_parameters()
+        for module in self.modules():
+            if isinstance(module, MultiheadRCDA):
+                module.key_pooling = rcda_key_pooling
 
     def _reset_parameters(self) -> None:
         for module in (self.encoder, self.decoder_layers):

@@ -258,7 +258,9 @@ class EnactRCDAEncoderLayer(RCDAEncoderLayer):
             raise ValueError(f"mask must be (B, H, W) = {(b, h, w)}, got {tuple(mask.shape)}")
         src_x = src + pos_x[:, None, :, :]  # (B, H, W, C)
         src_y = src + pos_y[:, :, None, :]  # (B, H, W, C)
-        key_x, key_y, pad_x, pad_y = MultiheadRCDA.pool_keys(src_x, src_y, mask)  # (B,W,C), (B,H,C)
+        key_x, key_y, pad_x, pad_y = MultiheadRCDA.pool_keys(
+            src_x, src_y, mask, self.self_attn.key_pooling
+        )  # (B,W,C), (B,H,C)
         grid = cluster_grid(self.cluster_x, self.cluster_y, key_x, key_y, src, pad_x, pad_y)
         out = rcda_attention_on_grid(
             self.self_attn,

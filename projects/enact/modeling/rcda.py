@@ -71,6 +71,14 @@ def rcda_combine(a_x: torch.Tensor, a_y: torch.Tensor, v: torch.Tensor) -> torch
     return torch.einsum("bnqw,bnqwd->bnqd", a_x, cols)
 
 
+KEY_POOLINGS = ("valid", "all")
+
+
+def check_key_pooling(key_pooling: str) -> None:
+    if key_pooling not in KEY_POOLINGS:
+        raise ValueError(f"key_pooling must be one of {KEY_POOLINGS}, got {key_pooling!r}")
+
+
 class MultiheadRCDA(nn.Module):
     """Multi-head row-column decoupled attention.
 
@@ -79,6 +87,10 @@ class MultiheadRCDA(nn.Module):
         num_heads: number of heads n (C must be a multiple of n).
         dropout: dropout on the two attention distributions (training only).
         bias: biases of the projections.
+        key_pooling: how the key maps are averaged into column / row keys when a padding mask is
+            given: "valid" (default) over the valid pixels only, so an image's output does not
+            depend on how much the batch pads it; "all" over the whole padded map, as the authors'
+            code does (use it to reproduce a released Anchor DETR's outputs on padded batches).
 
     Parameters: five input projections (``q_x_proj``, ``q_y_proj``, ``k_x_proj``, ``k_y_proj``,
     ``v_proj``) and ``out_proj``, all C x C; Xavier-uniform weights, zero biases.
@@ -86,8 +98,13 @@ class MultiheadRCDA(nn.Module):
     ``forward`` returns the attention output (B, Q, C) *without* residual connection.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True):
+    def __init__(
+        self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+        key_pooling: str = "valid",
+    ):
         super().__init__()
+        check_key_pooling(key_pooling)
+        self.key_pooling = key_pooling
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads != 0:
             raise ValueError(
                 f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})"
@@ -119,10 +136,14 @@ class MultiheadRCDA(nn.Module):
 
     @staticmethod
     def pool_keys(
-        key_x: torch.Tensor, key_y: torch.Tensor, key_padding_mask: Optional[torch.Tensor]
+        key_x: torch.Tensor, key_y: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+        key_pooling: str = "valid",
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Column keys (B, W, C), row keys (B, H, C) as means over the valid pixels, and the
-        masks of the columns / rows without any valid pixel, (B, W) / (B, H) (or None)."""
+        """Column keys (B, W, C), row keys (B, H, C) as means over the valid pixels ("valid") or
+        over all pixels of the padded map ("all"), and the masks of the columns / rows without
+        any valid pixel, (B, W) / (B, H) (or None)."""
+        if key_padding_mask is not None and key_pooling == "all":
+            return key_x.mean(1), key_y.mean(2), key_padding_mask.all(1), key_padding_mask.all(2)
         if key_padding_mask is None:
             return key_x.mean(1), key_y.mean(2), None, None
         valid = (~key_padding_mask).to(key_x.dtype)[..., None]  # (B, H, W, 1)
@@ -139,7 +160,7 @@ class MultiheadRCDA(nn.Module):
         key_padding_mask: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """A_x (B, n, Q, W) and A_y (B, n, Q, H), without dropout (for inspection)."""
-        k_x, k_y, pad_x, pad_y = self.pool_keys(key_x, key_y, key_padding_mask)
+        k_x, k_y, pad_x, pad_y = self.pool_keys(key_x, key_y, key_padding_mask, self.key_pooling)
         return rcda_weights(
             self._heads(self.q_x_proj(query_x)),
             self._heads(self.q_y_proj(query_y)),
@@ -190,4 +211,7 @@ class MultiheadRCDA(nn.Module):
         return self.out_proj(out)
 
     def extra_repr(self) -> str:
-        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}"
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "
+            f"key_pooling={self.key_pooling!r}"
+        )
