@@ -1,11 +1,13 @@
 # The small from-scratch model of the shapes demos, applied to a detector's model config:
-# R18 with GroupNorm (no pretrained weights exist here, and frozen BN would not train) up to res4
-# (stride 16: ~10 x 12 tokens), d = 128, 3 + 3 layers, 8 heads, FFN 512, no dropout, 20 queries.
+# R18 with trainable BatchNorm (no pretrained weights exist here, and frozen BN would not train; BN
+# with batch statistics learns this data several times faster than GroupNorm: DETR reached AP 0.88
+# vs 0.0003 after 600 iterations) up to res4 (stride 16: ~10 x 12 tokens), d = 128, 3 + 3 layers,
+# 8 heads, FFN 512, no dropout, 20 queries.
 from projects.enact.modeling.criterion import aux_weight_dict
 
 
 def shrink_for_shapes(model, class_weight: float, num_classes: int = 4, num_queries: int = 20):
-    model.backbone.update(depth=18, freeze_at=0, norm="GN", out_features=("res4",))
+    model.backbone.update(depth=18, freeze_at=0, norm="BN", out_features=("res4",))
     model.in_features = "res4"
     model.in_channels = 256
     model.embed_dim = 128
