@@ -38,6 +38,7 @@ __all__ = [
     "segment_uniform",
     "uniform_chunk_length",
     "segment_softmax_pool",
+    "segment_softmax_pool_backward_sum",
 ]
 
 BACKENDS = ("auto", "compiled", "reference")
@@ -232,3 +233,29 @@ def segment_softmax_pool(
     else:
         pooled, weights = reference.segment_softmax_pool(scores, features, seg)
     return pooled, weights, seg.cluster_mask()
+
+
+def segment_softmax_pool_backward_sum(
+    grad_pooled: Sequence[torch.Tensor],
+    features: Sequence[torch.Tensor],
+    weights: torch.Tensor,
+    seg: Segmentation,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Backward of the compiled ``segment_softmax_pool`` for features of one width whose
+    input-gradients flow into one tensor (e.g. keys = src + pos and values = src): returns
+    ``grad_scores`` (B, N) and ``sum_f dL/dfeatures[f]`` (B, N, C) as one tensor laid out like
+    ``features[0]`` -- one full-size gradient instead of one per feature.
+
+    ``weights`` are the pooling weights of the forward; ``grad_pooled[f]`` is (B, M_max, C).
+    On CPU one fused kernel; elsewhere the per-feature kernel, summed.
+    """
+    features = [x if x.stride(-1) == 1 else x.contiguous() for x in features]
+    grad_pooled = list(grad_pooled)
+    args = (weights, seg.tokens, seg.seg_starts, seg.seg_batch, seg.row_offsets)
+    if weights.device.type == "cpu":
+        return torch.ops.enact_ops.segment_softmax_pool_backward_sum(grad_pooled, features, *args)
+    grad_scores, grads = torch.ops.enact_ops.segment_softmax_pool_backward(grad_pooled, features, *args)
+    total = grads[0]
+    for g in grads[1:]:
+        total.add_(g)
+    return grad_scores, total

@@ -8,7 +8,8 @@ from torch.func import functional_call
 
 import enact_ops
 from projects.enact import EnactAttention, EnactClustering, MultiheadAttention
-from projects.enact.modeling.enact import curvature_sign, gaussian_kernel, smooth
+from projects.enact.modeling.attention import multi_head_attention
+from projects.enact.modeling.enact import _projection, curvature_sign, gaussian_kernel, smooth
 
 BACKENDS = ["reference"] + (["compiled"] if enact_ops.compiled_available("cpu") else [])
 
@@ -220,6 +221,126 @@ def test_gradcheck_whole_module_float64():
     inputs = (x.clone().requires_grad_(), params[0].detach().clone().requires_grad_(), params[1].detach().clone().requires_grad_())
     assert torch.autograd.gradcheck(g, inputs, fast_mode=True)
     assert frozen["seg"].num_clusters.min() > 1
+
+
+@pytest.mark.parametrize("seq_first", [False, True])
+@pytest.mark.parametrize("use", ["both", "key", "value"])
+@pytest.mark.parametrize("mode", ["segments", "uniform"])
+def test_shared_clustering_matches_plain(seq_first, use, mode):
+    """forward_shared(key = value + pos, value) == forward(key, value): outputs, and the gradients
+    of value, pos and W_prob (the fused backward sums the key's gradients into value's)."""
+    torch.manual_seed(0)
+    B, N, C = 3, 40, 8
+    m = EnactClustering(C, sigma=1, mode=mode).double()
+    with torch.no_grad():
+        m.w_prob.weight.normal_(0, 3.0)
+        m.w_prob.bias.fill_(0.2)
+    src = torch.randn(N, B, C, dtype=torch.float64) if seq_first else torch.randn(B, N, C, dtype=torch.float64)
+    pos = torch.randn_like(src)
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    mask[0, 31:] = True
+    mask[2, 5:9] = True
+    results = []
+    for shared in (False, True):
+        m.zero_grad()
+        s, p = src.clone().requires_grad_(), pos.clone().requires_grad_()
+        value, key_pos = (s.transpose(0, 1), p.transpose(0, 1)) if seq_first else (s, p)
+        key = value + key_pos
+        out = m.forward_shared(key, value, key_pos, mask) if shared else m(key, value, mask)
+        loss = 0
+        if use in ("both", "key"):
+            loss = loss + (out.key * torch.linspace(-1, 2, C, dtype=torch.float64)).pow(2).sum()
+        if use in ("both", "value"):
+            loss = loss + (out.value * torch.linspace(1, -3, C, dtype=torch.float64)).sin().sum()
+        loss.backward()
+        results.append((out, s.grad, p.grad, m.w_prob.weight.grad.clone(), m.w_prob.bias.grad.clone()))
+    (plain, *plain_grads), (fused, *fused_grads) = results
+    for a, b in zip(fused[:2] + fused[3:], plain[:2] + plain[3:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("x_seq_first", [False, True])
+@pytest.mark.parametrize("identity_seq_first", [None, False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("expanded_grad", [False, True])
+def test_projection_matches_linear(x_seq_first, identity_seq_first, bias, expanded_grad):
+    torch.manual_seed(0)
+    B, N, C_in, C_out = 3, 7, 6, 5
+
+    def make(c, seq_first):
+        t = torch.randn(N, B, c, dtype=torch.float64) if seq_first else torch.randn(B, N, c, dtype=torch.float64)
+        return t.requires_grad_()
+
+    x = make(C_in, x_seq_first)
+    ident = make(C_out, identity_seq_first) if identity_seq_first is not None else None
+    w = torch.randn(C_out, C_in, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(C_out, dtype=torch.float64, requires_grad=True) if bias else None
+    view = lambda t, sf: t.transpose(0, 1) if sf else t  # noqa: E731
+    g = torch.ones((), dtype=torch.float64).expand(B, N, C_out) if expanded_grad else torch.randn(B, N, C_out, dtype=torch.float64)
+    results = []
+    for ours in (True, False):
+        leaves = [t for t in (x, ident, w, b) if t is not None]
+        xv = view(x, x_seq_first)
+        iv = view(ident, identity_seq_first) if ident is not None else None
+        if ours:
+            y = _projection(xv, w, b, iv)
+        else:
+            y = torch.nn.functional.linear(xv, w, b)
+            y = y if iv is None else iv + y
+        grads = torch.autograd.grad(y, leaves, g)
+        results.append((y, grads))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    for a, c in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+    if identity_seq_first is not None:  # the residual keeps identity's layout
+        assert results[0][0].stride() == view(ident, identity_seq_first).stride()
+    with torch.no_grad():  # plain ops (traceable), same values
+        iv = view(ident, identity_seq_first) if ident is not None else None
+        torch.testing.assert_close(_projection(view(x, x_seq_first), w, b, iv), results[1][0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("learned_pos", [False, True])
+def test_attention_matches_plain_composition(batch_first, learned_pos):
+    """EnactAttention (fused clustering backward, projections without copies, residual fused into
+    the output projection) == EnactClustering + multi_head_attention + residual, written plainly:
+    output and the gradients of the input, the position embedding and every parameter."""
+    torch.manual_seed(0)
+    N, B, C = 37, 3, 16
+    m = EnactAttention(C, 4, sigma=1, batch_first=batch_first).double()
+    with torch.no_grad():
+        m.clustering.w_prob.weight.normal_(0, 2.0)
+        m.clustering.w_prob.bias.fill_(0.1)
+        m.attn.in_proj_bias.normal_()
+        m.attn.out_proj.bias.normal_()
+    x = torch.randn(N, B, C, dtype=torch.float64)
+    pos = torch.randn(N, B, C, dtype=torch.float64)
+    if batch_first:
+        x, pos = x.transpose(0, 1).contiguous(), pos.transpose(0, 1).contiguous()
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    mask[1, 30:] = True
+    results = []
+    for plain in (False, True):
+        m.zero_grad()
+        xx, pp = x.clone().requires_grad_(), pos.clone().requires_grad_(learned_pos)
+        if plain:
+            src, p = (xx, pp) if batch_first else (xx.transpose(0, 1), pp.transpose(0, 1))
+            c = m.clustering(src + p, src, mask)
+            out = src + multi_head_attention(src + p, c.key, c.value, m.attn, c.cluster_mask)
+            out = out if batch_first else out.transpose(0, 1)
+        else:
+            out = m(xx, query_pos=pp, key_padding_mask=mask)
+        g = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        out.backward(g)
+        grads = [xx.grad] + ([pp.grad] if learned_pos else []) + [t.grad.clone() for t in m.parameters()]
+        results.append((out, grads))
+    (ours, ours_grads), (ref, ref_grads) = results
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    assert len(ours_grads) == len(ref_grads)
+    for a, b in zip(ours_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_uniform_mode_chunks():

@@ -192,6 +192,32 @@ def test_pool_low_precision_accumulates_in_float(device, dtype):
     torch.testing.assert_close(weights, ref_w)
 
 
+@needs_compiled_cpu
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["runs", "uniform"])
+@pytest.mark.parametrize("seq_first", [False, True])
+def test_pool_backward_sum_is_the_sum_of_the_feature_gradients(device, mode, seq_first):
+    """segment_softmax_pool_backward_sum: one gradient, sum over the features, laid out like
+    features[0], and the scores' gradient of the per-feature backward."""
+    sign, mask, scores, k, _ = _batch(3, 57, 8, pad_rows=[0], all_pad_rows=[2], seed=5, device=device)
+    v = torch.randn_like(k)
+    seg = segment_runs(sign, mask) if mode == "runs" else segment_uniform(mask, 4)
+    if seq_first:  # (N, B, C) memory viewed as (B, N, C)
+        k, v = (t.transpose(0, 1).contiguous().transpose(0, 1) for t in (k, v))
+    s, kk, vv = (t.detach().clone().requires_grad_() for t in (scores, k, v))
+    pooled, weights, _ = segment_softmax_pool(s, [kk, vv], seg, backend="compiled")
+    g = [torch.randn_like(p) for p in pooled]
+    torch.autograd.backward(pooled, g)
+    grad_scores, grad_sum = enact_ops.ops.segment_softmax_pool_backward_sum(g, [k, v], weights.detach(), seg)
+    torch.testing.assert_close(grad_scores, s.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_sum, kk.grad + vv.grad, rtol=1e-10, atol=1e-12)
+    if device == "cpu":
+        assert grad_sum.stride() == k.stride()
+    assert torch.all(grad_sum[seg.cluster_ids < 0] == 0)
+    grad_scores, grad_one = enact_ops.ops.segment_softmax_pool_backward_sum(g[1:], [v], weights.detach(), seg)
+    torch.testing.assert_close(grad_one, vv.grad, rtol=1e-10, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input
 # ---------------------------------------------------------------------------------------------

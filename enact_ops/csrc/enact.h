@@ -32,6 +32,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> segment_softmax_pool_backward_cp
     at::TensorList grad_pooled, at::TensorList features, const at::Tensor& weights,
     const at::Tensor& tokens, const at::Tensor& seg_starts, const at::Tensor& seg_batch,
     const at::Tensor& row_offsets);
+std::tuple<at::Tensor, at::Tensor> segment_softmax_pool_backward_sum_cpu(
+    at::TensorList grad_pooled, at::TensorList features, const at::Tensor& weights,
+    const at::Tensor& tokens, const at::Tensor& seg_starts, const at::Tensor& seg_batch,
+    const at::Tensor& row_offsets);
 
 #ifdef WITH_CUDA
 // ---- CUDA -------------------------------------------------------------------------------------

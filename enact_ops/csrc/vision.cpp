@@ -62,6 +62,9 @@ TORCH_LIBRARY(enact_ops, m) {
   m.def("segment_softmax_pool_backward(Tensor[] grad_pooled, Tensor[] features, Tensor weights, "
         "Tensor tokens, Tensor seg_starts, Tensor seg_batch, Tensor row_offsets) -> "
         "(Tensor, Tensor[])");
+  m.def("segment_softmax_pool_backward_sum(Tensor[] grad_pooled, Tensor[] features, "
+        "Tensor weights, Tensor tokens, Tensor seg_starts, Tensor seg_batch, Tensor row_offsets) "
+        "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(enact_ops, CPU, m) {
@@ -69,6 +72,7 @@ TORCH_LIBRARY_IMPL(enact_ops, CPU, m) {
   m.impl("segment_uniform", &enact::segment_uniform_cpu);
   m.impl("segment_softmax_pool_forward", &enact::segment_softmax_pool_forward_cpu);
   m.impl("segment_softmax_pool_backward", &enact::segment_softmax_pool_backward_cpu);
+  m.impl("segment_softmax_pool_backward_sum", &enact::segment_softmax_pool_backward_sum_cpu);
 }
 
 #ifdef WITH_CUDA

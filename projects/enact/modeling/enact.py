@@ -22,10 +22,11 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 import enact_ops
 
-from .attention import MultiheadAttention
+from .attention import ATTENTION_BACKENDS, MultiheadAttention
 
 __all__ = [
     "CLUSTERING_MODES",
@@ -40,6 +41,114 @@ __all__ = [
 
 CLUSTERING_MODES = ("segments", "uniform")
 _CURVATURE = (-1.0, 2.0, -1.0)
+
+
+def _rows(x: torch.Tensor) -> Tuple[Optional[torch.Tensor], bool]:
+    """The (B*N, C) or (N*B, C) matrix of a (B, N, C) tensor in its memory order, as a view:
+    (rows, True) for a contiguous x, (rows, False) for the transposed view of a contiguous (N, B, C)
+    tensor (DETR's sequence-first layout), (None, ...) for any other layout."""
+    if x.is_contiguous():
+        return x.reshape(-1, x.shape[-1]), True
+    t = x.transpose(0, 1)
+    if t.is_contiguous():
+        return t.reshape(-1, x.shape[-1]), False
+    return None, True
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear of a (B, N, C) tensor without a contiguous copy of a sequence-first x: the
+    projection runs on the (N, B, C) tensor; the result is a (B, N, C_out) view laid out like x."""
+    rows, batch_major = _rows(x)
+    if rows is None or batch_major:
+        return F.linear(x, weight, bias)
+    return F.linear(x.transpose(0, 1), weight, bias).transpose(0, 1)
+
+
+def _same_order(t: torch.Tensor, batch_major: bool) -> bool:
+    """True if ``_rows(t)`` exists and lies in the given memory order."""
+    rows, order = _rows(t)
+    return rows is not None and order == batch_major
+
+
+def _weight_grad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum_{b, n} g[b, n]^T x[b, n] for g (B, N, C_out) and x (B, N, C_in): one GEMM over the rows
+    when both lie in the same memory order, else one batched GEMM (strided operands, no copy)."""
+    g_rows, g_order = _rows(g)
+    x_rows, x_order = _rows(x)
+    if g_rows is not None and x_rows is not None and g_order == x_order:
+        return g_rows.t().mm(x_rows)
+    return torch.bmm(g.transpose(1, 2), x).sum(0)
+
+
+class _Projection(torch.autograd.Function):
+    """y = x W^T (+ b) (+ identity) for x (B, N, C_in) given as a contiguous tensor or as the
+    (B, N, C) view of a contiguous sequence-first (N, B, C) tensor, with no copy of x made or kept:
+
+    * without ``identity``: y is laid out like x (one GEMM over x's rows);
+    * with ``identity`` (B, N, C_out): y = identity + x W^T + b laid out like identity, in one GEMM
+      with no separate projection output when identity lies in x's memory order (the residual
+      connection fused into the output projection).
+
+    Backward: dx is contiguous (B, N, C_in) (what SDPA's backward wants for the gradient of its
+    output), computed from a dy of either order without a copy (an expanded dy is made contiguous);
+    d identity = dy; dW as in ``_weight_grad``.  Saves x and W only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, identity):
+        rows, batch_major = _rows(x)
+        if identity is not None and _same_order(identity, batch_major):
+            out = _rows(identity)[0]
+            out = out + bias if bias is not None else out.clone()
+            out.addmm_(rows, weight.t())  # identity + b + x W^T: one pass and one GEMM
+            B, N = x.shape[:2]
+            y = out.view(B, N, -1) if batch_major else out.view(N, B, -1).transpose(0, 1)
+        else:  # one GEMM over x's rows, y laid out like x
+            out = torch.addmm(bias, rows, weight.t()) if bias is not None else rows.mm(weight.t())
+            B, N = x.shape[:2]
+            y = out.view(B, N, -1) if batch_major else out.view(N, B, -1).transpose(0, 1)
+            if identity is not None:
+                y = torch.add(identity, y, out=torch.empty_like(identity))  # identity's layout
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        gx = gw = gb = None
+        g = gy
+        if _rows(g)[0] is None or 0 in g.stride():
+            g = g.contiguous()
+        if ctx.needs_input_grad[0]:
+            g_rows, batch_major = _rows(g)
+            if batch_major:
+                gx = g_rows.mm(weight).view(x.shape)
+            else:
+                gx = torch.bmm(g, weight.expand(g.shape[0], *weight.shape))
+        if ctx.needs_input_grad[1]:
+            gw = _weight_grad(g, x)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum((0, 1))
+        return gx, gw, gb, (gy if ctx.needs_input_grad[3] else None)
+
+
+def _projection(x, weight, bias=None, identity=None):
+    """``_Projection`` where it applies (autograd on, no autocast, one dtype, layouts it takes),
+    else plain traceable ops (``_linear``, still without a layout copy of x)."""
+    rows, batch_major = _rows(x)
+    lean = (
+        rows is not None
+        and torch.is_grad_enabled()
+        and not torch.is_autocast_enabled(x.device.type)
+        and x.dtype == weight.dtype
+        and (bias is None or bias.dtype == x.dtype)
+        and (identity is None or (identity.dtype == x.dtype and _rows(identity)[0] is not None))
+    )
+    if lean:
+        return _Projection.apply(x, weight, bias, identity)
+    y = _linear(x, weight, bias)
+    return y if identity is None else identity + y
 
 
 def gaussian_kernel(sigma: int, radius: int, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -87,6 +196,66 @@ def _check_sigma(sigma) -> int:
     if isinstance(sigma, bool) or not isinstance(sigma, int) or sigma <= 0:
         raise ValueError(f"sigma must be a positive int, got {sigma!r}")
     return sigma
+
+
+class _SharedKeyValueClustering(torch.autograd.Function):
+    """Steps 1-7 for key = value + key_pos and value (encoder self-attention), on the compiled
+    kernels, with one (B, N, C) input-gradient for everything that flows into ``value``.
+
+    ``key`` enters as data only (it must equal value + key_pos); its gradients -- through the
+    pooled keys and through W_prob's logits -- are returned for ``value`` (and ``key_pos``) and
+    summed there with the pooled values' in one buffer: the fused backward kernel writes
+    w_i (dL/dK_c + dL/dV_c) and the W_prob term dL/dlogit_i W_prob is added in place, where plain
+    autograd materialises and accumulates three (B, N, C) gradients.  The (B, N) chain from the
+    logits to the smoothed scores is differentiated through a small graph recorded in forward.
+    Outputs: pooled key, pooled value, pooling weights and the segmentation's seven tensors."""
+
+    @staticmethod
+    def forward(ctx, module, key, value, key_pos, weight, bias, valid, mask):
+        logits = _linear(key, weight, bias)[..., 0]  # (B, N)
+        with torch.enable_grad():
+            leaf = logits.detach().requires_grad_()
+            smoothed, sign = module.smoothed_information(self_information(leaf, valid), valid)
+        seg = module.segment(sign, mask)
+        pooled, weights = torch.ops.enact_ops.segment_softmax_pool_forward(
+            smoothed.detach().contiguous(), [key, value], seg.tokens, seg.seg_starts, seg.seg_batch,
+            seg.row_offsets, seg.max_clusters,
+        )
+        ctx.graph = (leaf, smoothed)
+        ctx.seg = seg
+        ctx.save_for_backward(key, value, weights, weight)
+        ctx.mark_non_differentiable(weights, *seg)
+        ctx.set_materialize_grads(False)
+        return (pooled[0], pooled[1], weights, *seg)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_key, grad_value, *_):
+        key, value, weights, weight = ctx.saved_tensors
+        leaf, smoothed = ctx.graph
+        seg = ctx.seg
+        need_value, need_pos, need_weight, need_bias = (ctx.needs_input_grad[i] for i in (2, 3, 4, 5))
+        grads = [(g, x) for g, x in ((grad_key, key), (grad_value, value)) if g is not None]
+        if not grads:
+            return (None,) * 8
+        grad_scores, grad_sum = enact_ops.ops.segment_softmax_pool_backward_sum(
+            [g for g, _ in grads], [x for _, x in grads], weights, seg
+        )
+        # (B, N), 0 at pads; the small graph lives as long as ctx (the outer graph may be retained)
+        (grad_logits,) = torch.autograd.grad(smoothed, leaf, grad_scores, retain_graph=True)
+        grad_w = _weight_grad(grad_logits.unsqueeze(-1), key) if need_weight else None  # (1, C)
+        grad_b = grad_logits.sum().reshape(1) if need_bias else None
+        term = (grad_logits.unsqueeze(-1), weight.view(1, 1, -1))  # dL/dkey through the logits
+        grad_pos = None
+        if need_pos:  # dL/dkey_pos = dL/dkey: its own buffer (a learned position embedding)
+            if grad_key is not None:
+                _, grad_pos = enact_ops.ops.segment_softmax_pool_backward_sum([grad_key], [key], weights, seg)
+                grad_pos.addcmul_(*term)
+            else:
+                grad_pos = term[0] * term[1]
+        if need_value:
+            grad_sum.addcmul_(*term)
+        return None, None, (grad_sum if need_value else None), grad_pos, grad_w, grad_b, None, None
 
 
 class EnactClustering(nn.Module):
@@ -150,7 +319,7 @@ class EnactClustering(nn.Module):
 
     def information(self, key: torch.Tensor, valid: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """Steps 1-2: h = -p log2 p, p = softmax(W_prob k) over the valid tokens.  (B, N)"""
-        logits = F.linear(key.to(dtype), self.w_prob.weight.to(dtype), self.w_prob.bias.to(dtype))
+        logits = _linear(key.to(dtype), self.w_prob.weight.to(dtype), self.w_prob.bias.to(dtype))
         return self_information(logits[..., 0], valid)
 
     def smoothed_information(self, h: torch.Tensor, valid: Optional[torch.Tensor]):
@@ -183,6 +352,19 @@ class EnactClustering(nn.Module):
         chunk = enact_ops.uniform_chunk_length(runs)
         return enact_ops.segment_uniform(key_padding_mask, chunk, backend=self.backend)
 
+    @staticmethod
+    def _valid(mask: Optional[torch.Tensor]):
+        """(valid, mask) from a checked key_padding_mask; both None when nothing is padded."""
+        if mask is None:
+            return None, None
+        valid = ~mask
+        empty = (~valid.any(1)).nonzero()
+        if empty.numel():
+            raise ValueError(f"image {int(empty[0])} of the batch has no valid token (key_padding_mask all True)")
+        if bool(valid.all()):
+            return None, None
+        return valid, mask
+
     # -- the clustering step ----------------------------------------------------------------
     def forward(
         self,
@@ -196,14 +378,7 @@ class EnactClustering(nn.Module):
         extra = tuple(extra)
         mask = self._check(key, value, key_padding_mask, extra)
         B, N, _ = key.shape
-        valid = None
-        if mask is not None:
-            valid = ~mask
-            empty = (~valid.any(1)).nonzero()
-            if empty.numel():
-                raise ValueError(f"image {int(empty[0])} of the batch has no valid token (key_padding_mask all True)")
-            if bool(valid.all()):
-                valid, mask = None, None
+        valid, mask = self._valid(mask)
         dtype = torch.float64 if key.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=key.device.type, enabled=False):
             h = self.information(key, valid, dtype)  # (B, N)
@@ -220,6 +395,45 @@ class EnactClustering(nn.Module):
         self.last_num_clusters = seg.num_clusters.detach()
         self.last_num_tokens = torch.full_like(seg.num_clusters, N) if mask is None else valid.sum(1)
         return ClusterOutput(pooled[0], pooled[1], tuple(pooled[2:]), cluster_mask, seg.cluster_ids, weights)
+
+    def forward_shared(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_pos: Optional[torch.Tensor] = None,
+        key_padding_mask: Optional[torch.Tensor] = None,
+    ) -> ClusterOutput:
+        """``forward(key, value, key_padding_mask)`` for key = value + key_pos (key = value if
+        key_pos is None), the encoder self-attention case: the same outputs, and on the compiled
+        kernels (float32 / float64, autograd on) one fused backward that sends the key's gradients to
+        ``value`` and ``key_pos`` and builds the (B, N, C) gradient of ``value`` in one buffer (see
+        ``_SharedKeyValueClustering``).  ``key`` must equal value + key_pos; on that path it is
+        read as data only, elsewhere it is clustered as in ``forward``."""
+        mask = self._check(key, value, key_padding_mask, ())
+        dtype = key.dtype
+        fused = (
+            torch.is_grad_enabled()
+            and dtype in (torch.float32, torch.float64)
+            and value.dtype == dtype
+            and self.w_prob.weight.dtype == dtype
+            and value.shape == key.shape
+            and key.stride(-1) == 1
+            and value.stride(-1) == 1
+            and (key_pos is None or (key_pos.shape == key.shape and key_pos.dtype == dtype))
+            and enact_ops.ops._use_compiled(self.backend, key.device)
+        )
+        if not fused:
+            return self.forward(key, value, key_padding_mask)
+        B, N, _ = key.shape
+        valid, mask = self._valid(mask)
+        with torch.autocast(device_type=key.device.type, enabled=False):
+            pooled_key, pooled_value, weights, *seg = _SharedKeyValueClustering.apply(
+                self, key.detach(), value, key_pos, self.w_prob.weight, self.w_prob.bias, valid, mask
+            )
+        seg = enact_ops.Segmentation(*seg)
+        self.last_num_clusters = seg.num_clusters.detach()
+        self.last_num_tokens = torch.full_like(seg.num_clusters, N) if mask is None else valid.sum(1)
+        return ClusterOutput(pooled_key, pooled_value, (), seg.cluster_mask(), seg.cluster_ids, weights)
 
     def statistics(self) -> dict:
         """Clusters per image and compression N / M of the last call (floats; syncs on GPU)."""
@@ -239,6 +453,12 @@ class EnactAttention(MultiheadAttention):
     (``attn.*``) and behaviour as detrex's ``MultiheadAttention`` plus ``clustering.w_prob``, so a
     trained MHSA checkpoint loads with only ``clustering.w_prob.{weight,bias}`` missing.
     A padded cluster slot gets exactly zero attention weight.
+
+    Memory: K/V are N/M times smaller, so the full-size (B, N, C) tensors of the query path set
+    the peak.  None of them is copied for its layout (DETR's sequence-first tensors are projected
+    in place, ``_Projection``), the residual is fused into the output projection, and in encoder
+    self-attention (value = the key before its position) the clustering's backward returns one
+    (B, N, C) gradient for the input instead of three (``EnactClustering.forward_shared``).
     """
 
     def __init__(
@@ -271,10 +491,62 @@ class EnactAttention(MultiheadAttention):
     ) -> torch.Tensor:
         if attn_mask is not None:
             raise ValueError("EnactAttention does not take attn_mask: its keys are clustered (use it in the encoder only)")
+        # key = value + key_pos when the value is the key before its position (encoder self-attention)
+        key_in = query if key is None else key
+        shared = value is None or value is key_in
+        if key_pos is None and query_pos is not None and query_pos.shape == key_in.shape:
+            key_pos = query_pos  # as _prepare does
         query, key, value, identity = self._prepare(query, key, value, identity, query_pos, key_pos)
-        clustered = self.clustering(key, value, key_padding_mask)  # (B, M_max, C) each
-        out = self._attend(query, clustered.key, clustered.value, key_padding_mask=clustered.cluster_mask)
-        return identity + self.proj_drop(out)
+        if shared:
+            if key_pos is not None and not self.batch_first:
+                key_pos = key_pos.transpose(0, 1)
+            clustered = self.clustering.forward_shared(key, value, key_pos, key_padding_mask)
+        else:
+            clustered = self.clustering(key, value, key_padding_mask)  # (B, M_max, C) each
+        return self._attend_clustered(query, clustered.key, clustered.value, clustered.cluster_mask, identity)
+
+    def _attend_clustered(self, query, key, value, key_padding_mask, identity):
+        """``multi_head_attention`` of the N queries (B, N, C) against the clustered keys / values
+        (B, M, C), memory-lean: the queries' projections, the attention output and the output
+        projection keep the layout of ``query`` (for DETR's sequence-first input, a transposed
+        view of an (N, B, C) tensor), so no full-size (B, N, C) copy is made or kept for backward.
+        Returns (B, N, C) if ``batch_first`` else (N, B, C)."""
+        attn = self.attn
+        bsz, tgt_len, embed_dim = query.shape
+        src_len = key.shape[1]
+        heads = attn.num_heads
+        head_dim = embed_dim // heads
+        dropout_p = attn.dropout if self.training else 0.0
+        w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = attn.in_proj_bias.chunk(3) if attn.in_proj_bias is not None else (None,) * 3
+        q = _projection(query, w_q, b_q).view(bsz, tgt_len, heads, head_dim).transpose(1, 2)  # (B, h, N, d)
+        k = F.linear(key, w_k, b_k).view(bsz, src_len, heads, head_dim).transpose(1, 2)  # (B, h, M, d)
+        v = F.linear(value, w_v, b_v).view(bsz, src_len, heads, head_dim).transpose(1, 2)  # (B, h, M, d)
+        mask = None
+        if key_padding_mask is not None:
+            mask = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
+            mask = mask.masked_fill(key_padding_mask, float("-inf")).view(bsz, 1, 1, src_len)
+        if self.attention == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        elif self.attention == "eager":
+            logits = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(head_dim)  # (B, h, N, M)
+            if mask is not None:
+                logits = logits + mask
+            weights = torch.softmax(logits, dim=-1)
+            if dropout_p > 0.0:
+                weights = F.dropout(weights, p=dropout_p)
+            out = torch.matmul(weights, v)
+        else:
+            raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
+        out = out.transpose(1, 2).reshape(bsz, tgt_len, embed_dim)  # a view: out is laid out like q
+        if not self.batch_first:
+            identity = identity.transpose(0, 1)  # (B, N, C)
+        w_o, b_o = attn.out_proj.weight, attn.out_proj.bias
+        if self.proj_drop.p > 0.0 and self.training:
+            out = identity + self.proj_drop(_projection(out, w_o, b_o))
+        else:  # the residual fused into the output projection
+            out = _projection(out, w_o, b_o, identity)
+        return out if self.batch_first else out.transpose(0, 1)
 
     def statistics(self) -> dict:
         return self.clustering.statistics()
