@@ -11,7 +11,7 @@ import argparse
 import pickle
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -29,7 +29,14 @@ __all__ = [
     "model_kind",
     "enact_parameter_names",
     "input_format_of",
+    "INPUT_FORMATS",
+    "STEM_CONV",
+    "apply_rules",
+    "reverse_stem_channels",
 ]
+
+INPUT_FORMATS = ("BGR", "RGB")
+STEM_CONV = "backbone.stem.conv1.weight"
 
 # The detector architectures of this project that checkpoints can be converted into.
 MODEL_KINDS = ("detr", "conditional_detr", "anchor_detr")
@@ -225,3 +232,63 @@ def split_rows(tensor: torch.Tensor, parts: int, key: str) -> Tuple[torch.Tensor
             f"{key}: {tuple(tensor.shape)} cannot be split into {parts} equal projections"
         )
     return tuple(t.clone() for t in tensor.chunk(parts, dim=0))
+
+
+def apply_rules(state_dict: Mapping[str, torch.Tensor], rules: Sequence[Callable]):
+    """Run every (key, tensor) of ``state_dict`` through the first of ``rules`` that applies.
+
+    A rule maps ``(key, tensor, report, state_dict)`` to ``[(new_key, tensor), ...]`` (``[]``:
+    consumed without output) or None (does not apply).  Keys no rule takes are listed in
+    ``report.unused_source_keys``; BatchNorm ``num_batches_tracked`` counters are dropped with a
+    note; two source keys producing one new key raise.  Returns (out, origin, report), ``origin``
+    mapping every new key to its source key."""
+    report = ConversionReport()
+    out: Dict[str, torch.Tensor] = {}
+    origin: Dict[str, str] = {}
+    counters = []
+    for key, value in state_dict.items():
+        if key.endswith("num_batches_tracked"):
+            counters.append(key)
+            continue
+        produced = None
+        if isinstance(value, torch.Tensor):
+            for rule in rules:
+                produced = rule(key, value, report, state_dict)
+                if produced is not None:
+                    break
+        if produced is None:
+            report.unused_source_keys.append(key)
+            continue
+        for new_key, new_value in produced:
+            if new_key in out:
+                raise ConversionError(f"{origin[new_key]} and {key} both map to {new_key}")
+            out[new_key] = new_value
+            origin[new_key] = key
+    if counters:
+        report.notes.append(
+            f"dropped {len(counters)} BatchNorm num_batches_tracked counter(s) (frozen BN has none)"
+        )
+    return out, origin, report
+
+
+def reverse_stem_channels(
+    out: Dict[str, torch.Tensor], origin: Mapping[str, str], report: ConversionReport, input_format: str,
+    source: str,
+) -> None:
+    """For a project model reading BGR (``input_format``), reverse the input channels of the
+    stem convolution of a ``source`` trained on RGB images (in place, noted in ``report``)."""
+    if input_format not in INPUT_FORMATS:
+        raise ConversionError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
+    if input_format != "BGR" or STEM_CONV not in out:
+        return
+    weight = out[STEM_CONV]
+    if weight.dim() != 4 or weight.shape[1] != 3:
+        raise ConversionError(
+            f"{origin.get(STEM_CONV, STEM_CONV)}: shape {tuple(weight.shape)}, expected (C, 3, k, k) "
+            "for an RGB stem convolution"
+        )
+    out[STEM_CONV] = weight.flip(1).contiguous()
+    report.notes.append(
+        f"{STEM_CONV}: input channels reversed ({source} reads RGB images, the project model BGR; "
+        "pass input_format='RGB' for a model configured with RGB input)"
+    )

@@ -52,8 +52,12 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 
 from .common import (
+    INPUT_FORMATS,
+    STEM_CONV,
     ConversionError,
     ConversionReport,
+    apply_rules,
+    reverse_stem_channels,
     select_class_rows,
     split_rows,
     torchvision_resnet_to_d2,
@@ -63,7 +67,6 @@ from .common import (
 __all__ = ["DETREX_MODELS", "INPUT_FORMATS", "convert_detrex", "detect_detrex"]
 
 DETREX_MODELS = ("detr", "conditional_detr", "anchor_detr")
-INPUT_FORMATS = ("BGR", "RGB")
 
 # A rule maps one source (key, tensor) to [(new_key, tensor), ...] ([] = consumed without output)
 # or returns None when it does not apply.
@@ -323,8 +326,6 @@ RULES: Dict[str, List[Rule]] = {
     "anchor_detr": ANCHOR_DETR_RULES,
 }
 
-_STEM_CONV = "backbone.stem.conv1.weight"
-
 
 def _target_shapes(target) -> Optional[Dict[str, torch.Size]]:
     if target is None:
@@ -370,46 +371,8 @@ def convert_detrex(
             f"the checkpoint looks like detrex's {detected!r}; it cannot be converted into a "
             f"{model!r} model (the architectures differ)"
         )
-    rules = RULES[model]
-    report = ConversionReport()
-    out: Dict[str, torch.Tensor] = {}
-    origin: Dict[str, str] = {}
-    counters = []
-    for key, value in state_dict.items():
-        if key.endswith("num_batches_tracked"):
-            counters.append(key)
-            continue
-        produced = None
-        if isinstance(value, torch.Tensor):
-            for rule in rules:
-                produced = rule(key, value, report, state_dict)
-                if produced is not None:
-                    break
-        if produced is None:
-            report.unused_source_keys.append(key)
-            continue
-        for new_key, new_value in produced:
-            if new_key in out:
-                raise ConversionError(f"{origin[new_key]} and {key} both map to {new_key}")
-            out[new_key] = new_value
-            origin[new_key] = key
-    if counters:
-        report.notes.append(
-            f"dropped {len(counters)} BatchNorm num_batches_tracked counter(s) (frozen BN has none)"
-        )
-
-    if _STEM_CONV in out and input_format == "BGR":
-        weight = out[_STEM_CONV]
-        if weight.dim() != 4 or weight.shape[1] != 3:
-            raise ConversionError(
-                f"{origin[_STEM_CONV]}: shape {tuple(weight.shape)}, expected (C, 3, k, k) for an "
-                "RGB stem convolution"
-            )
-        out[_STEM_CONV] = weight.flip(1).contiguous()
-        report.notes.append(
-            f"{_STEM_CONV}: input channels reversed (detrex reads RGB images, the project model "
-            "BGR; pass input_format='RGB' for a model configured with RGB input)"
-        )
+    out, origin, report = apply_rules(state_dict, RULES[model])
+    reverse_stem_channels(out, origin, report, input_format, "detrex")
 
     shapes = _target_shapes(target)
     if shapes is not None:

@@ -27,8 +27,11 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from .common import (
+    INPUT_FORMATS,
     ConversionError,
     ConversionReport,
+    apply_rules,
+    reverse_stem_channels,
     select_class_rows,
     split_rows,
     torchvision_resnet_to_d2,
@@ -41,7 +44,6 @@ __all__ = [
     "detect_original",
 ]
 
-INPUT_FORMATS = ("BGR", "RGB")
 
 Produced = Optional[List[Tuple[str, torch.Tensor]]]  # None: rule does not apply; []: consumed
 Rule = Callable[[str, torch.Tensor, ConversionReport, Mapping[str, torch.Tensor]], Produced]
@@ -270,44 +272,8 @@ def convert_original(
             f"a {source!r} checkpoint holds a {source} model; it cannot be loaded into a "
             f"{model!r} model (architectures differ)"
         )
-    rules = ORIGINAL_SOURCES[source]
-    report = ConversionReport()
-    out: Dict[str, torch.Tensor] = {}
-    origin: Dict[str, str] = {}
-    counters = []
-    for key, value in state_dict.items():
-        if key.endswith("num_batches_tracked"):
-            counters.append(key)
-            continue
-        produced = None
-        if isinstance(value, torch.Tensor):
-            for rule in rules:
-                produced = rule(key, value, report, state_dict)
-                if produced is not None:
-                    break
-        if produced is None:
-            report.unused_source_keys.append(key)
-            continue
-        for new_key, new_value in produced:
-            if new_key in out:
-                raise ConversionError(f"{origin[new_key]} and {key} both map to {new_key}")
-            out[new_key] = new_value
-            origin[new_key] = key
-    stem = "backbone.stem.conv1.weight"
-    if input_format not in INPUT_FORMATS:
-        raise ConversionError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
-    if input_format == "BGR" and stem in out:
-        if out[stem].dim() != 4 or out[stem].shape[1] != 3:
-            raise ConversionError(f"{stem}: expected (C, 3, k, k), got {tuple(out[stem].shape)}")
-        out[stem] = out[stem].flip(1).clone()
-        report.notes.append(
-            f"{stem}: input channels reversed (the source reads RGB images, the project model BGR; "
-            "use input_format='RGB' for a model configured with RGB input)"
-        )
-    if counters:
-        report.notes.append(
-            f"dropped {len(counters)} BatchNorm num_batches_tracked counter(s) (frozen BN has none)"
-        )
+    out, origin, report = apply_rules(state_dict, ORIGINAL_SOURCES[source])
+    reverse_stem_channels(out, origin, report, input_format, "the source")
     if source == "anchor_detr":
         report.notes.append(
             "the authors' RCDA averages its keys over padded pixels too; set "

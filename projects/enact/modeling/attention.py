@@ -61,20 +61,28 @@ def multi_head_attention(
         pad = pad.masked_fill(key_padding_mask, float("-inf")).view(bsz, 1, 1, src_len)
         mask = pad if mask is None else mask + pad
 
+    out = attend_heads(q, k, v, mask, dropout_p, backend)
+    out = out.transpose(1, 2).reshape(bsz, tgt_len, embed_dim)  # (B, L, C)
+    return attn.out_proj(out)
+
+
+def attend_heads(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], dropout_p: float, backend: str
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v per head: q (B, h, L, d), k and v (B, h, S, d), mask
+    additive (broadcast to (B, h, L, S)) or None.  "sdpa": F.scaled_dot_product_attention;
+    "eager": the softmax materialised (as nn.MultiheadAttention).  Returns (B, h, L, d)."""
     if backend == "sdpa":
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-    elif backend == "eager":
-        logits = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(head_dim)  # (B, h, L, S)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    if backend == "eager":
+        logits = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, h, L, S)
         if mask is not None:
             logits = logits + mask
         weights = torch.softmax(logits, dim=-1)
         if dropout_p > 0.0:
             weights = F.dropout(weights, p=dropout_p)
-        out = torch.matmul(weights, v)
-    else:
-        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
-    out = out.transpose(1, 2).reshape(bsz, tgt_len, embed_dim)  # (B, L, C)
-    return attn.out_proj(out)
+        return torch.matmul(weights, v)
+    raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
 
 
 def _check_embed_heads(embed_dim: int, num_heads: int) -> None:

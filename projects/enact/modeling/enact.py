@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 
 import enact_ops
 
-from .attention import ATTENTION_BACKENDS, MultiheadAttention
+from .attention import MultiheadAttention, attend_heads
 
 __all__ = [
     "CLUSTERING_MODES",
@@ -526,18 +526,7 @@ class EnactAttention(MultiheadAttention):
         if key_padding_mask is not None:
             mask = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
             mask = mask.masked_fill(key_padding_mask, float("-inf")).view(bsz, 1, 1, src_len)
-        if self.attention == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        elif self.attention == "eager":
-            logits = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(head_dim)  # (B, h, N, M)
-            if mask is not None:
-                logits = logits + mask
-            weights = torch.softmax(logits, dim=-1)
-            if dropout_p > 0.0:
-                weights = F.dropout(weights, p=dropout_p)
-            out = torch.matmul(weights, v)
-        else:
-            raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
+        out = attend_heads(q, k, v, mask, dropout_p, self.attention)  # (B, h, N, d)
         out = out.transpose(1, 2).reshape(bsz, tgt_len, embed_dim)  # a view: out is laid out like q
         if not self.batch_first:
             identity = identity.transpose(0, 1)  # (B, N, C)
