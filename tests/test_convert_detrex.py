@@ -2,7 +2,7 @@
 
 The state-dict layouts of detrex's DETR-R50, Conditional-DETR-R50 and Anchor-DETR-R50-DC5 (key
 names, shapes, tied storages) were recorded from the models built with detrex's own code
-(IDEA-Research/detrex, commit in each file) and are stored as data in
+(the detrex repository, commit in each file) and are stored as data in
 tests/data/checkpoint_layouts/detrex_*.json; detrex itself is not needed here.  Random tensors of
 those shapes are converted and loaded into the project's R50 models (built once per module).
 """

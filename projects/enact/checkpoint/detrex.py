@@ -1,4 +1,4 @@
-"""Converter from detrex's (IDEA-Research/detrex) DETR, Conditional DETR and Anchor DETR
+"""Converter from detrex's (the detrex repository on GitHub) DETR, Conditional DETR and Anchor DETR
 checkpoints to this project's models.
 
 detrex layouts (``model.state_dict()`` of ``projects/{detr,conditional_detr,anchor_detr}``, as
