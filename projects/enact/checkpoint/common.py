@@ -33,6 +33,11 @@ __all__ = [
     "STEM_CONV",
     "apply_rules",
     "reverse_stem_channels",
+    "Rule",
+    "RCDA_PARTS",
+    "rename_rule",
+    "split_rcda_rule",
+    "shared_copy_rule",
 ]
 
 INPUT_FORMATS = ("BGR", "RGB")
@@ -292,3 +297,74 @@ def reverse_stem_channels(
         f"{STEM_CONV}: input channels reversed ({source} reads RGB images, the project model BGR; "
         "pass input_format='RGB' for a model configured with RGB input)"
     )
+
+
+# ------------------------------------------------------------------ rules shared by the converters
+Produced = Optional[List[Tuple[str, torch.Tensor]]]  # None: the rule does not apply; []: consumed
+Rule = Callable[[str, torch.Tensor, ConversionReport, Mapping[str, torch.Tensor]], Produced]
+
+RCDA_PARTS = ("q_x_proj", "q_y_proj", "k_x_proj", "k_y_proj", "v_proj")
+_RCDA_NOTE = (
+    "RCDA in_proj (5C rows: q_row, q_col, k_row, k_col, v; row = x) split into "
+    "q_x_proj, q_y_proj, k_x_proj, k_y_proj, v_proj"
+)
+
+
+def rename_rule(pattern: str, repl: str) -> Rule:
+    """Keys matching ``pattern`` renamed with ``re.sub(pattern, repl, key)``, tensor unchanged."""
+    regex = re.compile(pattern)
+
+    def rule(key, value, report, sd):
+        if not regex.match(key):
+            return None
+        return [(regex.sub(repl, key), value)]
+
+    return rule
+
+
+def split_rcda_rule(pattern: str, target: str) -> Rule:
+    """A packed RCDA in-projection (5C rows: q_row, q_col, k_row, k_col, v; group ``p`` =
+    weight / bias) -> the five Linear layers ``{target}.{q_x,q_y,k_x,k_y,v}_proj``.  A (3C, C)
+    matrix under the same name (nn.MultiheadAttention) does not apply."""
+    regex = re.compile(pattern)
+
+    def rule(key, value, report, sd):
+        m = regex.match(key)
+        if not m:
+            return None
+        if value.dim() == 2 and value.shape[0] != 5 * value.shape[1]:
+            return None
+        chunks = split_rows(value, len(RCDA_PARTS), key)
+        if _RCDA_NOTE not in report.notes:
+            report.notes.append(_RCDA_NOTE)
+        base = regex.sub(target, key)
+        return [(f"{base}.{part}.{m.group('p')}", t) for part, t in zip(RCDA_PARTS, chunks)]
+
+    return rule
+
+
+def shared_copy_rule(pattern: str, inner: Rule, copies: str) -> Rule:
+    """Anchor DETR stores its shared heads once per decoder layer (group ``i`` = 0 .. 5, one
+    module): copy 0 goes through ``inner``; a copy equal to copy 0 is consumed, one that differs
+    is left unused with a note (this project shares one head across the decoder layers)."""
+    regex = re.compile(pattern)
+
+    def rule(key, value, report, sd):
+        m = regex.match(key)
+        if not m:
+            return None
+        if int(m.group("i")) == 0:
+            return inner(key, value, report, sd)
+        first = sd.get(key[: m.start("i")] + "0" + key[m.end("i"):])
+        if isinstance(first, torch.Tensor) and first.shape == value.shape and torch.equal(first, value):
+            note = f"{copies}: the decoder layers' copies of one shared head, copy 0 converted"
+            if note not in report.notes:
+                report.notes.append(note)
+            return []
+        report.notes.append(
+            f"{key} differs from copy 0 although this project shares one head across the decoder "
+            "layers: left unused"
+        )
+        return None
+
+    return rule

@@ -53,13 +53,15 @@ import torch
 
 from .common import (
     INPUT_FORMATS,
-    STEM_CONV,
     ConversionError,
     ConversionReport,
+    Rule,
     apply_rules,
+    rename_rule,
     reverse_stem_channels,
+    shared_copy_rule,
+    split_rcda_rule,
     select_class_rows,
-    split_rows,
     torchvision_resnet_to_d2,
     unwrap_state_dict,
 )
@@ -68,25 +70,9 @@ __all__ = ["DETREX_MODELS", "INPUT_FORMATS", "convert_detrex", "detect_detrex"]
 
 DETREX_MODELS = ("detr", "conditional_detr", "anchor_detr")
 
-# A rule maps one source (key, tensor) to [(new_key, tensor), ...] ([] = consumed without output)
-# or returns None when it does not apply.
-Produced = Optional[List[Tuple[str, torch.Tensor]]]
-Rule = Callable[[str, torch.Tensor, ConversionReport, Mapping[str, torch.Tensor]], Produced]
-
 _WB = r"(?P<p>weight|bias)"
 _ATTN = r"(?P<a>in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)"
 _BN_FIELDS = r"(weight|bias|running_mean|running_var)"
-
-
-def _rename(pattern: str, repl: str) -> Rule:
-    regex = re.compile(pattern)
-
-    def rule(key, value, report, sd):
-        if not regex.match(key):
-            return None
-        return [(regex.sub(repl, key), value)]
-
-    return rule
 
 
 # ---------------------------------------------------------------------------------- backbone
@@ -148,13 +134,13 @@ def _layer_list_rules(prefix: str, norm_names: Tuple[str, ...]) -> List[Rule]:
         return [(f"{prefix}.layers.{m.group(1)}.{name}.{m.group('p')}", value)]
 
     return [
-        _rename(rf"^{p}\.layers\.(\d+)\.attentions\.0\.(?P<rest>.+)$",
+        rename_rule(rf"^{p}\.layers\.(\d+)\.attentions\.0\.(?P<rest>.+)$",
                 rf"{prefix}.layers.\1.self_attn.\g<rest>"),
-        _rename(rf"^{p}\.layers\.(\d+)\.attentions\.1\.(?P<rest>.+)$",
+        rename_rule(rf"^{p}\.layers\.(\d+)\.attentions\.1\.(?P<rest>.+)$",
                 rf"{prefix}.layers.\1.cross_attn.\g<rest>"),
-        _rename(rf"^{p}\.layers\.(\d+)\.ffns\.0\.layers\.0\.0\.{_WB}$",
+        rename_rule(rf"^{p}\.layers\.(\d+)\.ffns\.0\.layers\.0\.0\.{_WB}$",
                 rf"{prefix}.layers.\1.linear1.\g<p>"),
-        _rename(rf"^{p}\.layers\.(\d+)\.ffns\.0\.layers\.1\.{_WB}$",
+        rename_rule(rf"^{p}\.layers\.(\d+)\.ffns\.0\.layers\.1\.{_WB}$",
                 rf"{prefix}.layers.\1.linear2.\g<p>"),
         norm_rule,
     ]
@@ -191,10 +177,10 @@ def _attention_rules(prefix: str, allowed: "re.Pattern") -> List[Rule]:
 
 _DETECTOR_COMMON: List[Rule] = [
     _backbone,
-    _rename(rf"^input_proj\.{_WB}$", r"input_proj.\g<p>"),
-    _rename(r"^query_embed\.weight$", "query_embed.weight"),
-    _rename(rf"^bbox_embed\.layers\.([012])\.{_WB}$", r"bbox_embed.layers.\1.\g<p>"),
-    _rename(rf"^transformer\.decoder\.post_norm_layer\.{_WB}$", r"transformer.decoder.norm.\g<p>"),
+    rename_rule(rf"^input_proj\.{_WB}$", r"input_proj.\g<p>"),
+    rename_rule(r"^query_embed\.weight$", "query_embed.weight"),
+    rename_rule(rf"^bbox_embed\.layers\.([012])\.{_WB}$", r"bbox_embed.layers.\1.\g<p>"),
+    rename_rule(rf"^transformer\.decoder\.post_norm_layer\.{_WB}$", r"transformer.decoder.norm.\g<p>"),
 ]
 
 DETR_RULES: List[Rule] = [
@@ -208,70 +194,16 @@ CONDITIONAL_DETR_RULES: List[Rule] = [
     *_DETECTOR_COMMON,
     *_attention_rules("transformer.encoder", _DETR_ATTENTION_PARAMS),
     *_attention_rules("transformer.decoder", _CONDITIONAL_DECODER_PARAMS),
-    _rename(rf"^transformer\.decoder\.(query_scale|ref_point_head)\.layers\.([01])\.{_WB}$",
+    rename_rule(rf"^transformer\.decoder\.(query_scale|ref_point_head)\.layers\.([01])\.{_WB}$",
             r"transformer.decoder.\1.layers.\2.\g<p>"),
     _class_head(rf"^class_embed\.{_WB}$", "class_embed", no_object=False),
 ]
 
 
 # ---------------------------------------------------------------------------------- Anchor DETR
-_RCDA_PARTS = ("q_x_proj", "q_y_proj", "k_x_proj", "k_y_proj", "v_proj")
-_RCDA_NOTE = (
-    "RCDA in_proj (5C rows: q_row, q_col, k_row, k_col, v; row = x) split into "
-    "q_x_proj, q_y_proj, k_x_proj, k_y_proj, v_proj"
-)
-
-
-def _split_rcda(pattern: str, target: str) -> Rule:
-    regex = re.compile(pattern)
-
-    def rule(key, value, report, sd):
-        m = regex.match(key)
-        if not m:
-            return None
-        embed_dim = value.shape[-1] if value.dim() == 2 else None
-        if embed_dim is not None and value.shape[0] != 5 * embed_dim:
-            return None  # not a (5C, C) RCDA projection: e.g. nn.MultiheadAttention (3C, C)
-        chunks = split_rows(value, len(_RCDA_PARTS), key)
-        if _RCDA_NOTE not in report.notes:
-            report.notes.append(_RCDA_NOTE)
-        base = regex.sub(target, key)
-        return [(f"{base}.{part}.{m.group('p')}", t) for part, t in zip(_RCDA_PARTS, chunks)]
-
-    return rule
-
-
-def _shared_head(pattern: str, inner: Rule, copies: str) -> Rule:
-    """detrex's Anchor DETR stores its head once per decoder layer (``.0`` .. ``.5``, one module):
-    copy 0 is converted; a copy equal to copy 0 is consumed, one that differs stays unused."""
-    regex = re.compile(pattern)
-
-    def rule(key, value, report, sd):
-        m = regex.match(key)
-        if not m:
-            return None
-        idx = int(m.group("i"))
-        if idx == 0:
-            return inner(key, value, report, sd)
-        first = sd.get(key[: m.start("i")] + "0" + key[m.end("i"):])
-        same = isinstance(first, torch.Tensor) and first.shape == value.shape
-        if same and torch.equal(first, value):
-            note = f"{copies}: the decoder layers' copies of one shared head, copy 0 converted"
-            if note not in report.notes:
-                report.notes.append(note)
-            return []
-        report.notes.append(
-            f"{key} differs from copy 0 although this project (like detrex) shares one head "
-            "across the decoder layers: left unused"
-        )
-        return None
-
-    return rule
-
-
 def _anchor_layer(src: str, dst: str) -> Callable[[str, str], Rule]:
     def make(inner: str, out: str) -> Rule:
-        return _rename(rf"^transformer\.{src}\.(\d+)\.{inner}\.{_WB}$",
+        return rename_rule(rf"^transformer\.{src}\.(\d+)\.{inner}\.{_WB}$",
                        rf"transformer.{dst}.\1.{out}.\g<p>")
 
     return make
@@ -282,9 +214,9 @@ _dec = _anchor_layer("decoder_layers", "decoder_layers")
 
 ANCHOR_DETR_RULES: List[Rule] = [
     _backbone,
-    _rename(rf"^input_proj\.([01])\.{_WB}$", r"input_proj.\1.\g<p>"),
+    rename_rule(rf"^input_proj\.([01])\.{_WB}$", r"input_proj.\1.\g<p>"),
     # encoder: RCDA self-attention, norm1, FFN (+ norm2)
-    _split_rcda(r"^transformer\.encoder_layers\.(\d+)\.self_attn\.in_proj_(?P<p>weight|bias)$",
+    split_rcda_rule(r"^transformer\.encoder_layers\.(\d+)\.self_attn\.in_proj_(?P<p>weight|bias)$",
                 r"transformer.encoder.layers.\1.self_attn"),
     _enc(r"self_attn\.out_proj", "self_attn.out_proj"),
     _enc("norm1", "norm1"),
@@ -292,10 +224,10 @@ ANCHOR_DETR_RULES: List[Rule] = [
     _enc(r"ffn\.linear2", "linear2"),
     _enc(r"ffn\.norm2", "norm2"),
     # decoder: self-attention (nn.MultiheadAttention) + norm2, RCDA cross-attention + norm1, FFN
-    _rename(rf"^transformer\.decoder_layers\.(\d+)\.self_attn\.{_ATTN}$",
+    rename_rule(rf"^transformer\.decoder_layers\.(\d+)\.self_attn\.{_ATTN}$",
             r"transformer.decoder_layers.\1.self_attn.attn.\g<a>"),
     _dec("norm2", "norm1"),  # after the self-attention
-    _split_rcda(r"^transformer\.decoder_layers\.(\d+)\.cross_attn\.in_proj_(?P<p>weight|bias)$",
+    split_rcda_rule(r"^transformer\.decoder_layers\.(\d+)\.cross_attn\.in_proj_(?P<p>weight|bias)$",
                 r"transformer.decoder_layers.\1.cross_attn"),
     _dec(r"cross_attn\.out_proj", "cross_attn.out_proj"),
     _dec("norm1", "norm2"),  # after the cross-attention
@@ -303,18 +235,18 @@ ANCHOR_DETR_RULES: List[Rule] = [
     _dec(r"ffn\.linear2", "linear2"),
     _dec(r"ffn\.norm2", "norm3"),
     # queries and position adapters
-    _rename(r"^transformer\.pattern\.weight$", "transformer.pattern.weight"),
-    _rename(r"^transformer\.position\.weight$", "transformer.anchors.weight"),
-    _rename(rf"^transformer\.(adapt_pos[12]d)\.([02])\.{_WB}$", r"transformer.\1.\2.\g<p>"),
+    rename_rule(r"^transformer\.pattern\.weight$", "transformer.pattern.weight"),
+    rename_rule(r"^transformer\.position\.weight$", "transformer.anchors.weight"),
+    rename_rule(rf"^transformer\.(adapt_pos[12]d)\.([02])\.{_WB}$", r"transformer.\1.\2.\g<p>"),
     # heads shared by the decoder layers
-    _shared_head(
+    shared_copy_rule(
         rf"^transformer\.class_embed\.(?P<i>\d+)\.{_WB}$",
         _class_head(rf"^transformer\.class_embed\.0\.{_WB}$", "class_embed", no_object=False),
         "transformer.class_embed.0-5",
     ),
-    _shared_head(
+    shared_copy_rule(
         rf"^transformer\.bbox_embed\.(?P<i>\d+)\.layers\.([012])\.{_WB}$",
-        _rename(rf"^transformer\.bbox_embed\.0\.layers\.([012])\.{_WB}$",
+        rename_rule(rf"^transformer\.bbox_embed\.0\.layers\.([012])\.{_WB}$",
                 r"bbox_embed.layers.\1.\g<p>"),
         "transformer.bbox_embed.0-5",
     ),

@@ -22,7 +22,7 @@ Everything that is not consumed is listed in the report's ``unused_source_keys``
 BatchNorm ``num_batches_tracked`` counters (meaningless for frozen BN) are dropped with a note.
 """
 import re
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -30,10 +30,13 @@ from .common import (
     INPUT_FORMATS,
     ConversionError,
     ConversionReport,
+    Rule,
     apply_rules,
+    rename_rule,
     reverse_stem_channels,
+    shared_copy_rule,
+    split_rcda_rule,
     select_class_rows,
-    split_rows,
     torchvision_resnet_to_d2,
 )
 
@@ -43,21 +46,6 @@ __all__ = [
     "convert_original",
     "detect_original",
 ]
-
-
-Produced = Optional[List[Tuple[str, torch.Tensor]]]  # None: rule does not apply; []: consumed
-Rule = Callable[[str, torch.Tensor, ConversionReport, Mapping[str, torch.Tensor]], Produced]
-
-
-def _rename(pattern: str, repl: str) -> Rule:
-    regex = re.compile(pattern)
-
-    def rule(key, value, report, sd):
-        if not regex.match(key):
-            return None
-        return [(regex.sub(repl, key), value)]
-
-    return rule
 
 
 def _backbone(prefix: str) -> Rule:
@@ -82,77 +70,32 @@ def _class_head(pattern: str, target: str, no_object: bool) -> Rule:
     return rule
 
 
-_RCDA_PARTS = ("q_x_proj", "q_y_proj", "k_x_proj", "k_y_proj", "v_proj")
-
-
-def _split_rcda(pattern: str, target: str) -> Rule:
-    """Packed RCDA in-projection (5C rows: q_row, q_col, k_row, k_col, v) -> five Linear."""
-    regex = re.compile(pattern)
-
-    def rule(key, value, report, sd):
-        m = regex.match(key)
-        if not m:
-            return None
-        param = m.group("p")  # "weight" / "bias"
-        chunks = split_rows(value, len(_RCDA_PARTS), key)
-        prefix = regex.sub(target, key)
-        note = "RCDA in_proj (5C rows: q_row, q_col, k_row, k_col, v) split into q_x/q_y/k_x/k_y/v_proj"
-        if note not in report.notes:
-            report.notes.append(note)
-        return [(f"{prefix}.{part}.{param}", t) for part, t in zip(_RCDA_PARTS, chunks)]
-
-    return rule
-
-
-def _shared_copy(pattern: str, inner: Rule) -> Rule:
-    """Anchor DETR stores its shared head once per decoder layer (``.0`` .. ``.5``): convert
-    copy 0, consume the other copies when they equal copy 0 (else leave them unused)."""
-    regex = re.compile(pattern)
-
-    def rule(key, value, report, sd):
-        m = regex.match(key)
-        if not m:
-            return None
-        idx = int(m.group("i"))
-        if idx == 0:
-            return inner(key, value, report, sd)
-        first = sd.get(key[: m.start("i")] + "0" + key[m.end("i"):])
-        if isinstance(first, torch.Tensor) and first.shape == value.shape and torch.equal(first, value):
-            return []
-        report.notes.append(
-            f"{key} differs from copy 0; this project shares one head across decoder layers"
-        )
-        return None
-
-    return rule
-
-
 _ATTN = r"(?P<a>in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)"
 _WB = r"(weight|bias)"
 
 _DETR_ENCODER = [
-    _rename(rf"^transformer\.encoder\.layers\.(\d+)\.self_attn\.{_ATTN}$",
+    rename_rule(rf"^transformer\.encoder\.layers\.(\d+)\.self_attn\.{_ATTN}$",
             r"transformer.encoder.layers.\1.self_attn.attn.\g<a>"),
-    _rename(rf"^transformer\.encoder\.layers\.(\d+)\.(linear[12]|norm[12])\.{_WB}$",
+    rename_rule(rf"^transformer\.encoder\.layers\.(\d+)\.(linear[12]|norm[12])\.{_WB}$",
             r"transformer.encoder.layers.\1.\2.\3"),
 ]
 
 _DETECTOR_COMMON = [
-    _rename(r"^query_embed\.weight$", "query_embed.weight"),
-    _rename(rf"^input_proj\.{_WB}$", r"input_proj.\1"),
-    _rename(rf"^bbox_embed\.layers\.(\d+)\.{_WB}$", r"bbox_embed.layers.\1.\2"),
+    rename_rule(r"^query_embed\.weight$", "query_embed.weight"),
+    rename_rule(rf"^input_proj\.{_WB}$", r"input_proj.\1"),
+    rename_rule(rf"^bbox_embed\.layers\.(\d+)\.{_WB}$", r"bbox_embed.layers.\1.\2"),
 ]
 
 DETR_RULES: List[Rule] = [
     _backbone("backbone.0.body."),
     *_DETR_ENCODER,
-    _rename(rf"^transformer\.decoder\.layers\.(\d+)\.self_attn\.{_ATTN}$",
+    rename_rule(rf"^transformer\.decoder\.layers\.(\d+)\.self_attn\.{_ATTN}$",
             r"transformer.decoder.layers.\1.self_attn.attn.\g<a>"),
-    _rename(rf"^transformer\.decoder\.layers\.(\d+)\.multihead_attn\.{_ATTN}$",
+    rename_rule(rf"^transformer\.decoder\.layers\.(\d+)\.multihead_attn\.{_ATTN}$",
             r"transformer.decoder.layers.\1.cross_attn.attn.\g<a>"),
-    _rename(rf"^transformer\.decoder\.layers\.(\d+)\.(linear[12]|norm[123])\.{_WB}$",
+    rename_rule(rf"^transformer\.decoder\.layers\.(\d+)\.(linear[12]|norm[123])\.{_WB}$",
             r"transformer.decoder.layers.\1.\2.\3"),
-    _rename(rf"^transformer\.decoder\.norm\.{_WB}$", r"transformer.decoder.norm.\1"),
+    rename_rule(rf"^transformer\.decoder\.norm\.{_WB}$", r"transformer.decoder.norm.\1"),
     *_DETECTOR_COMMON,
     _class_head(r"^class_embed\.(?P<p>weight|bias)$", "class_embed", no_object=True),
 ]
@@ -186,12 +129,12 @@ CONDITIONAL_DETR_RULES: List[Rule] = [
     _backbone("backbone.0.body."),
     *_DETR_ENCODER,
     _conditional_projection,
-    _rename(rf"^transformer\.decoder\.layers\.(\d+)\.(self_attn|cross_attn)\.out_proj\.{_WB}$",
+    rename_rule(rf"^transformer\.decoder\.layers\.(\d+)\.(self_attn|cross_attn)\.out_proj\.{_WB}$",
             r"transformer.decoder.layers.\1.\2.out_proj.\3"),
-    _rename(rf"^transformer\.decoder\.layers\.(\d+)\.(linear[12]|norm[123])\.{_WB}$",
+    rename_rule(rf"^transformer\.decoder\.layers\.(\d+)\.(linear[12]|norm[123])\.{_WB}$",
             r"transformer.decoder.layers.\1.\2.\3"),
-    _rename(rf"^transformer\.decoder\.norm\.{_WB}$", r"transformer.decoder.norm.\1"),
-    _rename(rf"^transformer\.decoder\.(query_scale|ref_point_head)\.layers\.(\d+)\.{_WB}$",
+    rename_rule(rf"^transformer\.decoder\.norm\.{_WB}$", r"transformer.decoder.norm.\1"),
+    rename_rule(rf"^transformer\.decoder\.(query_scale|ref_point_head)\.layers\.(\d+)\.{_WB}$",
             r"transformer.decoder.\1.layers.\2.\3"),
     *_DETECTOR_COMMON,
     _class_head(r"^class_embed\.(?P<p>weight|bias)$", "class_embed", no_object=False),
@@ -200,44 +143,46 @@ CONDITIONAL_DETR_RULES: List[Rule] = [
 ANCHOR_DETR_RULES: List[Rule] = [
     _backbone("backbone.body."),
     # encoder (RCDA)
-    _split_rcda(r"^transformer\.encoder_layers\.(\d+)\.self_attn\.in_proj_(?P<p>weight|bias)$",
+    split_rcda_rule(r"^transformer\.encoder_layers\.(\d+)\.self_attn\.in_proj_(?P<p>weight|bias)$",
                 r"transformer.encoder.layers.\1.self_attn"),
-    _rename(rf"^transformer\.encoder_layers\.(\d+)\.self_attn\.out_proj\.{_WB}$",
+    rename_rule(rf"^transformer\.encoder_layers\.(\d+)\.self_attn\.out_proj\.{_WB}$",
             r"transformer.encoder.layers.\1.self_attn.out_proj.\2"),
-    _rename(rf"^transformer\.encoder_layers\.(\d+)\.norm1\.{_WB}$",
+    rename_rule(rf"^transformer\.encoder_layers\.(\d+)\.norm1\.{_WB}$",
             r"transformer.encoder.layers.\1.norm1.\2"),
-    _rename(rf"^transformer\.encoder_layers\.(\d+)\.ffn\.(linear[12]|norm2)\.{_WB}$",
+    rename_rule(rf"^transformer\.encoder_layers\.(\d+)\.ffn\.(linear[12]|norm2)\.{_WB}$",
             r"transformer.encoder.layers.\1.\2.\3"),
     # decoder: self-attention (nn.MultiheadAttention), RCDA cross-attention, FFN
-    _rename(rf"^transformer\.decoder_layers\.(\d+)\.self_attn\.{_ATTN}$",
+    rename_rule(rf"^transformer\.decoder_layers\.(\d+)\.self_attn\.{_ATTN}$",
             r"transformer.decoder_layers.\1.self_attn.attn.\g<a>"),
-    _split_rcda(r"^transformer\.decoder_layers\.(\d+)\.cross_attn\.in_proj_(?P<p>weight|bias)$",
+    split_rcda_rule(r"^transformer\.decoder_layers\.(\d+)\.cross_attn\.in_proj_(?P<p>weight|bias)$",
                 r"transformer.decoder_layers.\1.cross_attn"),
-    _rename(rf"^transformer\.decoder_layers\.(\d+)\.cross_attn\.out_proj\.{_WB}$",
+    rename_rule(rf"^transformer\.decoder_layers\.(\d+)\.cross_attn\.out_proj\.{_WB}$",
             r"transformer.decoder_layers.\1.cross_attn.out_proj.\2"),
-    _rename(rf"^transformer\.decoder_layers\.(\d+)\.norm2\.{_WB}$",
+    rename_rule(rf"^transformer\.decoder_layers\.(\d+)\.norm2\.{_WB}$",
             r"transformer.decoder_layers.\1.norm1.\2"),  # after self-attention
-    _rename(rf"^transformer\.decoder_layers\.(\d+)\.norm1\.{_WB}$",
+    rename_rule(rf"^transformer\.decoder_layers\.(\d+)\.norm1\.{_WB}$",
             r"transformer.decoder_layers.\1.norm2.\2"),  # after cross-attention
-    _rename(rf"^transformer\.decoder_layers\.(\d+)\.ffn\.(linear[12])\.{_WB}$",
+    rename_rule(rf"^transformer\.decoder_layers\.(\d+)\.ffn\.(linear[12])\.{_WB}$",
             r"transformer.decoder_layers.\1.\2.\3"),
-    _rename(rf"^transformer\.decoder_layers\.(\d+)\.ffn\.norm2\.{_WB}$",
+    rename_rule(rf"^transformer\.decoder_layers\.(\d+)\.ffn\.norm2\.{_WB}$",
             r"transformer.decoder_layers.\1.norm3.\2"),
     # queries and position adapters
-    _rename(r"^transformer\.pattern\.weight$", "transformer.pattern.weight"),
-    _rename(r"^transformer\.position\.weight$", "transformer.anchors.weight"),
-    _rename(rf"^transformer\.(adapt_pos[12]d)\.([02])\.{_WB}$", r"transformer.\1.\2.\3"),
+    rename_rule(r"^transformer\.pattern\.weight$", "transformer.pattern.weight"),
+    rename_rule(r"^transformer\.position\.weight$", "transformer.anchors.weight"),
+    rename_rule(rf"^transformer\.(adapt_pos[12]d)\.([02])\.{_WB}$", r"transformer.\1.\2.\3"),
     # heads shared across decoder layers
-    _shared_copy(
+    shared_copy_rule(
         r"^transformer\.class_embed\.(?P<i>\d+)\.(?P<p>weight|bias)$",
         _class_head(r"^transformer\.class_embed\.0\.(?P<p>weight|bias)$", "class_embed", False),
+        "transformer.class_embed.0-5",
     ),
-    _shared_copy(
+    shared_copy_rule(
         r"^transformer\.bbox_embed\.(?P<i>\d+)\.layers\.(\d+)\.(weight|bias)$",
-        _rename(rf"^transformer\.bbox_embed\.0\.layers\.(\d+)\.{_WB}$", r"bbox_embed.layers.\1.\2"),
+        rename_rule(rf"^transformer\.bbox_embed\.0\.layers\.(\d+)\.{_WB}$", r"bbox_embed.layers.\1.\2"),
+        "transformer.bbox_embed.0-5",
     ),
     # input projection: ModuleList([Sequential(conv, GroupNorm)]) -> Sequential(conv, GroupNorm)
-    _rename(rf"^input_proj\.0\.([01])\.{_WB}$", r"input_proj.\1.\2"),
+    rename_rule(rf"^input_proj\.0\.([01])\.{_WB}$", r"input_proj.\1.\2"),
 ]
 
 ORIGINAL_SOURCES: Dict[str, List[Rule]] = {
