@@ -30,7 +30,8 @@ def test_benchmark(tmp_path):
                               "--attention", "eager", "--jobs", "2", "--quiet", tmp_path=tmp_path)
     assert "padded 64x96" in stdout and "batch 1" in stdout and "| detr_r18_shapes_enact | eager |" in stdout
     assert result["complete"] and result["device"] == "cpu" and result["attention_backends"] == ["eager"]
-    assert result["sizes"] == {"detr_r18_shapes": {"batch": 1, "size": [64, 96]}}
+    assert result["sizes"] == {"detr_r18_shapes": {"batch": 1, "size": [64, 96], "padded": [64, 96],
+                                                   "orientation": "same"}}
     rows = {r["model"]: r for r in result["rows"]}
     assert list(rows) == ["detr_r18_shapes", "detr_r18_shapes_enact"]
     for row in rows.values():
@@ -48,6 +49,27 @@ def test_benchmark(tmp_path):
                 "infer_time_ratio", "encoder_time_ratio"):
         assert key in enact, key
     assert enact["train_time_ratio"] == pytest.approx(enact["train_s_per_img"] / base["train_s_per_img"])
+
+
+def test_benchmark_batch_orientation():
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        import benchmark
+    finally:
+        sys.path.remove(os.path.join(ROOT, "tools"))
+    same = benchmark.make_batch(4, (64, 96), 3, seed=0, device="cpu", min_scale=0.5)
+    mixed = benchmark.make_batch(4, (64, 96), 3, seed=0, device="cpu", min_scale=0.5, orientation="mixed")
+    sides = lambda batch: [tuple(x["image"].shape[1:]) for x in batch]  # noqa: E731
+    assert sides(same)[0] == (64, 96) and all(h <= 64 and w <= 96 for h, w in sides(same))
+    assert sides(mixed)[:2] == [(64, 96), (96, 64)]  # landscape and portrait at full size: padded to 96 x 96
+    assert all(h <= 64 and w <= 96 for h, w in sides(mixed)[0::2])
+    assert all(h <= 96 and w <= 64 and h >= 48 for h, w in sides(mixed)[1::2])
+    for x in mixed:
+        assert (x["height"], x["width"]) == tuple(x["image"].shape[1:]) == x["instances"].image_size
+        boxes = x["instances"].gt_boxes.tensor
+        assert (boxes[:, 2] <= x["width"]).all() and (boxes[:, 3] <= x["height"]).all()
+    with pytest.raises(ValueError, match="orientation must be one of"):
+        benchmark.make_batch(1, (64, 96), 3, seed=0, device="cpu", orientation="portrait")
 
 
 def test_analyze_model(tmp_path):

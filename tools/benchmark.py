@@ -17,7 +17,10 @@ Batches: ``--batch`` images (default: the config's dataloader.train.total_batch_
 4 for Anchor DETR, as in the paper) padded to ``--size H W`` (default 800 x 1333): image 0 is
 exactly H x W, the others have random sides in [min-scale, 1] x (H, W) (so the batch carries
 DETR's bottom / right padding), random uint8 pixels and 1..max-boxes random ground-truth boxes.
-Everything is seeded; every variant sees the same batch.
+``--orientation mixed`` turns every odd image portrait (image 1 exactly W x H), so the batch pads
+to max(H, W) squared: with the default size, 1333 x 1333 — what a COCO batch pads to when it
+holds a landscape and a portrait image at the largest training scale, the batch that sets a
+training run's peak memory.  Everything is seeded; every variant sees the same batch.
 
 Time: the baseline and the ENACT variant of one detector live in one process, and their steps are
 interleaved (train, infer, encoder for each variant, ``--repeats`` times after one warm-up);
@@ -76,6 +79,7 @@ DEFAULT_CONFIGS = [
 ]
 MODES = ("train", "infer", "encoder")
 BACKENDS = ("sdpa", "eager")
+ORIENTATIONS = ("same", "mixed")
 # Rough relative costs, only for the progress ETA.
 _COST = {"train": 3.0, "infer": 1.0, "encoder": 0.5, "build": 1.5}
 
@@ -161,15 +165,19 @@ def encoder_layer_statistics(encoder):
     return per_layer
 
 
-def make_batch(batch, size, num_classes, seed, device, min_scale=0.6, max_boxes=5):
-    """``batch`` detectron2 inputs; image 0 is exactly ``size``, the others smaller (padding)."""
+def make_batch(batch, size, num_classes, seed, device, min_scale=0.6, max_boxes=5, orientation="same"):
+    """``batch`` detectron2 inputs; image 0 is exactly ``size``, the others smaller (padding).
+    orientation="mixed": odd images are portrait (sides of ``size`` swapped, image 1 exactly)."""
     from detectron2.structures import Boxes, Instances
 
+    if orientation not in ORIENTATIONS:
+        raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
     gen = torch.Generator().manual_seed(seed)
-    height, width = size
     inputs = []
     for i in range(batch):
-        if i == 0:
+        portrait = orientation == "mixed" and i % 2 == 1
+        height, width = (size[1], size[0]) if portrait else (size[0], size[1])
+        if i < (2 if orientation == "mixed" else 1):
             h, w = height, width
         else:
             h = int(torch.randint(max(1, math.ceil(min_scale * height)), height + 1, (1,), generator=gen))
@@ -205,7 +213,7 @@ class Runner:
         self.batch_size = batch_size
         num_classes = int(getattr(self.model, "num_classes", 80))
         self.batch = make_batch(batch_size, args.size, num_classes, args.seed, device,
-                                args.min_scale, args.max_boxes)
+                                args.min_scale, args.max_boxes, args.orientation)
         self.encoder = self.model.transformer.encoder
         self.encoder_inputs = None
         self.layer_stats = []
@@ -302,7 +310,7 @@ def measure_memory(args, path, mode, backend, batch_size):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker-config", path, "--worker-mode", mode,
            "--attention", backend, "--batch", str(batch_size), "--size", *map(str, args.size),
            "--device", args.device, "--seed", str(args.seed), "--min-scale", str(args.min_scale),
-           "--max-boxes", str(args.max_boxes)]
+           "--max-boxes", str(args.max_boxes), "--orientation", args.orientation]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.opts:
@@ -478,6 +486,8 @@ def main():
     p.add_argument("--batch", type=int, default=None, help="images per batch (default: the config's, 8 / 4)")
     p.add_argument("--size", type=int, nargs=2, default=[800, 1333], metavar=("H", "W"),
                    help="padded batch size (default 800 1333)")
+    p.add_argument("--orientation", choices=ORIENTATIONS, default="same",
+                   help="mixed: odd images portrait, the batch padded to max(H, W) squared (default same)")
     p.add_argument("--min-scale", type=float, default=0.6, help="smallest side of images 1.. as a fraction of --size")
     p.add_argument("--max-boxes", type=int, default=5, help="ground-truth boxes per image: 1..max-boxes")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats after one warm-up")
@@ -521,6 +531,11 @@ def main():
     for key, members in groups.items():
         cfg = load_config(members[0], args.opts, str(device))
         sizes[key] = args.batch or config_batch_size(cfg)
+    if args.orientation == "mixed":
+        padded = (max(args.size),) * 2
+        layout = f"image 0 {args.size[0]}x{args.size[1]}, image 1 portrait {args.size[1]}x{args.size[0]}, odd images portrait"
+    else:
+        padded, layout = tuple(args.size), "image 0 full size"
     command = "python tools/benchmark.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     memory_measure = (
         "torch.cuda.max_memory_allocated during one step after a warm-up step (weights, grads, optimizer state included)"
@@ -530,7 +545,7 @@ def main():
     header = [
         f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}), "
         f"torch {torch.__version__}, threads {torch.get_num_threads()}",
-        f"sizes: padded {args.size[0]}x{args.size[1]} (image 0 full size, others >= {args.min_scale:g}x per side), "
+        f"sizes: padded {padded[0]}x{padded[1]} ({layout}, others >= {args.min_scale:g}x per side), "
         + ", ".join(f"{k}: batch {b}" for k, b in sizes.items())
         + (" (--batch)" if args.batch else " (configs' batch sizes)"),
         f"attention: {', '.join(backends)} (encoder attention modules of both sides); repeats {args.repeats} "
@@ -565,7 +580,8 @@ def main():
             else platform.processor() or platform.machine(),
             "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
             "args": {k: v for k, v in vars(args).items() if not k.startswith("worker")},
-            "sizes": {k: {"batch": b, "size": list(args.size)} for k, b in sizes.items()},
+            "sizes": {k: {"batch": b, "size": list(args.size), "padded": list(padded), "orientation": args.orientation}
+                      for k, b in sizes.items()},
             "attention_backends": backends, "memory_measure": memory_measure, "rows": rows, "markdown": table,
         }
         for out, text in ((args.out_md, "\n".join(md)), (args.out_json, json.dumps(result, indent=2))):
