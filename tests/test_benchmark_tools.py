@@ -27,7 +27,8 @@ def run_tool(script, *argv, tmp_path):
 
 def test_benchmark(tmp_path):
     result, stdout = run_tool("benchmark", "--batch", "1", "--size", "64", "96", "--repeats", "1",
-                              "--attention", "eager", "--jobs", "2", "--quiet", tmp_path=tmp_path)
+                              "--attention", "eager", "--jobs", "2", "--quiet", "--profile", str(tmp_path / "prof"),
+                              tmp_path=tmp_path)
     assert "padded 64x96" in stdout and "batch 1" in stdout and "| detr_r18_shapes_enact | eager |" in stdout
     assert result["complete"] and result["device"] == "cpu" and result["attention_backends"] == ["eager"]
     assert result["sizes"] == {"detr_r18_shapes": {"batch": 1, "size": [64, 96], "padded": [64, 96],
@@ -49,6 +50,20 @@ def test_benchmark(tmp_path):
                 "infer_time_ratio", "encoder_time_ratio"):
         assert key in enact, key
     assert enact["train_time_ratio"] == pytest.approx(enact["train_s_per_img"] / base["train_s_per_img"])
+    # --profile: one profiled step per (variant, mode), op tables on disk, labelled ranges in the JSON
+    for row in rows.values():
+        assert set(row["profile"]) == {"train", "infer", "encoder"}
+        for prof in row["profile"].values():
+            assert prof["step_ms"] > 0 and os.path.isfile(os.path.join(ROOT, prof["table"]))
+    assert base["profile"]["encoder"]["ranges_ms"]["mhsa::attend_heads"] > 0
+    assert "enact::cluster_keys_values" not in base["profile"]["encoder"]["ranges_ms"]
+    enact_ranges = enact["profile"]["encoder"]["ranges_ms"]
+    assert enact_ranges["enact::cluster_keys_values"] > 0 and enact_ranges["enact::attend_clusters"] > 0
+    assert "mhsa::attend_heads" not in enact_ranges  # the encoder has no plain MHSA left
+    assert any("Backward" in k for k in enact["profile"]["train"]["backward_ms"])
+    with open(os.path.join(ROOT, enact["profile"]["encoder"]["table"])) as f:
+        assert "enact::cluster_keys_values" in f.read()
+    assert "torch.profiler" in (tmp_path / "benchmark.md").read_text()
 
 
 def test_benchmark_batch_orientation():

@@ -41,6 +41,13 @@ one, on both sides; encoders without such a module (Anchor DETR's RCDA) are labe
     python tools/benchmark.py --configs configs/shapes/detr_r18_shapes.py \\
         configs/shapes/detr_r18_shapes_enact.py --batch 1 --size 64 96 --opts model.num_queries=10
 
+Profile: ``--profile DIR`` runs, after the timing, one more step of every (variant, mode) under
+torch.profiler and writes its op table (sorted by self time) to DIR/<config>_<attention>_<mode>.txt;
+the JSON and the Markdown get the time of the labelled ranges (``enact::cluster_keys_values``,
+``enact::attend_clusters``, ``mhsa::attend_heads`` — every MultiheadAttention, the decoder's too:
+forward, summed over the layers) and of the
+costliest backward functions, as a share of the step's profiled op time.
+
 Writes a Markdown table (``--out-md``, default output/benchmark.md) and the raw numbers
 (``--out-json``, default output/benchmark.json).
 """
@@ -82,6 +89,9 @@ BACKENDS = ("sdpa", "eager")
 ORIENTATIONS = ("same", "mixed")
 # Rough relative costs, only for the progress ETA.
 _COST = {"train": 3.0, "infer": 1.0, "encoder": 0.5, "build": 1.5}
+# record_function ranges of the attention modules (forward; backward shows as autograd functions)
+PROFILE_RANGES = ("enact::cluster_keys_values", "enact::attend_clusters", "mhsa::attend_heads")
+_BACKWARD = "autograd::engine::evaluate_function: "
 
 
 # ------------------------------------------------------------------------------------ configs
@@ -269,6 +279,39 @@ class Runner:
 
 
 # ------------------------------------------------------------------------------------ memory
+def profile_step(runner, mode, backend, device, out_dir):
+    """One step of ``mode`` under torch.profiler: writes the op table, returns a summary (ms per step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        runner.step(mode)
+        sync(device)
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{runner.name}_{backend}_{mode}.txt")
+    with open(path, "w") as f:
+        f.write(f"# {runner.name} [{backend}] {mode}: one step under torch.profiler, sorted by {sort}\n")
+        f.write(events.table(sort_by=sort, row_limit=40))
+
+    def total(e):  # inclusive time of a range / backward function, microseconds
+        return getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0)) if cuda else e.cpu_time_total
+
+    def self_time(e):
+        return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) if cuda \
+            else e.self_cpu_time_total
+
+    step_us = sum(self_time(e) for e in events)
+    ranges = {e.key: total(e) / 1e3 for e in events if e.key in PROFILE_RANGES}
+    backward = sorted(((e.key[len(_BACKWARD):], total(e) / 1e3) for e in events if e.key.startswith(_BACKWARD)),
+                      key=lambda kv: -kv[1])[:6]
+    return {"table": os.path.relpath(path, ROOT) if path.startswith(ROOT) else path,
+            "clock": "device" if cuda else "cpu", "step_ms": step_us / 1e3, "ranges_ms": ranges,
+            "backward_ms": dict(backward)}
+
+
 def _malloc_trim():
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -385,6 +428,12 @@ def run_group(args, paths, backend, batch_size, device, progress):
             for r in runners:  # interleaved: baseline, ENACT, baseline, ...
                 times[r.name][mode].append(timed(lambda: r.step(mode), device))
                 progress.update(_COST[mode], f"{tag} repeat {rep + 1}/{args.repeats} {r.name} {mode}")
+    profiles = {r.name: {} for r in runners}
+    if args.profile:  # after the timing, so the profiler never slows a timed step
+        for mode in args.modes:
+            for r in runners:
+                profiles[r.name][mode] = profile_step(r, mode, backend, device, args.profile)
+                progress.update(_COST[mode], f"{tag} profiled {r.name} {mode}")
     rows = []
     for r in runners:
         row = {
@@ -407,6 +456,8 @@ def run_group(args, paths, backend, batch_size, device, progress):
             if all("compression" in s for s in r.layer_stats):
                 row["compression_mean"] = statistics.mean(s["compression"] for s in r.layer_stats)
             row["enact_layer_stats"] = r.layer_stats
+        if profiles[r.name]:
+            row["profile"] = profiles[r.name]
         rows.append(row)
     del runners, r
     gc.collect()
@@ -458,6 +509,19 @@ def _time(row, key, mode, scale=1.0, digits=4):
     return text if ratio is None else f"{text} ({ratio:.2f}x)"
 
 
+def profile_lines(rows):
+    """One line per profiled (variant, mode): labelled ranges and costliest backward functions."""
+    lines = []
+    for row in rows:
+        for mode, prof in row.get("profile", {}).items():
+            step = prof["step_ms"] or 1.0
+            parts = [f"{k} {v:.1f} ms ({v / step:.0%})" for k, v in prof["ranges_ms"].items()]
+            parts += [f"{k} {v:.1f} ms ({v / step:.0%})" for k, v in list(prof["backward_ms"].items())[:3]]
+            lines.append(f"- {row['model']} [{row['attention']}] {mode}: {prof['step_ms']:.1f} ms of {prof['clock']} "
+                         f"op time; " + "; ".join(parts) + f" (`{prof['table']}`)")
+    return lines
+
+
 def markdown_table(rows):
     lines = [
         "| model | attention | batch | train mem | gain | train s/img | infer mem | gain | infer s/img "
@@ -501,6 +565,8 @@ def main():
                    help="memory workers run side by side (each measures only itself; default 1)")
     p.add_argument("--out-md", default="output/benchmark.md")
     p.add_argument("--out-json", default="output/benchmark.json")
+    p.add_argument("--profile", metavar="DIR", default=None,
+                   help="after the timing, one step per (variant, mode) under torch.profiler; op tables to DIR")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--opts", nargs="*", default=[], help="LazyConfig overrides (key=value) applied to every config")
     p.add_argument("--worker-config", help=argparse.SUPPRESS)
@@ -560,7 +626,8 @@ def main():
 
     group_cost = {
         key: len(members) * (_COST["build"] + _COST["infer"]
-                             + sum(_COST[m] * (args.repeats + (m != "infer")) for m in args.modes)
+                             + sum(_COST[m] * (args.repeats + (m != "infer") + bool(args.profile))
+                                   for m in args.modes)
                              + sum(_COST["build"] + 2 * _COST[m] + _COST["infer"] for m in args.modes))
         for key, members in groups.items()
     }
@@ -574,6 +641,9 @@ def main():
         status = [] if complete else ["", "**partial: the run was interrupted or is still running**"]
         md = (["# Detector benchmark (tools/benchmark.py)", "", f"`{command}`", ""] + [f"- {h}" for h in header]
               + status + ["", table, ""])
+        if args.profile:
+            md += ["## torch.profiler, one step each (inclusive times; share of the step's op time)", ""]
+            md += profile_lines(rows) + [""]
         result = {
             "tool": "benchmark", "command": command, "complete": complete, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -604,6 +674,8 @@ def main():
         progress.close()
     table = write(complete=True)
     print("\n" + table)
+    if args.profile:
+        print("\n" + "\n".join(profile_lines(rows)))
     print(f"\ntotal {_hms(time.perf_counter() - t0)}")
     print(f"wrote {args.out_md} and {args.out_json}")
 

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 __all__ = ["ATTENTION_BACKENDS", "MultiheadAttention", "multi_head_attention"]
 
@@ -61,7 +62,8 @@ def multi_head_attention(
         pad = pad.masked_fill(key_padding_mask, float("-inf")).view(bsz, 1, 1, src_len)
         mask = pad if mask is None else mask + pad
 
-    out = attend_heads(q, k, v, mask, dropout_p, backend)
+    with record_function("mhsa::attend_heads"):  # a range in torch.profiler's output
+        out = attend_heads(q, k, v, mask, dropout_p, backend)
     out = out.transpose(1, 2).reshape(bsz, tgt_len, embed_dim)  # (B, L, C)
     return attn.out_proj(out)
 

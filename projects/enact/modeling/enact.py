@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.profiler import record_function
 
 import enact_ops
 
@@ -497,13 +498,15 @@ class EnactAttention(MultiheadAttention):
         if key_pos is None and query_pos is not None and query_pos.shape == key_in.shape:
             key_pos = query_pos  # as _prepare does
         query, key, value, identity = self._prepare(query, key, value, identity, query_pos, key_pos)
-        if shared:
-            if key_pos is not None and not self.batch_first:
-                key_pos = key_pos.transpose(0, 1)
-            clustered = self.clustering.forward_shared(key, value, key_pos, key_padding_mask)
-        else:
-            clustered = self.clustering(key, value, key_padding_mask)  # (B, M_max, C) each
-        return self._attend_clustered(query, clustered.key, clustered.value, clustered.cluster_mask, identity)
+        with record_function("enact::cluster_keys_values"):  # a range in torch.profiler's output
+            if shared:
+                if key_pos is not None and not self.batch_first:
+                    key_pos = key_pos.transpose(0, 1)
+                clustered = self.clustering.forward_shared(key, value, key_pos, key_padding_mask)
+            else:
+                clustered = self.clustering(key, value, key_padding_mask)  # (B, M_max, C) each
+        with record_function("enact::attend_clusters"):
+            return self._attend_clustered(query, clustered.key, clustered.value, clustered.cluster_mask, identity)
 
     def _attend_clustered(self, query, key, value, key_padding_mask, identity):
         """``multi_head_attention`` of the N queries (B, N, C) against the clustered keys / values
