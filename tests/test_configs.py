@@ -34,6 +34,9 @@ def test_config_loads_and_builds_model(path):
     torch.manual_seed(0)
     model = instantiate(cfg.model)
     assert sum(p.numel() for p in model.parameters()) > 0
+    if "shapes" not in path:  # COCO models: stem and res2 frozen, as the DETR family's code (layer2-4 train)
+        trains = {n.split(".")[1] for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad}
+        assert trains == {"res3", "res4", "res5"}, trains
     assert cfg.train.max_iter > 0 and cfg.train.output_dir
     scheduler = instantiate(cfg.lr_multiplier)
     assert scheduler(0.0) == 1.0

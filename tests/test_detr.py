@@ -67,7 +67,11 @@ def test_training_step_losses_and_gradients(tiny_model):
     weighted = model.weight_losses({"loss_bbox": one, "loss_giou_7": one, "class_error": one})
     assert {k: float(v) for k, v in weighted.items()} == {"loss_bbox": 5.0, "loss_giou_7": 2.0}
     sum(losses.values()).backward()
-    checked_gradients(model, frozen=("backbone.stem",))  # freeze_at=1 freezes the stem only
+    checked_gradients(model, frozen=("backbone.stem", "backbone.res2"))  # freeze_at=2, as DETR's code
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(n.startswith("backbone.res3") for n in trainable) and not any(
+        n.startswith(("backbone.stem", "backbone.res2")) for n in trainable
+    )
 
 
 def test_targets_are_normalised_clipped_and_filtered(tiny_model):

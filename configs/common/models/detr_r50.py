@@ -12,7 +12,7 @@ from projects.enact.modeling.position_encoding import PositionEmbeddingSine
 from projects.enact.modeling.transformer import Transformer, TransformerDecoder, TransformerEncoder
 
 model = L(DETR)(
-    backbone=L(build_resnet_backbone)(depth=50, dilation=False, freeze_at=1, norm="FrozenBN"),
+    backbone=L(build_resnet_backbone)(depth=50, dilation=False, freeze_at=2, norm="FrozenBN"),
     position_embedding=L(PositionEmbeddingSine)(num_pos_feats=128, normalize=True),
     transformer=L(Transformer)(
         encoder=L(TransformerEncoder)(

@@ -13,13 +13,14 @@ A LazyConfig can use either form, e.g.::
         stem=L(BasicStem)(in_channels=3, out_channels=64, norm="FrozenBN"),
         stages=L(make_resnet_stages)(depth=50, norm="FrozenBN", res5_dilation=2),
         out_features=["res5"],
-        freeze_at=1,
+        freeze_at=2,
     )
     # or simply
     backbone = L(build_resnet_backbone)(depth=50, dilation=True)
 
 The defaults follow DETR: frozen batch norm everywhere ("FrozenBN", whose affine terms are
-buffers, not parameters), the stem frozen (``freeze_at=1``), the stride on the 3x3 convolution
+buffers, not parameters), the stem and res2 frozen (``freeze_at=2``: the DETR, Conditional DETR
+and Anchor DETR code trains ``layer2``-``layer4`` only), the stride on the 3x3 convolution
 (``stride_in_1x1=False``, the torchvision layout of the ImageNet weights DETR starts from) and
 only ``res5`` returned.
 
@@ -106,7 +107,7 @@ def make_resnet_stages(
 def build_resnet_backbone(
     depth: int = 50,
     dilation: Union[bool, int] = False,
-    freeze_at: int = 1,
+    freeze_at: int = 2,
     norm: str = "FrozenBN",
     out_features: Sequence[str] = ("res5",),
     stride_in_1x1: bool = False,
@@ -117,7 +118,8 @@ def build_resnet_backbone(
     Args:
         depth: ResNet depth (50 or 101 for DETR; 18 and 34 also work, e.g. for small tests).
         dilation: ``True`` (or 2) for the DC5 variant (``res5_dilation=2``).
-        freeze_at: number of leading stages frozen (1 = the stem), see ``ResNet.freeze``.
+        freeze_at: number of leading stages frozen (1 = the stem, 2 = the stem and res2, DETR's
+            choice), see ``ResNet.freeze``.
         norm: normalisation, "FrozenBN" by default.
         out_features: names of the returned feature maps.
         stride_in_1x1, dilate_first_block: see :func:`make_resnet_stages`.

@@ -500,7 +500,7 @@ def build_detr(
     ffn_dim: int = 2048,
     dropout: float = 0.1,
     aux_loss: bool = True,
-    freeze_at: int = 1,
+    freeze_at: int = 2,
     pixel_mean: Optional[Sequence[float]] = None,
     pixel_std: Optional[Sequence[float]] = None,
     device: str = "cpu",
