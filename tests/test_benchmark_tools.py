@@ -87,6 +87,39 @@ def test_benchmark_batch_orientation():
         benchmark.make_batch(1, (64, 96), 3, seed=0, device="cpu", orientation="portrait")
 
 
+def test_bool_dropout_masks():
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        import benchmark
+    finally:
+        sys.path.remove(os.path.join(ROOT, "tools"))
+    x = torch.rand(20000, dtype=torch.float64) + 0.5
+    x.requires_grad_()
+
+    def saved_dtypes(fn):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+            y = fn(x)
+        return saved, y
+
+    plain = benchmark.use_bool_dropout_masks()
+    try:
+        saved, y = saved_dtypes(lambda t: torch.nn.Dropout(0.25)(t))
+        assert saved == [torch.bool]  # what CUDA keeps; CPU's F.dropout keeps a float mask
+        kept = y != 0
+        assert abs(float(kept.double().mean()) - 0.75) < 0.02
+        assert torch.allclose(y[kept], x[kept] / 0.75)
+        y.sum().backward()
+        assert torch.allclose(x.grad, kept.double() / 0.75)
+        assert torch.equal(F.dropout(x, 0.25, training=False), x)  # eval: identity, as before
+    finally:
+        F.dropout = plain
+    assert saved_dtypes(lambda t: F.dropout(t, 0.25))[0] == [torch.float64]  # restored
+
+
 def test_analyze_model(tmp_path):
     result, stdout = run_tool("analyze_model", "--size", "64", "96", tmp_path=tmp_path)
     rows = {r["model"]: r for r in result["rows"]}

@@ -34,6 +34,11 @@ temporaries; weights and AdamW state are already resident), with glibc's mmap th
 workers side by side (each measures only its own process; timing never overlaps them).
 ``--attention`` sets the backend ("sdpa" or "eager") of every encoder attention module that has
 one, on both sides; encoders without such a module (Anchor DETR's RCDA) are labelled "rcda".
+Dropout: on CPU, PyTorch's ``F.dropout`` keeps a float32 mask for backward where CUDA keeps a
+1-byte one, which inflates every dropout's memory on CPU, most of all eager attention's (B, h, N, N)
+dropout.  ``--dropout-mask bool`` runs every ``F.dropout`` as ``torch.native_dropout`` (the same
+function, a bool mask), so that a CPU run stores what a GPU run stores; the default ``native``
+leaves PyTorch's behaviour alone.
 
     python tools/benchmark.py                                          # the paper's sizes
     python tools/benchmark.py --batch 2 --size 512 768 --repeats 2     # a quick CPU run
@@ -312,6 +317,23 @@ def profile_step(runner, mode, backend, device, out_dir):
             "backward_ms": dict(backward)}
 
 
+def use_bool_dropout_masks():
+    """Route ``F.dropout`` (hence ``nn.Dropout``) through ``torch.native_dropout``: the same
+    function, but backward keeps a bool mask instead of CPU dropout's float one.  Returns the
+    function it replaced."""
+    import torch.nn.functional as F
+
+    plain = F.dropout
+
+    def dropout(input, p=0.5, training=True, inplace=False):
+        if not training or p == 0.0 or inplace or not 0.0 < p < 1.0:
+            return plain(input, p, training, inplace)
+        return torch.native_dropout(input, p, True)[0]
+
+    F.dropout = dropout
+    return plain
+
+
 def _malloc_trim():
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -353,7 +375,8 @@ def measure_memory(args, path, mode, backend, batch_size):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker-config", path, "--worker-mode", mode,
            "--attention", backend, "--batch", str(batch_size), "--size", *map(str, args.size),
            "--device", args.device, "--seed", str(args.seed), "--min-scale", str(args.min_scale),
-           "--max-boxes", str(args.max_boxes), "--orientation", args.orientation]
+           "--max-boxes", str(args.max_boxes), "--orientation", args.orientation,
+           "--dropout-mask", args.dropout_mask]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.opts:
@@ -552,6 +575,8 @@ def main():
                    help="padded batch size (default 800 1333)")
     p.add_argument("--orientation", choices=ORIENTATIONS, default="same",
                    help="mixed: odd images portrait, the batch padded to max(H, W) squared (default same)")
+    p.add_argument("--dropout-mask", choices=("native", "bool"), default="native",
+                   help="bool: F.dropout as torch.native_dropout, so CPU keeps CUDA's 1-byte masks (default native)")
     p.add_argument("--min-scale", type=float, default=0.6, help="smallest side of images 1.. as a fraction of --size")
     p.add_argument("--max-boxes", type=int, default=5, help="ground-truth boxes per image: 1..max-boxes")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats after one warm-up")
@@ -574,6 +599,8 @@ def main():
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.dropout_mask == "bool":
+        use_bool_dropout_masks()
     if args.worker_config:
         return memory_worker(args)
 
@@ -616,7 +643,9 @@ def main():
         + (" (--batch)" if args.batch else " (configs' batch sizes)"),
         f"attention: {', '.join(backends)} (encoder attention modules of both sides); repeats {args.repeats} "
         f"interleaved, median; seed {args.seed}",
-        f"memory: {memory_measure}",
+        f"memory: {memory_measure}; dropout masks: "
+        + ("bool (F.dropout as torch.native_dropout)" if args.dropout_mask == "bool"
+           else "PyTorch's (float32 on CPU, bool on CUDA)"),
         "time: train = forward + backward + clip + AdamW step, infer = eval forward under no_grad, "
         "encoder = forward + backward of model.transformer.encoder on its captured inputs",
     ]
