@@ -50,8 +50,8 @@ Profile: ``--profile DIR`` runs, after the timing, one more step of every (varia
 torch.profiler and writes its op table (sorted by self time) to DIR/<config>_<attention>_<mode>.txt;
 the JSON and the Markdown get the time of the labelled ranges (``enact::cluster_keys_values``,
 ``enact::attend_clusters``, ``mhsa::attend_heads`` — every MultiheadAttention, the decoder's too:
-forward, summed over the layers) and of the
-costliest backward functions, as a share of the step's profiled op time.
+forward, summed over the layers) and of the costliest backward functions, as a share of the
+step's profiled op time.
 
 Writes a Markdown table (``--out-md``, default output/benchmark.md) and the raw numbers
 (``--out-json``, default output/benchmark.json).
