@@ -66,12 +66,18 @@ def test_benchmark(tmp_path):
     assert "torch.profiler" in (tmp_path / "benchmark.md").read_text()
 
 
-def test_benchmark_batch_orientation():
+def import_benchmark():
+    """tools/benchmark.py as a module (tools/ is not a package)."""
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     try:
         import benchmark
     finally:
         sys.path.remove(os.path.join(ROOT, "tools"))
+    return benchmark
+
+
+def test_benchmark_batch_orientation():
+    benchmark = import_benchmark()
     same = benchmark.make_batch(4, (64, 96), 3, seed=0, device="cpu", min_scale=0.5)
     mixed = benchmark.make_batch(4, (64, 96), 3, seed=0, device="cpu", min_scale=0.5, orientation="mixed")
     sides = lambda batch: [tuple(x["image"].shape[1:]) for x in batch]  # noqa: E731
@@ -91,11 +97,7 @@ def test_bool_dropout_masks():
     import torch
     import torch.nn.functional as F
 
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    try:
-        import benchmark
-    finally:
-        sys.path.remove(os.path.join(ROOT, "tools"))
+    benchmark = import_benchmark()
     x = torch.rand(20000, dtype=torch.float64) + 0.5
     x.requires_grad_()
 
