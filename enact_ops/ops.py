@@ -33,12 +33,14 @@ except ImportError as e:  # extension not built: reference backend only
 __all__ = [
     "Segmentation",
     "BACKENDS",
+    "check_cluster_inputs",
     "compiled_available",
     "segment_runs",
     "segment_uniform",
     "uniform_chunk_length",
     "segment_softmax_pool",
     "segment_softmax_pool_backward_sum",
+    "use_compiled",
 ]
 
 BACKENDS = ("auto", "compiled", "reference")
@@ -52,7 +54,9 @@ def compiled_available(device="cpu") -> bool:
     return kind == "cpu" or (kind == "cuda" and bool(_C.with_cuda))
 
 
-def _use_compiled(backend: str, device: torch.device) -> bool:
+def use_compiled(backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` ("auto" | "compiled" | "reference") runs the compiled kernels on
+    ``device``; "compiled" without a build for the device is an error."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
@@ -89,6 +93,43 @@ def _check_bool_2d(name: str, x, shape=None, device=None) -> None:
         raise ValueError(f"{name} has N = 0 tokens; at least one token per row is required")
 
 
+def check_cluster_inputs(key, value, key_padding_mask, extra=(), embed_dim=None):
+    """The checks of ENACT's clustering inputs: key (B, N, C = embed_dim), value and every extra
+    tensor (B, N, *) on key's device, key_padding_mask None or (B, N) bool (True = pad) with a
+    valid token in every image.  Returns (valid, key_padding_mask), both None when nothing is
+    padded."""
+    width = "C" if embed_dim is None else embed_dim
+    if not isinstance(key, torch.Tensor) or key.dim() != 3 or (embed_dim is not None and key.shape[-1] != embed_dim):
+        got = tuple(key.shape) if isinstance(key, torch.Tensor) else type(key).__name__
+        raise ValueError(f"key must be (B, N, {width}), got {got}")
+    B, N, _ = key.shape
+    if N == 0:
+        raise ValueError("key has N = 0 tokens")
+    for name, t in [("value", value)] + [(f"extra[{i}]", e) for i, e in enumerate(extra)]:
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or tuple(t.shape[:2]) != (B, N):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be (B, N, C) with (B, N) = ({B}, {N}) like key, got {got}")
+        if t.device != key.device:
+            raise ValueError(f"{name} is on {t.device}, key on {key.device}")
+    mask = key_padding_mask
+    if mask is None:
+        return None, None
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"key_padding_mask must be a bool tensor (True = pad), got {got}")
+    if tuple(mask.shape) != (B, N):
+        raise ValueError(f"key_padding_mask must be (B, N) = ({B}, {N}), got {tuple(mask.shape)}")
+    if mask.device != key.device:
+        raise ValueError(f"key_padding_mask is on {mask.device}, key on {key.device}")
+    valid = ~mask
+    empty = (~valid.any(1)).nonzero()
+    if empty.numel():
+        raise ValueError(f"image {int(empty[0])} of the batch has no valid token (key_padding_mask all True)")
+    if bool(valid.all()):
+        return None, None
+    return valid, mask
+
+
 def _valid_from_mask(ref: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
     if key_padding_mask is None:
         return torch.ones(ref.shape, dtype=torch.bool, device=ref.device)
@@ -109,7 +150,7 @@ def segment_runs(
     """Clusters = maximal runs of equal ``sign`` (B, N) bool over each row's valid sequence."""
     _check_bool_2d("sign", sign)
     valid = _valid_from_mask(sign, key_padding_mask)
-    if _use_compiled(backend, sign.device):
+    if use_compiled(backend, sign.device):
         return _segmentation(torch.ops.enact_ops.segment_runs(sign, valid))
     return reference.segment_runs(sign, valid)
 
@@ -124,7 +165,7 @@ def segment_uniform(key_padding_mask: torch.Tensor, chunk: int, backend: str = "
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
     valid = ~key_padding_mask
-    if _use_compiled(backend, valid.device):
+    if use_compiled(backend, valid.device):
         return _segmentation(torch.ops.enact_ops.segment_uniform(valid, chunk))
     return reference.segment_uniform(valid, chunk)
 
@@ -224,7 +265,7 @@ def segment_softmax_pool(
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     scores = scores.to(compute).contiguous()
     width = seg.max_clusters
-    if _use_compiled(backend, scores.device):
+    if use_compiled(backend, scores.device):
         features = [x if x.stride(-1) == 1 else x.contiguous() for x in features]
         out = _SegmentSoftmaxPool.apply(
             scores, seg.tokens, seg.seg_starts, seg.seg_batch, seg.row_offsets, width, *features

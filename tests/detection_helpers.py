@@ -1,30 +1,41 @@
 """Inputs, tiny configurations and checks shared by the detector tests (DETR, Conditional DETR,
 Anchor DETR, ENACT-RCDA and the with/without-ENACT detector matrix)."""
 
+import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import Boxes, Instances
 
-from projects.enact.modeling.anchor_detr import build_anchor_detr
 from projects.enact.modeling.attention import MultiheadAttention
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The one override that shrinks a detector's model config; its defaults are the tiny test model:
+# ResNet-18 without DC5, 2 + 2 layers, C = 32, 4 heads, FFN 64, 12 queries (DETR, Conditional
+# DETR) or 6 anchors x 2 patterns (Anchor DETR).
+shrink_model = LazyConfig.load(os.path.join(ROOT, "configs", "common", "shrink_model.py"), "shrink_model")
 NUM_CLASSES = 5
-# Tiny models, fast on a CPU: 2 + 2 layers, C = 32, on a ResNet-18 ...
-TINY_TRANSFORMER = dict(
-    embed_dim=32, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, ffn_dim=64
-)
-# ... with 12 queries (DETR, Conditional DETR) ...
-TINY_DETR = dict(num_classes=NUM_CLASSES, depth=18, num_queries=12, **TINY_TRANSFORMER)
-# ... or, for Anchor DETR, without DC5 and with 6 anchors x 2 patterns.
-TINY_ANCHOR_DETR = dict(
-    num_classes=NUM_CLASSES,
-    depth=18,
-    dilation=False,
-    num_anchors=6,
-    num_patterns=2,
-    **TINY_TRANSFORMER,
-)
+
+
+# ---------------------------------------------------------------------- models
+def model_config(name: str):
+    """The model config of ``configs/<name>.py``, on the CPU."""
+    cfg = LazyConfig.load(os.path.join(ROOT, "configs", f"{name}.py"))
+    cfg.model.device = "cpu"
+    return cfg.model
+
+
+def tiny_config(name: str, **kwargs):
+    """``model_config(name)`` shrunk to the tiny test model with ``NUM_CLASSES`` classes
+    (``kwargs``: other arguments of ``shrink_model``)."""
+    return shrink_model(model_config(name), **{"num_classes": NUM_CLASSES, **kwargs})
+
+
+def build(model_cfg, seed: int = 0):
+    """The model of ``model_cfg``, instantiated after seeding the global RNG with ``seed``."""
+    torch.manual_seed(seed)
+    return instantiate(model_cfg)
 
 
 # ---------------------------------------------------------------------- inputs
@@ -72,13 +83,7 @@ def two_image_batch(
     ]
 
 
-# ---------------------------------------------------------------------- models
-def tiny_anchor_detr(encoder_type: str = "rcda", **kwargs):
-    """``build_anchor_detr(**TINY_ANCHOR_DETR)`` with that encoder, seeded."""
-    torch.manual_seed(0)
-    return build_anchor_detr(**{**TINY_ANCHOR_DETR, "encoder_type": encoder_type, **kwargs})
-
-
+# ---------------------------------------------------------------------- test modules
 class RecordingAttention(MultiheadAttention):
     """MultiheadAttention that records every call as (positional args, sorted keyword names)."""
 

@@ -1,23 +1,26 @@
 """Tests of Anchor DETR: row-column decoupled attention, the transformer and the detector.
 
-The parameter count uses the real configuration (R50-DC5, 6 + 6 layers, C = 256); the functional
-tests use a tiny model (ResNet-18 backbone, 2 + 2 layers, C = 32, 6 anchors x 2 patterns).
+The parameter count uses the real configuration (configs/anchor_detr_r50_dc5_50ep.py: R50-DC5,
+6 + 6 layers, C = 256); the functional tests use the configs shrunk to a tiny model (ResNet-18
+backbone, 2 + 2 layers, C = 32, 6 anchors x 2 patterns).
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
+from detectron2.config import LazyCall as L
 from detection_helpers import (
     NUM_CLASSES,
-    TINY_ANCHOR_DETR as TINY,
     CachedBackbone,
     RecordingAttention,
+    build,
     check_detections,
     checked_gradients,
     infer,
     inference_batch,
     instances,
-    tiny_anchor_detr,
+    model_config,
+    tiny_config,
     train_steps,
     training_losses,
     two_image_batch,
@@ -28,7 +31,6 @@ from projects.enact.modeling.anchor_detr import (
     AnchorDETRTransformer,
     RCDAEncoder,
     RCDAEncoderLayer,
-    build_anchor_detr,
     mask_to_positions,
 )
 from projects.enact.modeling.rcda import MultiheadRCDA
@@ -36,6 +38,8 @@ from projects.enact.modeling.transformer import TransformerEncoder
 
 # detrex's Anchor DETR R50-DC5 with 80 classes (FrozenBN affine terms are buffers).
 DETREX_ANCHOR_DETR_R50_DC5_PARAMS = 37_035_884
+CONFIG = "anchor_detr_r50_dc5_50ep"  # RCDA encoder
+MHSA_CONFIG = "anchor_detr_r50_dc5_50ep_mhsa"  # standard self-attention encoder
 
 
 
@@ -46,7 +50,7 @@ def _batch():
 
 # ---------------------------------------------------------------------- configuration
 def test_parameter_count_matches_detrex_r50_dc5():
-    model = build_anchor_detr(num_classes=80)
+    model = build(model_config(CONFIG))
     count = sum(p.numel() for p in model.parameters())
     assert (
         abs(count - DETREX_ANCHOR_DETR_R50_DC5_PARAMS) <= 0.005 * DETREX_ANCHOR_DETR_R50_DC5_PARAMS
@@ -70,12 +74,11 @@ def test_parameter_count_matches_detrex_r50_dc5():
     assert model.criterion.weight_dict["loss_ce_4"] == 2.0
     assert model.criterion.weight_dict["loss_bbox"] == 5.0
     # Same model with the standard self-attention encoder: only the encoder attention differs.
-    mhsa = build_anchor_detr(num_classes=80, encoder_type="mhsa")
+    mhsa = build(model_config(MHSA_CONFIG))
     assert isinstance(mhsa.transformer.encoder, TransformerEncoder)
+    assert mhsa.transformer.encoder_type == "mhsa"
     diff = count - sum(p.numel() for p in mhsa.parameters())
     assert diff == 6 * 2 * (256 * 256 + 256)  # RCDA has 6 projections, MHA 4
-    with pytest.raises(ValueError, match="encoder_type"):
-        build_anchor_detr(**TINY, encoder_type="deformable")
 
 
 # ---------------------------------------------------------------------- RCDA
@@ -211,10 +214,12 @@ def test_positions_and_queries():
 # ---------------------------------------------------------------------- detector
 @pytest.mark.parametrize("encoder_type", ["rcda", "mhsa"])
 def test_training_step_losses_and_gradients(encoder_type):
-    kwargs = {}
     if encoder_type == "mhsa":
-        kwargs["encoder_attention"] = RecordingAttention(32, 4)
-    model = tiny_anchor_detr(encoder_type, **kwargs)
+        cfg = tiny_config(MHSA_CONFIG)
+        cfg.transformer.encoder.attention = L(RecordingAttention)(embed_dim=32, num_heads=4)
+    else:
+        cfg = tiny_config(CONFIG)
+    model = build(cfg)
     losses = training_losses(model, _batch())
     sum(losses.values()).backward()
     trainable = checked_gradients(model, frozen=("backbone.stem", "backbone.res2"))
@@ -251,7 +256,7 @@ def test_rcda_encoder_attention_is_one_overridable_method():
 
 
 def test_inference_returns_instances_inside_the_image():
-    model = tiny_anchor_detr()
+    model = build(tiny_config(CONFIG))
     num_pairs = model.num_queries * NUM_CLASSES  # 60 < 100: every (query, class) pair
     for inst, size in zip(infer(model, inference_batch(_batch())), [(192, 256), (48, 64)]):
         check_detections(inst, size, NUM_CLASSES)
@@ -271,7 +276,9 @@ def test_inference_returns_instances_inside_the_image():
 def test_loss_decreases_on_fixed_images():
     # The backbone is frozen (freeze_at=5) and, the images being fixed, its output cached to keep
     # the 30 steps fast; everything after it (input projection, transformer, heads) is trained.
-    model = tiny_anchor_detr(freeze_at=5)
+    cfg = tiny_config(CONFIG)
+    cfg.backbone.freeze_at = 5
+    model = build(cfg)
     model.backbone = CachedBackbone(model.backbone)
     model.train()
     batch = _batch()

@@ -1,13 +1,17 @@
 """tools/benchmark.py and tools/analyze_model.py end to end, as subprocesses, on the shapes demo
-configs shrunk with --opts (R18 at 64 x 96, 2 encoder / 1 decoder layers)."""
+configs shrunk with --opts (R18 at 64 x 96, 2 encoder / 1 decoder layers); the pieces of
+projects.enact.benchmark (batches, bool dropout masks, imports) directly."""
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 import enact_ops
+from projects.enact.benchmark import runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ["configs/shapes/detr_r18_shapes.py", "configs/shapes/detr_r18_shapes_enact.py"]
@@ -66,20 +70,9 @@ def test_benchmark(tmp_path):
     assert "torch.profiler" in (tmp_path / "benchmark.md").read_text()
 
 
-def import_benchmark():
-    """tools/benchmark.py as a module (tools/ is not a package)."""
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    try:
-        import benchmark
-    finally:
-        sys.path.remove(os.path.join(ROOT, "tools"))
-    return benchmark
-
-
 def test_benchmark_batch_orientation():
-    benchmark = import_benchmark()
-    same = benchmark.make_batch(4, (64, 96), 3, seed=0, device="cpu", min_scale=0.5)
-    mixed = benchmark.make_batch(4, (64, 96), 3, seed=0, device="cpu", min_scale=0.5, orientation="mixed")
+    same = runner.make_batch(4, (64, 96), 3, seed=0, device="cpu", min_scale=0.5)
+    mixed = runner.make_batch(4, (64, 96), 3, seed=0, device="cpu", min_scale=0.5, orientation="mixed")
     sides = lambda batch: [tuple(x["image"].shape[1:]) for x in batch]  # noqa: E731
     assert sides(same)[0] == (64, 96) and all(h <= 64 and w <= 96 for h, w in sides(same))
     assert sides(mixed)[:2] == [(64, 96), (96, 64)]  # landscape and portrait at full size: padded to 96 x 96
@@ -90,26 +83,23 @@ def test_benchmark_batch_orientation():
         boxes = x["instances"].gt_boxes.tensor
         assert (boxes[:, 2] <= x["width"]).all() and (boxes[:, 3] <= x["height"]).all()
     with pytest.raises(ValueError, match="orientation must be one of"):
-        benchmark.make_batch(1, (64, 96), 3, seed=0, device="cpu", orientation="portrait")
+        runner.make_batch(1, (64, 96), 3, seed=0, device="cpu", orientation="portrait")
+
+
+def _saved_dtypes(fn, x):
+    """The dtypes autograd saves for backward while ``fn(x)`` runs, and its output."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        y = fn(x)
+    return saved, y
 
 
 def test_bool_dropout_masks():
-    import torch
-    import torch.nn.functional as F
-
-    benchmark = import_benchmark()
     x = torch.rand(20000, dtype=torch.float64) + 0.5
     x.requires_grad_()
-
-    def saved_dtypes(fn):
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
-            y = fn(x)
-        return saved, y
-
-    plain = benchmark.use_bool_dropout_masks()
-    try:
-        saved, y = saved_dtypes(lambda t: torch.nn.Dropout(0.25)(t))
+    plain = F.dropout
+    with runner.bool_dropout_masks():
+        saved, y = _saved_dtypes(lambda t: torch.nn.Dropout(0.25)(t), x)
         assert saved == [torch.bool]  # what CUDA keeps; CPU's F.dropout keeps a float mask
         kept = y != 0
         assert abs(float(kept.double().mean()) - 0.75) < 0.02
@@ -117,9 +107,27 @@ def test_bool_dropout_masks():
         y.sum().backward()
         assert torch.allclose(x.grad, kept.double() / 0.75)
         assert torch.equal(F.dropout(x, 0.25, training=False), x)  # eval: identity, as before
-    finally:
-        F.dropout = plain
-    assert saved_dtypes(lambda t: F.dropout(t, 0.25))[0] == [torch.float64]  # restored
+    assert F.dropout is plain
+    assert _saved_dtypes(lambda t: F.dropout(t, 0.25), x)[0] == [torch.float64]  # restored
+
+
+def test_bool_dropout_masks_restored_after_an_exception():
+    plain = F.dropout
+    with pytest.raises(RuntimeError, match="inside the block"):
+        with runner.bool_dropout_masks():
+            assert F.dropout is not plain
+            raise RuntimeError("inside the block")
+    assert F.dropout is plain
+    with runner.dropout_masks("native"):  # the default leaves F.dropout alone
+        assert F.dropout is plain
+
+
+def test_benchmark_package_needs_torch_only():
+    """The operator and attention benchmarks run on machines without detectron2."""
+    code = ("import sys, projects.enact.benchmark, projects.enact.benchmark.utils, projects.enact.benchmark.report; "
+            "assert not {'detectron2', 'fvcore'} & set(sys.modules), sorted(sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_analyze_model(tmp_path):

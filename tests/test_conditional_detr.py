@@ -1,24 +1,27 @@
 """Tests of the Conditional DETR meta-architecture.
 
-The parameter count uses the real configuration (R50, 6 + 6 layers, C = 256, 300 queries); the
-functional tests use a tiny model (ResNet-18 backbone, 2 + 2 layers, C = 32) to stay fast on a
-CPU.
+The parameter count uses the real configuration (configs/conditional_detr_r50_50ep.py: R50,
+6 + 6 layers, C = 256, 300 queries); the functional tests use that config shrunk to a tiny model
+(ResNet-18 backbone, 2 + 2 layers, C = 32) to stay fast on a CPU.
 """
 
 import math
 
 import pytest
 import torch
+from detectron2.config import LazyCall as L
 from detection_helpers import (
     NUM_CLASSES,
-    TINY_DETR as TINY,
     RecordingAttention,
+    build,
     check_detections,
     checked_gradients,
     image,
     infer,
     inference_batch,
+    model_config,
     sample,
+    tiny_config,
     train_steps,
     training_losses,
     two_image_batch,
@@ -28,7 +31,6 @@ from projects.enact.modeling.attention import MultiheadAttention
 from projects.enact.modeling.conditional_detr import (
     ConditionalCrossAttention,
     ConditionalDETR,
-    build_conditional_detr,
     inverse_sigmoid,
     point_sine_embedding,
 )
@@ -39,15 +41,16 @@ DETREX_CONDITIONAL_DETR_R50_PARAMS = 43_415_574
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
+CONFIG = "conditional_detr_r50_50ep"
+
 
 @pytest.fixture(scope="module")
 def tiny_model(single_thread):
-    torch.manual_seed(0)
-    return build_conditional_detr(**TINY)
+    return build(tiny_config(CONFIG))
 
 
 def test_parameter_count_matches_detrex_r50():
-    model = build_conditional_detr(num_classes=80, depth=50)
+    model = build(model_config(CONFIG))
     count = sum(p.numel() for p in model.parameters())
     expected = DETREX_CONDITIONAL_DETR_R50_PARAMS
     assert abs(count - expected) <= 0.005 * expected, count
@@ -122,8 +125,9 @@ def test_loss_decreases_on_fixed_images():
 
     The randomly initialised backbone has no batch statistics (FrozenBN), so it is frozen here
     (as a pretrained one would be trained at a 10x lower rate); everything else learns."""
-    torch.manual_seed(0)
-    model = build_conditional_detr(**dict(TINY, dropout=0.0, freeze_at=5))
+    cfg = tiny_config(CONFIG, dropout=0.0)
+    cfg.backbone.freeze_at = 5
+    model = build(cfg)
     model.train()
     batch = [
         sample(64, 96, 10, [[8, 6, 50, 40], [60, 20, 90, 60]], [1, 3]),
@@ -138,12 +142,12 @@ def test_loss_decreases_on_fixed_images():
 
 
 def test_encoder_attention_is_swappable():
-    torch.manual_seed(0)
-    proto = RecordingAttention(32, 4)
-    model = build_conditional_detr(**dict(TINY, num_encoder_layers=3), encoder_attention=proto)
+    cfg = tiny_config(CONFIG, num_encoder_layers=3)
+    cfg.transformer.encoder.attention = L(RecordingAttention)(embed_dim=32, num_heads=4)
+    model = build(cfg)
     layers = [layer.self_attn for layer in model.transformer.encoder.layers]
     assert len(layers) == 3 and all(isinstance(a, RecordingAttention) for a in layers)
-    assert all(a is not proto for a in layers) and layers[0] is not layers[1]
+    assert layers[0] is not layers[1]
     model.eval()
     with torch.no_grad():
         (out,) = model([{"image": image(70, 90, 3)}])
@@ -152,9 +156,9 @@ def test_encoder_attention_is_swappable():
         assert attn.calls == [
             ((), ["key", "key_padding_mask", "key_pos", "query", "query_pos", "value"])
         ]
-    assert not hasattr(proto, "calls")
+    cfg.transformer.encoder.attention = L(MultiheadAttention)(embed_dim=64, num_heads=4)
     with pytest.raises(ValueError, match="embed_dim"):
-        build_conditional_detr(**TINY, encoder_attention=MultiheadAttention(64, 4))
+        build(cfg)
 
 
 def test_point_sine_embedding_matches_feature_map_embedding():
@@ -175,7 +179,7 @@ def test_point_sine_embedding_matches_feature_map_embedding():
 def test_conditional_cross_attention_concatenates_content_and_space(use_query_pos):
     torch.manual_seed(0)
     c, heads, nq, nk, bs = 16, 2, 3, 5, 2
-    attn = ConditionalCrossAttention(c, heads, use_query_pos=use_query_pos, attention="eager")
+    attn = ConditionalCrossAttention(c, heads, use_query_pos=use_query_pos, attn_implementation="eager")
     attn.eval()
     x, qpos, sine = torch.randn(nq, bs, c), torch.randn(nq, bs, c), torch.randn(nq, bs, c)
     memory, pos = torch.randn(nk, bs, c), torch.randn(nk, bs, c)
@@ -204,5 +208,5 @@ def test_conditional_cross_attention_concatenates_content_and_space(use_query_po
             ref[:, b, sl] = logits.softmax(-1) @ v[:, b, sl]
     ref = x + attn.out_proj(ref)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    attn.attention = "sdpa"
+    attn.attn_implementation = "sdpa"
     torch.testing.assert_close(attn(x, memory, pos, qpos, sine, mask), out, atol=1e-5, rtol=1e-5)

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
+from omegaconf import OmegaConf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(
@@ -43,6 +44,27 @@ def test_config_loads_and_builds_model(path):
     # overrides from the command line reach the derived values
     cfg = LazyConfig.apply_overrides(cfg, ["train.max_iter=100"])
     assert instantiate(cfg.lr_multiplier)._num_updates == 100
+
+
+@pytest.mark.parametrize("path", [c for c in CONFIGS if "shapes" not in c])
+def test_shrink_model_makes_every_coco_model_tiny(path):
+    """configs/common/shrink_model.py's defaults on every detector family and encoder."""
+    shrink_model = LazyConfig.load(os.path.join(ROOT, "configs", "common", "shrink_model.py"), "shrink_model")
+    cfg = load(path)
+    full = OmegaConf.to_container(cfg.model.transformer.encoder)  # type and attention, before
+    torch.manual_seed(0)
+    model = instantiate(shrink_model(cfg.model, num_classes=3))
+    encoder = model.transformer.encoder
+    assert len(encoder.layers) == 2 and encoder.embed_dim == model.embed_dim == 32
+    assert model.num_queries == 12 and model.class_embed.out_features in (3, 4)  # (+ "no object")
+    assert model.backbone.output_shape()["res5"].stride == 32 and len(model.backbone.res5) == 2  # R18, no DC5
+    assert type(encoder) is full["_target_"] and getattr(encoder, "sigma", None) == full.get("sigma")
+    attention = full.get("attention")
+    if attention is not None:  # same type, other arguments (ENACT's sigma) kept
+        attn = encoder.layers[0].self_attn
+        assert type(attn) is attention["_target_"] and attn.num_heads == 4
+        assert getattr(attn, "clustering", None) is None or attn.clustering.sigma == attention["sigma"]
+    assert sum(p.numel() for p in model.parameters()) < 12_000_000  # R18 (11.2 M) + a tiny transformer
 
 
 @pytest.mark.parametrize("base,enact", ENACT_PAIRS)

@@ -1,7 +1,8 @@
 """Tests of the DETR meta-architecture (backbone, positional embedding, transformer, detector).
 
-The parameter count uses the real configuration (R50, 6 + 6 layers, C = 256); the functional
-tests use a tiny model (ResNet-18 backbone, 2 + 2 layers, C = 32) to stay fast on a CPU.
+The parameter count uses the real configuration (configs/detr_r50_300ep.py: R50, 6 + 6 layers,
+C = 256); the functional tests use that config shrunk to a tiny model (ResNet-18 backbone,
+2 + 2 layers, C = 32) to stay fast on a CPU.
 """
 
 import math
@@ -14,14 +15,16 @@ from detectron2.modeling.backbone import BasicStem, ResNet
 from detectron2.structures import Boxes, Instances
 from detection_helpers import (
     NUM_CLASSES,
-    TINY_DETR,
     RecordingAttention,
+    build,
     check_detections,
     checked_gradients,
     image,
     infer,
     inference_batch,
     instances,
+    model_config,
+    tiny_config,
     training_losses,
     two_image_batch,
 )
@@ -29,7 +32,7 @@ from torch import nn
 
 from projects.enact.modeling.attention import MultiheadAttention
 from projects.enact.modeling.backbone import build_resnet_backbone, make_resnet_stages
-from projects.enact.modeling.detr import DETR, build_detr
+from projects.enact.modeling.detr import DETR
 from projects.enact.modeling.position_encoding import PositionEmbeddingSine
 from projects.enact.modeling.transformer import Transformer, TransformerDecoder, TransformerEncoder
 
@@ -40,12 +43,11 @@ DETREX_DETR_R50_PARAMS = 41_521_941
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    torch.manual_seed(0)
-    return build_detr(**TINY_DETR)
+    return build(tiny_config("detr_r50_300ep"))
 
 
 def test_parameter_count_matches_detrex_r50():
-    model = build_detr(num_classes=80)
+    model = build(model_config("detr_r50_300ep"))
     count = sum(p.numel() for p in model.parameters())
     assert abs(count - DETREX_DETR_R50_PARAMS) <= 0.005 * DETREX_DETR_R50_PARAMS, count
     # Canonical structure: 6 + 6 layers, width 256, 100 queries, frozen stem.

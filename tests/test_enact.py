@@ -9,7 +9,8 @@ from torch.func import functional_call
 import enact_ops
 from projects.enact import EnactAttention, EnactClustering, MultiheadAttention
 from projects.enact.modeling.attention import multi_head_attention
-from projects.enact.modeling.enact import _projection, curvature_sign, gaussian_kernel, smooth
+from projects.enact.modeling.enact import curvature_sign, gaussian_kernel, smooth
+from projects.enact.modeling.enact_fused import project
 
 BACKENDS = ["reference"] + (["compiled"] if enact_ops.compiled_available("cpu") else [])
 
@@ -181,10 +182,10 @@ def test_every_token_its_own_cluster_equals_standard_attention():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_gradients_reach_w_prob_and_projections(attention):
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_gradients_reach_w_prob_and_projections(attn_implementation):
     torch.manual_seed(0)
-    m = EnactAttention(16, 4, attn_drop=0.1, proj_drop=0.1, attention=attention)
+    m = EnactAttention(16, 4, attn_drop=0.1, proj_drop=0.1, attn_implementation=attn_implementation)
     x = torch.randn(40, 2, 16)
     mask = torch.zeros(2, 40, dtype=torch.bool)
     mask[0, 30:] = True
@@ -285,7 +286,7 @@ def test_projection_matches_linear(x_seq_first, identity_seq_first, bias, expand
         xv = view(x, x_seq_first)
         iv = view(ident, identity_seq_first) if ident is not None else None
         if ours:
-            y = _projection(xv, w, b, iv)
+            y = project(xv, w, b, iv)
         else:
             y = torch.nn.functional.linear(xv, w, b)
             y = y if iv is None else iv + y
@@ -298,7 +299,7 @@ def test_projection_matches_linear(x_seq_first, identity_seq_first, bias, expand
         assert results[0][0].stride() == view(ident, identity_seq_first).stride()
     with torch.no_grad():  # plain ops (traceable), same values
         iv = view(ident, identity_seq_first) if ident is not None else None
-        torch.testing.assert_close(_projection(view(x, x_seq_first), w, b, iv), results[1][0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(project(view(x, x_seq_first), w, b, iv), results[1][0], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
@@ -446,3 +447,14 @@ def test_bad_input():
     attn = EnactAttention(8, 2)
     with pytest.raises(ValueError, match="does not take attn_mask"):
         attn(torch.randn(5, 1, 8), attn_mask=torch.zeros(5, 5, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("cls", [MultiheadAttention, EnactAttention])
+def test_former_attention_keyword_still_works_with_a_warning(cls):
+    """``attention="eager"`` was the name of ``attn_implementation`` before it meant the encoder's
+    attention module: it still selects the implementation, with a DeprecationWarning."""
+    with pytest.warns(DeprecationWarning, match="attn_implementation='eager'"):
+        m = cls(16, 4, attention="eager")
+    assert m.attn_implementation == "eager"
+    with pytest.raises(ValueError, match="attn_implementation must be one of"):
+        cls(16, 4, attn_implementation="flash")

@@ -1,8 +1,9 @@
 """Tests of separable ENACT for the RCDA encoder of Anchor DETR (projects/enact/modeling/enact_rcda.py).
 
 Layer-level tests run in float64 on small maps with sigma = 1 or 2 (so that the short row and
-column sequences split into several clusters); the detector tests use a tiny Anchor DETR
-(ResNet-18, 2 + 2 layers, C = 32) with the ENACT-RCDA encoder.
+column sequences split into several clusters); the detector tests use
+configs/anchor_detr_r50_dc5_50ep_enact.py shrunk to a tiny Anchor DETR (ResNet-18, 2 + 2 layers,
+C = 32) with the ENACT-RCDA encoder.
 """
 
 import math
@@ -10,11 +11,11 @@ import math
 import pytest
 import torch
 from detection_helpers import (
-    TINY_ANCHOR_DETR as TINY,
     CachedBackbone,
+    build,
     checked_gradients,
     sample,
-    tiny_anchor_detr,
+    tiny_config,
     train_steps,
     training_losses,
 )
@@ -37,6 +38,17 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---------------------------------------------------------------------- helpers
+def _tiny_anchor_detr(enact: bool = True, sigma=None, freeze_at=None):
+    """The tiny Anchor DETR with the RCDA or (``enact``) the ENACT-RCDA encoder, seeded;
+    ``sigma`` and ``freeze_at`` replace the config's when given."""
+    cfg = tiny_config("anchor_detr_r50_dc5_50ep_enact" if enact else "anchor_detr_r50_dc5_50ep")
+    if sigma is not None:
+        cfg.transformer.encoder.sigma = sigma
+    if freeze_at is not None:
+        cfg.backbone.freeze_at = freeze_at
+    return build(cfg)
+
+
 def _randomise(module, std=0.3):
     """Non-trivial weights and biases everywhere (LayerNorm scales around 1)."""
     with torch.no_grad():
@@ -269,23 +281,25 @@ def _batch(h0=256, w0=320, h1=192, w1=256):
 
 
 def test_baseline_checkpoint_loads_with_only_w_prob_missing():
-    base = tiny_anchor_detr("rcda")
-    enact = tiny_anchor_detr("enact_rcda")
+    base = _tiny_anchor_detr(enact=False)
+    enact = _tiny_anchor_detr()
     encoder = enact.transformer.encoder
     assert isinstance(encoder, EnactRCDAEncoder) and encoder.sigma == 3
     assert all(isinstance(layer, EnactRCDAEncoderLayer) and layer.sigma == 3 for layer in encoder.layers)
     assert isinstance(base.transformer.encoder, RCDAEncoder)
     result = enact.load_state_dict(base.state_dict(), strict=False)
     assert not result.unexpected_keys
+    num_layers, embed_dim = len(encoder.layers), encoder.embed_dim
+    assert (num_layers, embed_dim) == (2, 32)  # the tiny model's
     expected = {
         f"transformer.encoder.layers.{i}.cluster_{a}.w_prob.{p}"
-        for i in range(TINY["num_encoder_layers"])
+        for i in range(num_layers)
         for a in "xy"
         for p in ("weight", "bias")
     }
     assert set(result.missing_keys) == expected
     extra = sum(p.numel() for p in enact.parameters()) - sum(p.numel() for p in base.parameters())
-    assert extra == TINY["num_encoder_layers"] * 2 * (TINY["embed_dim"] + 1)
+    assert extra == num_layers * 2 * (embed_dim + 1)
     # with every column / row its own cluster the loaded detector predicts what the baseline does
     for layer in encoder.layers:
         _force_singletons(layer)
@@ -305,7 +319,7 @@ def test_baseline_checkpoint_loads_with_only_w_prob_missing():
 
 
 def test_training_step_finite_losses_and_gradients():
-    model = tiny_anchor_detr("enact_rcda", enact_sigma=1)
+    model = _tiny_anchor_detr(sigma=1)
     losses = training_losses(model, _batch())
     sum(losses.values()).backward()
     checked_gradients(model)
@@ -321,7 +335,7 @@ def test_training_step_finite_losses_and_gradients():
 
 
 def test_loss_decreases_on_fixed_images():
-    model = tiny_anchor_detr("enact_rcda", enact_sigma=1, freeze_at=5)
+    model = _tiny_anchor_detr(sigma=1, freeze_at=5)
     model.backbone = CachedBackbone(model.backbone)
     model.train()
     batch = _batch()

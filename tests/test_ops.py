@@ -140,7 +140,8 @@ def test_pool_edge_segmentations():
     alternating = torch.arange(N).repeat(B, 1) % 2 == 0
     single = segment_runs(alternating, mask)
     pooled, weights, _ = segment_softmax_pool(scores, [k, v], single, backend="compiled")
-    torch.testing.assert_close(pooled[0], k) and torch.testing.assert_close(pooled[1], v)
+    torch.testing.assert_close(pooled[0], k)
+    torch.testing.assert_close(pooled[1], v)
     assert torch.all(weights == 1)
 
 

@@ -33,10 +33,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark import (  # noqa: E402
-    DEFAULT_CONFIGS, config_name, encoder_layer_statistics, load_config, resolve_config, seed_all,
-    set_encoder_attention, encoder_kind,
+from projects.enact.benchmark.detector import DEFAULT_CONFIGS  # noqa: E402
+from projects.enact.benchmark.runner import (  # noqa: E402
+    config_name, encoder_layer_statistics, load_config, resolve_config, seed_all, set_encoder_attention, encoder_kind,
 )
 
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")

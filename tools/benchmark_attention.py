@@ -23,15 +23,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from projects.enact import EnactAttention, MultiheadAttention  # noqa: E402
-from benchmark_utils import peak_memory_increase, timed, write_result  # noqa: E402
+from projects.enact.benchmark.utils import peak_memory_increase, timed, write_result  # noqa: E402
 
 VARIANTS = {
-    "mhsa-sdpa": lambda a: MultiheadAttention(a.channels, a.heads, a.dropout, a.dropout, attention="sdpa"),
-    "mhsa-eager": lambda a: MultiheadAttention(a.channels, a.heads, a.dropout, a.dropout, attention="eager"),
-    "enact-sdpa": lambda a: EnactAttention(a.channels, a.heads, a.dropout, a.dropout, sigma=a.sigma, attention="sdpa"),
-    "enact-eager": lambda a: EnactAttention(a.channels, a.heads, a.dropout, a.dropout, sigma=a.sigma, attention="eager"),
+    "mhsa-sdpa": lambda a: MultiheadAttention(a.channels, a.heads, a.dropout, a.dropout, attn_implementation="sdpa"),
+    "mhsa-eager": lambda a: MultiheadAttention(a.channels, a.heads, a.dropout, a.dropout, attn_implementation="eager"),
+    "enact-sdpa": lambda a: EnactAttention(a.channels, a.heads, a.dropout, a.dropout, sigma=a.sigma, attn_implementation="sdpa"),
+    "enact-eager": lambda a: EnactAttention(a.channels, a.heads, a.dropout, a.dropout, sigma=a.sigma, attn_implementation="eager"),
     "enact-reference-sdpa": lambda a: EnactAttention(
-        a.channels, a.heads, a.dropout, a.dropout, sigma=a.sigma, attention="sdpa", backend="reference"
+        a.channels, a.heads, a.dropout, a.dropout, sigma=a.sigma, attn_implementation="sdpa", backend="reference"
     ),
 }
 

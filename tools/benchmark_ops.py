@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import enact_ops  # noqa: E402
-from benchmark_utils import peak_memory_increase, timed, write_result  # noqa: E402
+from projects.enact.benchmark.utils import peak_memory_increase, timed, write_result  # noqa: E402
 
 BACKENDS = ("compiled", "reference")
 

@@ -24,7 +24,6 @@ W_prob on random features: indicative only.
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,13 +31,12 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from projects.enact.modeling.anchor_detr import RCDAEncoder  # noqa: E402
 from projects.enact.modeling.attention import MultiheadAttention  # noqa: E402
 from projects.enact.modeling.enact import EnactAttention  # noqa: E402
 from projects.enact.modeling.enact_rcda import EnactRCDAEncoder  # noqa: E402
 from projects.enact.modeling.transformer import TransformerEncoder  # noqa: E402
-from benchmark_utils import peak_memory_increase, timed  # noqa: E402
+from projects.enact.benchmark.utils import device_name, peak_memory_increase, timed  # noqa: E402
 
 
 def _common(a):
@@ -49,13 +47,13 @@ VARIANTS = {
     "rcda": lambda a: RCDAEncoder(**_common(a)),
     "enact-rcda": lambda a: EnactRCDAEncoder(**_common(a), sigma=a.sigma),
     "enact-rcda-s1": lambda a: EnactRCDAEncoder(**_common(a), sigma=1),
-    "mhsa": lambda a: TransformerEncoder(MultiheadAttention(a.channels, a.heads, attention="sdpa"), **_common(a)),
+    "mhsa": lambda a: TransformerEncoder(MultiheadAttention(a.channels, a.heads, attn_implementation="sdpa"), **_common(a)),
     "mhsa-enact": lambda a: TransformerEncoder(
-        EnactAttention(a.channels, a.heads, sigma=a.sigma, attention="sdpa"), **_common(a)
+        EnactAttention(a.channels, a.heads, sigma=a.sigma, attn_implementation="sdpa"), **_common(a)
     ),
-    "mhsa-eager": lambda a: TransformerEncoder(MultiheadAttention(a.channels, a.heads, attention="eager"), **_common(a)),
+    "mhsa-eager": lambda a: TransformerEncoder(MultiheadAttention(a.channels, a.heads, attn_implementation="eager"), **_common(a)),
     "mhsa-enact-eager": lambda a: TransformerEncoder(
-        EnactAttention(a.channels, a.heads, sigma=a.sigma, attention="eager"), **_common(a)
+        EnactAttention(a.channels, a.heads, sigma=a.sigma, attn_implementation="eager"), **_common(a)
     ),
 }
 DEFAULT_VARIANTS = ["rcda", "enact-rcda", "enact-rcda-s1", "mhsa", "mhsa-enact"]
@@ -178,7 +176,7 @@ def main():
               f"{f('column_ratio'):>6} {f('row_ratio'):>6}")
     result = dict(
         tool="benchmark_rcda", device=str(device),
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        device_name=device_name(device),
         cpu_threads=torch.get_num_threads(), torch=torch.__version__,
         args={k: v for k, v in vars(args).items() if not k.startswith("worker")},
         memory_measure="cuda max_memory_allocated above the state before the call" if device.type == "cuda"

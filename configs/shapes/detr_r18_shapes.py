@@ -10,6 +10,6 @@ from ..common.optim import AdamW as optimizer
 from ..common.shapes_model import shapes_schedule, shrink_for_shapes
 from ..common.train import train
 
-shrink_for_shapes(model, class_weight=1.0)
+shrink_for_shapes(model)
 shapes_schedule(optimizer, train, max_iter=1500, output_dir="./output/shapes/detr_r18")
 lr_multiplier = L(step_lr_multiplier)(max_iter="${train.max_iter}", drop_fraction=2 / 3)

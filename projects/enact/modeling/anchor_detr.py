@@ -1,6 +1,6 @@
 """Anchor DETR (Wang et al., AAAI 2022) as a detectron2 meta-architecture, with a selectable
 encoder: row-column decoupled attention (the Anchor DETR baseline) or standard multi-head
-self-attention over the flattened map (where ENACT plugs in).
+self-attention over the flattened map.
 
 Pipeline, for a batch of B images padded to (H, W), one feature level::
 
@@ -23,15 +23,14 @@ every decoder layer: the layers refine the query *content*; the boxes of each la
 from the same anchors.  ``adapt_pos1d`` and ``adapt_pos2d`` (2-layer MLPs) are shared by the
 encoder and all decoder layers.
 
-The encoder is the swappable part:
+The encoder is the swappable part (``model.transformer.encoder`` of the configs), either
 
-* ``encoder_type="mhsa"`` uses :class:`~projects.enact.modeling.transformer.TransformerEncoder`
-  with an attention *prototype* deep-copied into every layer (any module with the call signature
-  of :class:`~projects.enact.modeling.attention.MultiheadAttention`, e.g. ``EnactAttention``);
-* ``encoder_type="rcda"`` uses :class:`RCDAEncoder`, whose layers call their attention in one
-  method, :meth:`RCDAEncoderLayer.attend`, for subclasses to replace (e.g. an ENACT-for-RCDA
-  variant); its prototype may be any module with the signature of
-  :class:`~projects.enact.modeling.rcda.MultiheadRCDA`.
+* a :class:`~projects.enact.modeling.transformer.TransformerEncoder` ("mhsa") with an attention
+  *prototype* deep-copied into every layer (any module with the call signature of
+  :class:`~projects.enact.modeling.attention.MultiheadAttention`), or
+* an :class:`RCDAEncoder` or subclass ("rcda"), whose layers call their attention in one method,
+  :meth:`RCDAEncoderLayer.attend`, for subclasses to replace; its prototype may be any module
+  with the signature of :class:`~projects.enact.modeling.rcda.MultiheadRCDA`.
 
 Losses: sigmoid focal classification (alpha 0.25, gamma 2; weight 2), L1 (5) and GIoU (2) on the
 Hungarian matching (costs 2 / 5 / 2), on the last and every intermediate decoder layer.
@@ -45,19 +44,17 @@ import torch
 from torch import nn
 
 from .attention import MultiheadAttention
-from .backbone import build_resnet_backbone
-from .detr import MLP, ReferencePointDETR, focal_set_criterion, inverse_sigmoid
+from .detr import MLP, ReferencePointDETR, inverse_sigmoid
+from .position_encoding import sine_embedding, sine_embedding_2d
 from .rcda import MultiheadRCDA, check_key_pooling
 from .transformer import (
     EncoderStack,
-    TransformerEncoder,
-    _feed_forward,
+    feed_forward,
     check_attention_width,
     feed_forward_modules,
 )
 
 __all__ = [
-    "ENCODER_TYPES",
     "sine_embedding",
     "sine_embedding_2d",
     "mask_to_positions",
@@ -67,36 +64,12 @@ __all__ = [
     "AnchorDecoderLayer",
     "AnchorDETRTransformer",
     "AnchorDETR",
-    "build_anchor_detr",
 ]
 
-ENCODER_TYPES = ("rcda", "mhsa", "enact_rcda")
 ANCHOR_PRIORS = ("learned", "grid")
 
 
 # ---------------------------------------------------------------------- position encodings
-def sine_embedding(coords: torch.Tensor, num_feats: int, temperature: float = 10000.0):
-    """Sine encoding of coordinates in [0, 1]: (...,) -> (..., num_feats), with
-    ``e[2i] = sin(2 pi c / T^(2i / F))`` and ``e[2i + 1] = cos(2 pi c / T^(2i / F))``."""
-    if num_feats <= 0 or num_feats % 2:
-        raise ValueError(f"num_feats must be a positive even number, got {num_feats}")
-    idx = torch.arange(num_feats, dtype=torch.float32, device=coords.device)
-    dim_t = temperature ** (2 * torch.div(idx, 2, rounding_mode="floor") / num_feats)
-    x = coords.float()[..., None] * (2 * math.pi) / dim_t  # (..., F)
-    return torch.stack((x[..., 0::2].sin(), x[..., 1::2].cos()), dim=-1).flatten(-2)
-
-
-def sine_embedding_2d(points: torch.Tensor, num_feats: int, temperature: float = 10000.0):
-    """points (..., 2) as (x, y) -> (..., 2 * num_feats): [encoding(y), encoding(x)]."""
-    return torch.cat(
-        (
-            sine_embedding(points[..., 1], num_feats, temperature),
-            sine_embedding(points[..., 0], num_feats, temperature),
-        ),
-        dim=-1,
-    )
-
-
 def mask_to_positions(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Normalised pixel centres of a map padded at the bottom/right: mask (B, H, W) bool,
     True = padding -> x (B, W), y (B, H), ``(index + 0.5) / valid extent`` (in (0, 1) on the
@@ -149,7 +122,7 @@ class RCDAEncoderLayer(nn.Module):
         pos_y: torch.Tensor,
         mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """The self-attention block, residual included (the ENACT extension point).
+        """The self-attention block, residual included (the extension point of subclasses).
 
         src (B, H, W, C); pos_x (B, W, C) encoding of the columns; pos_y (B, H, C) encoding of
         the rows; mask (B, H, W) bool, True = padding.  Returns ``src + dropout(RCDA(...))``.
@@ -176,7 +149,7 @@ class RCDAEncoderLayer(nn.Module):
     ) -> torch.Tensor:
         """src (B, H, W, C) -> (B, H, W, C); see :meth:`attend`."""
         src = self.norm1(self.attend(src, pos_x, pos_y, mask))
-        return self.norm2(src + self.dropout2(_feed_forward(self, src)))
+        return self.norm2(src + self.dropout2(feed_forward(self, src)))
 
 
 class RCDAEncoder(EncoderStack):
@@ -262,7 +235,7 @@ class AnchorDecoderLayer(nn.Module):
             tgt + query_pos_x, tgt + query_pos_y, key_x, key_y, memory, key_padding_mask=mask
         )
         tgt = self.norm2(tgt + self.dropout2(out))
-        return self.norm3(tgt + self.dropout3(_feed_forward(self, tgt)))
+        return self.norm3(tgt + self.dropout3(feed_forward(self, tgt)))
 
 
 # ---------------------------------------------------------------------- transformer
@@ -483,86 +456,3 @@ class AnchorDETR(ReferencePointDETR):
         computes the positions from the mask itself (``pos`` is None)."""
         hs, reference, _ = self.transformer(src, mask)
         return hs, reference
-
-
-def build_anchor_detr(
-    num_classes: int = 80,
-    depth: int = 50,
-    dilation: bool = True,
-    encoder_type: str = "rcda",
-    encoder_attention: Optional[nn.Module] = None,
-    num_anchors: int = 300,
-    num_patterns: int = 3,
-    anchor_prior: str = "learned",
-    embed_dim: int = 256,
-    num_heads: int = 8,
-    num_encoder_layers: int = 6,
-    num_decoder_layers: int = 6,
-    ffn_dim: int = 1024,
-    dropout: float = 0.0,
-    activation: str = "relu",
-    aux_loss: bool = True,
-    freeze_at: int = 2,
-    pixel_mean: Optional[Sequence[float]] = None,
-    pixel_std: Optional[Sequence[float]] = None,
-    device: str = "cpu",
-    select_box_nums_for_evaluation: int = 100,
-    enact_sigma: int = 3,
-) -> AnchorDETR:
-    """Anchor DETR with the paper's defaults: R50-DC5, 6 + 6 layers, C = 256, 8 heads, FFN 1024,
-    dropout 0, 300 learnt anchors x 3 patterns; focal loss 2 / L1 5 / GIoU 2, matcher 2 / 5 / 2.
-
-    ``encoder_type`` picks the encoder ("rcda": the Anchor DETR baseline; "mhsa": standard
-    self-attention over the flattened map).  ``encoder_attention`` is its prototype attention,
-    deep-copied into every encoder layer: for "mhsa" a module with the signature of
-    :class:`MultiheadAttention` (default ``MultiheadAttention(embed_dim, num_heads, dropout,
-    dropout)``; pass an ENACT attention to get ENACT-Anchor-DETR), for "rcda" one with the
-    signature of :class:`MultiheadRCDA` (default ``MultiheadRCDA(embed_dim, num_heads, dropout)``).
-    ``encoder_type="enact_rcda"`` is the "rcda" encoder with separable ENACT
-    (:class:`~projects.enact.modeling.enact_rcda.EnactRCDAEncoder`, sigma ``enact_sigma``).
-    ``freeze_at=2`` freezes the stem and res2, as Anchor DETR's backbone.
-    """
-    if encoder_type not in ENCODER_TYPES:
-        raise ValueError(f"encoder_type must be one of {ENCODER_TYPES}, got {encoder_type!r}")
-    backbone = build_resnet_backbone(depth=depth, dilation=dilation, freeze_at=freeze_at)
-    encoder_kwargs = dict(
-        num_layers=num_encoder_layers,
-        embed_dim=embed_dim,
-        ffn_dim=ffn_dim,
-        dropout=dropout,
-        activation=activation,
-        num_heads=num_heads,
-    )
-    if encoder_type == "rcda":
-        encoder = RCDAEncoder(encoder_attention, **encoder_kwargs)
-    elif encoder_type == "enact_rcda":
-        from .enact_rcda import EnactRCDAEncoder  # imports this module
-
-        encoder = EnactRCDAEncoder(encoder_attention, sigma=enact_sigma, **encoder_kwargs)
-    else:
-        encoder = TransformerEncoder(encoder_attention, **encoder_kwargs)
-    transformer = AnchorDETRTransformer(
-        encoder,
-        num_decoder_layers=num_decoder_layers,
-        num_heads=num_heads,
-        ffn_dim=ffn_dim,
-        dropout=dropout,
-        activation=activation,
-        num_anchors=num_anchors,
-        num_patterns=num_patterns,
-        anchor_prior=anchor_prior,
-    )
-    return AnchorDETR(
-        backbone=backbone,
-        transformer=transformer,
-        num_classes=num_classes,
-        in_features="res5",
-        in_channels=backbone.output_shape()["res5"].channels,
-        embed_dim=embed_dim,
-        criterion=focal_set_criterion(num_classes, num_decoder_layers, aux_loss),
-        aux_loss=aux_loss,
-        pixel_mean=pixel_mean,
-        pixel_std=pixel_std,
-        device=device,
-        select_box_nums_for_evaluation=select_box_nums_for_evaluation,
-    )

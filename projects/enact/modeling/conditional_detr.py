@@ -28,18 +28,15 @@ Inference keeps, per image, the ``select_box_nums_for_evaluation`` best (query, 
 (scores = sigmoid probabilities), as detectron2 ``Instances``.
 """
 
-import math
 from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .attention import ATTENTION_BACKENDS
-from .backbone import build_resnet_backbone
-from .detr import MLP, ReferencePointDETR, focal_set_criterion, inverse_sigmoid
-from .position_encoding import PositionEmbeddingSine
-from .transformer import Transformer, _feed_forward, feed_forward_modules
+from .attention import attend_heads, check_attn_implementation, check_embed_heads, key_padding_bias
+from .detr import MLP, ReferencePointDETR, inverse_sigmoid
+from .position_encoding import sine_embedding_2d
+from .transformer import Transformer, decoder_outputs, feed_forward, feed_forward_modules
 
 __all__ = [
     "inverse_sigmoid",
@@ -50,62 +47,14 @@ __all__ = [
     "ConditionalTransformerDecoder",
     "ConditionalTransformer",
     "ConditionalDETR",
-    "build_conditional_detr",
 ]
 
 
-def point_sine_embedding(
-    points: torch.Tensor,
-    num_pos_feats: int = 128,
-    temperature: float = 10000,
-    scale: float = 2 * math.pi,
-) -> torch.Tensor:
-    """Sine embedding of normalised 2-D points, in the layout of :class:`PositionEmbeddingSine`.
-
-    points (..., 2) as (x, y) in [0, 1] -> (..., 2 * num_pos_feats): the y-embedding then the
-    x-embedding, each with channels 2i / 2i + 1 = sin / cos(c * scale / T^(2i / F)).  A point
-    at (x, y) gets the embedding of the feature-map pixel at the same normalised position, so
-    the spatial dot products of the cross-attention compare positions directly.
-    """
-    if points.shape[-1] != 2:
-        raise ValueError(f"points must be (..., 2), got shape {tuple(points.shape)}")
-    if num_pos_feats <= 0 or num_pos_feats % 2 != 0:
-        raise ValueError(f"num_pos_feats must be a positive even number, got {num_pos_feats}")
-    idx = torch.arange(num_pos_feats, dtype=torch.float32, device=points.device)
-    dim_t = temperature ** (2 * torch.div(idx, 2, rounding_mode="floor") / num_pos_feats)  # (F,)
-    coords = points.float() * scale  # (..., 2)
-    embeds = coords[..., None] / dim_t  # (..., 2, F)
-    embeds = torch.stack((embeds[..., 0::2].sin(), embeds[..., 1::2].cos()), dim=-1).flatten(-2)
-    pos_x, pos_y = embeds.unbind(-2)  # (..., F) each
-    return torch.cat((pos_y, pos_x), dim=-1).to(points.dtype)  # (..., 2F)
-
-
-def _attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: Optional[torch.Tensor],
-    dropout_p: float,
-    backend: str,
-) -> torch.Tensor:
-    """Scaled dot-product attention per head.
-
-    q (B, h, L, E), k (B, h, S, E), v (B, h, S, Ev); key_padding_mask (B, S) bool, True = ignore.
-    The logits are scaled by 1 / sqrt(E).  Returns (B, h, L, Ev).
-    """
-    mask = None
-    if key_padding_mask is not None:
-        mask = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
-        mask = mask.masked_fill(key_padding_mask, float("-inf"))[:, None, None, :]  # (B,1,1,S)
-    if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-    logits = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, h, L, S)
-    if mask is not None:
-        logits = logits + mask
-    weights = torch.softmax(logits, dim=-1)
-    if dropout_p > 0.0:
-        weights = F.dropout(weights, p=dropout_p)
-    return torch.matmul(weights, v)
+def point_sine_embedding(points: torch.Tensor, num_pos_feats: int = 128) -> torch.Tensor:
+    """Reference points (..., 2) as (x, y) in [0, 1] -> (..., 2 * num_pos_feats), in the layout
+    of :class:`PositionEmbeddingSine` ([e(y), e(x)], see ``sine_embedding_2d``), so the spatial
+    dot products of the cross-attention compare positions directly.  Keeps the points' dtype."""
+    return sine_embedding_2d(points, num_pos_feats).to(points.dtype)
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -120,15 +69,6 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.permute(2, 0, 1, 3).reshape(length, bsz, heads * dim)
 
 
-def _check_heads(embed_dim: int, num_heads: int, backend: str) -> None:
-    if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads != 0:
-        raise ValueError(
-            f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})"
-        )
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {backend!r}")
-
-
 class _ConditionalAttention(nn.Module):
     """What the two conditional attentions share: the settings, the projections (the query
     projections named by the subclass, then ``key_content_proj``, ``key_pos_proj``,
@@ -140,14 +80,14 @@ class _ConditionalAttention(nn.Module):
         num_heads: int,
         attn_drop: float,
         proj_drop: float,
-        attention: str,
+        attn_implementation: str,
         query_projections: Sequence[str],
     ):
         super().__init__()
-        _check_heads(embed_dim, num_heads, attention)
+        check_embed_heads(embed_dim, num_heads)
+        self.attn_implementation = check_attn_implementation(attn_implementation)
         self.embed_dim = embed_dim
         self.num_heads = num_heads
-        self.attention = attention
         self.attn_drop = attn_drop
         for name in query_projections:
             setattr(self, name, nn.Linear(embed_dim, embed_dim))
@@ -167,8 +107,9 @@ class _ConditionalAttention(nn.Module):
     ) -> torch.Tensor:
         """x (L, B, C); per-head q (B, h, L, E), k (B, h, S, E), v (B, h, S, C/h);
         key_padding_mask (B, S).  Returns ``x + proj_drop(Wo concat_h attention)`` (L, B, C)."""
-        out = _attend(
-            q, k, v, key_padding_mask, self.attn_drop if self.training else 0.0, self.attention
+        mask = None if key_padding_mask is None else key_padding_bias(key_padding_mask, q.dtype)
+        out = attend_heads(
+            q, k, v, mask, self.attn_drop if self.training else 0.0, self.attn_implementation
         )  # (B, h, L, C/h)
         return x + self.proj_drop(self.out_proj(_merge_heads(out)))
 
@@ -188,14 +129,14 @@ class ConditionalSelfAttention(_ConditionalAttention):
         num_heads: int = 8,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        attention: str = "sdpa",
+        attn_implementation: str = "sdpa",
     ):
         super().__init__(
             embed_dim,
             num_heads,
             attn_drop,
             proj_drop,
-            attention,
+            attn_implementation,
             query_projections=("query_content_proj", "query_pos_proj"),
         )
 
@@ -230,7 +171,7 @@ class ConditionalCrossAttention(_ConditionalAttention):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         use_query_pos: bool = False,
-        attention: str = "sdpa",
+        attn_implementation: str = "sdpa",
     ):
         query_pos = ("query_pos_proj",) if use_query_pos else ()  # Wq_p: first layer only
         super().__init__(
@@ -238,7 +179,7 @@ class ConditionalCrossAttention(_ConditionalAttention):
             num_heads,
             attn_drop,
             proj_drop,
-            attention,
+            attn_implementation,
             query_projections=("query_content_proj", *query_pos, "query_pos_sine_proj"),
         )
         self.use_query_pos = use_query_pos
@@ -288,12 +229,12 @@ class ConditionalDecoderLayer(nn.Module):
         dropout: float = 0.1,
         activation: str = "relu",
         is_first: bool = False,
-        attention: str = "sdpa",
+        attn_implementation: str = "sdpa",
     ):
         super().__init__()
         self.is_first = is_first
         self.self_attn = ConditionalSelfAttention(
-            embed_dim, num_heads, attn_drop=dropout, proj_drop=dropout, attention=attention
+            embed_dim, num_heads, attn_drop=dropout, proj_drop=dropout, attn_implementation=attn_implementation
         )
         self.norm1 = nn.LayerNorm(embed_dim)
         self.cross_attn = ConditionalCrossAttention(
@@ -302,7 +243,7 @@ class ConditionalDecoderLayer(nn.Module):
             attn_drop=dropout,
             proj_drop=dropout,
             use_query_pos=is_first,
-            attention=attention,
+            attn_implementation=attn_implementation,
         )
         self.norm2 = nn.LayerNorm(embed_dim)
         # Feed-forward block (post-norm): norm3(x + dropout3(linear2(dropout(act(linear1(x)))))).
@@ -324,7 +265,7 @@ class ConditionalDecoderLayer(nn.Module):
         tgt = self.norm2(
             self.cross_attn(tgt, memory, pos, query_pos, query_sine_embed, memory_key_padding_mask)
         )
-        return self.norm3(tgt + self.dropout3(_feed_forward(self, tgt)))
+        return self.norm3(tgt + self.dropout3(feed_forward(self, tgt)))
 
 
 class ConditionalTransformerDecoder(nn.Module):
@@ -343,10 +284,12 @@ class ConditionalTransformerDecoder(nn.Module):
         ffn_dim: int = 2048,
         dropout: float = 0.1,
         activation: str = "relu",
-        attention: str = "sdpa",
+        attn_implementation: str = "sdpa",
         return_intermediate: bool = True,
+        attention: Optional[str] = None,
     ):
         super().__init__()
+        attn_implementation = check_attn_implementation(attn_implementation, attention, type(self).__name__)
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         if embed_dim % 4 != 0:
@@ -356,7 +299,7 @@ class ConditionalTransformerDecoder(nn.Module):
         self.return_intermediate = return_intermediate
         self.layers = nn.ModuleList(
             ConditionalDecoderLayer(
-                embed_dim, num_heads, ffn_dim, dropout, activation, i == 0, attention
+                embed_dim, num_heads, ffn_dim, dropout, activation, i == 0, attn_implementation
             )
             for i in range(num_layers)
         )
@@ -377,15 +320,12 @@ class ConditionalTransformerDecoder(nn.Module):
         Returns hs (L, Q, B, C) and the reference points (Q, B, 2), sigmoid (x, y)."""
         reference = self.ref_point_head(query_pos).sigmoid()  # (Q, B, 2)
         sine = point_sine_embedding(reference, self.embed_dim // 2)  # (Q, B, C)
-        outputs = []
+        states = []
         for idx, layer in enumerate(self.layers):
             query_sine_embed = sine if idx == 0 else sine * self.query_scale(tgt)
             tgt = layer(tgt, memory, pos, query_pos, query_sine_embed, memory_key_padding_mask)
-            if self.return_intermediate:
-                outputs.append(self.norm(tgt))
-        if not self.return_intermediate:
-            outputs.append(self.norm(tgt))
-        return torch.stack(outputs), reference
+            states.append(tgt)
+        return decoder_outputs(states, self.norm, self.return_intermediate), reference
 
 
 class ConditionalTransformer(Transformer):
@@ -394,8 +334,6 @@ class ConditionalTransformer(Transformer):
     Same construction (and Xavier-uniform re-initialisation of every weight matrix) as
     :class:`.transformer.Transformer`; ``forward`` also returns the reference points.
     """
-
-    decoder_class = ConditionalTransformerDecoder
 
     def forward(
         self,
@@ -444,53 +382,3 @@ class ConditionalDETR(ReferencePointDETR):
         """hs (L, B, Q, C) and the reference points (B, Q, 2) of the learnt queries."""
         hs, reference, _ = self.transformer(src, mask, self.query_embed.weight, pos)
         return hs, reference
-
-
-def build_conditional_detr(
-    num_classes: int = 80,
-    depth: int = 50,
-    dilation: bool = False,
-    encoder_attention: Optional[nn.Module] = None,
-    num_queries: int = 300,
-    embed_dim: int = 256,
-    num_heads: int = 8,
-    num_encoder_layers: int = 6,
-    num_decoder_layers: int = 6,
-    ffn_dim: int = 2048,
-    dropout: float = 0.1,
-    aux_loss: bool = True,
-    freeze_at: int = 2,
-    pixel_mean: Optional[Sequence[float]] = None,
-    pixel_std: Optional[Sequence[float]] = None,
-    device: str = "cpu",
-    select_box_nums_for_evaluation: int = 100,
-) -> ConditionalDETR:
-    """Conditional DETR with the canonical hyper-parameters (R50, 6 + 6 layers, C = 256,
-    8 heads, FFN 2048, dropout 0.1, 300 queries; focal loss alpha 0.25 gamma 2, loss weights
-    class 2 / L1 5 / GIoU 2, matcher costs class 2 / L1 5 / GIoU 2; top-100 detections).
-
-    ``encoder_attention`` is the prototype encoder self-attention (copied into every encoder
-    layer), by default ``MultiheadAttention(embed_dim, num_heads, attn_drop=dropout,
-    proj_drop=dropout)``; pass an ENACT attention module to get ENACT-Conditional-DETR.
-    """
-    backbone = build_resnet_backbone(depth=depth, dilation=dilation, freeze_at=freeze_at)
-    transformer = ConditionalTransformer.build(
-        encoder_attention, num_encoder_layers, num_decoder_layers, embed_dim, num_heads, ffn_dim,
-        dropout,
-    )
-    return ConditionalDETR(
-        backbone=backbone,
-        position_embedding=PositionEmbeddingSine(num_pos_feats=embed_dim // 2, normalize=True),
-        transformer=transformer,
-        num_classes=num_classes,
-        num_queries=num_queries,
-        in_features="res5",
-        in_channels=backbone.output_shape()["res5"].channels,
-        embed_dim=embed_dim,
-        criterion=focal_set_criterion(num_classes, num_decoder_layers, aux_loss),
-        aux_loss=aux_loss,
-        pixel_mean=pixel_mean,
-        pixel_std=pixel_std,
-        device=device,
-        select_box_nums_for_evaluation=select_box_nums_for_evaluation,
-    )

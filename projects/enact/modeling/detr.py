@@ -34,21 +34,13 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
-from .backbone import build_resnet_backbone
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
-from .criterion import SetCriterion, aux_weight_dict
-from .matcher import HungarianMatcher
-from .position_encoding import PositionEmbeddingSine
-from .transformer import Transformer
 
 __all__ = [
     "MLP",
     "inverse_sigmoid",
     "DETR",
     "ReferencePointDETR",
-    "loss_weight_dict",
-    "focal_set_criterion",
-    "build_detr",
 ]
 
 # detectron2's default statistics (BGR, 0-255), i.e. MODEL.PIXEL_MEAN / MODEL.PIXEL_STD.
@@ -459,85 +451,3 @@ class ReferencePointDETR(DETR):
             query = torch.div(idx, num_classes, rounding_mode="floor")  # (k,)
             results.append(_detections(box, query, score, idx % num_classes, image_size))
         return results
-
-
-def loss_weight_dict(class_weight: float, num_decoder_layers: int, aux_loss: bool) -> Dict:
-    """Loss weights class ``class_weight`` / L1 5 / GIoU 2, also for the auxiliary losses of the
-    first ``num_decoder_layers - 1`` decoder layers when ``aux_loss``."""
-    weight_dict = {"loss_ce": class_weight, "loss_bbox": 5.0, "loss_giou": 2.0}
-    if aux_loss:
-        weight_dict = aux_weight_dict(weight_dict, num_decoder_layers - 1)
-    return weight_dict
-
-
-def focal_set_criterion(num_classes: int, num_decoder_layers: int, aux_loss: bool) -> SetCriterion:
-    """The criterion of Conditional and Anchor DETR: sigmoid focal loss (alpha 0.25, gamma 2),
-    loss weights class 2 / L1 5 / GIoU 2, matcher costs class 2 / L1 5 / GIoU 2 (focal class
-    cost)."""
-    return SetCriterion(
-        num_classes,
-        matcher=HungarianMatcher(
-            cost_class=2, cost_bbox=5, cost_giou=2, use_focal=True, alpha=0.25, gamma=2.0
-        ),
-        weight_dict=loss_weight_dict(2.0, num_decoder_layers, aux_loss),
-        losses=("class", "boxes"),
-        use_focal=True,
-        focal_alpha=0.25,
-        focal_gamma=2.0,
-    )
-
-
-def build_detr(
-    num_classes: int = 80,
-    depth: int = 50,
-    dilation: bool = False,
-    encoder_attention: Optional[nn.Module] = None,
-    num_queries: int = 100,
-    embed_dim: int = 256,
-    num_heads: int = 8,
-    num_encoder_layers: int = 6,
-    num_decoder_layers: int = 6,
-    ffn_dim: int = 2048,
-    dropout: float = 0.1,
-    aux_loss: bool = True,
-    freeze_at: int = 2,
-    pixel_mean: Optional[Sequence[float]] = None,
-    pixel_std: Optional[Sequence[float]] = None,
-    device: str = "cpu",
-    select_box_nums_for_evaluation: int = 100,
-) -> DETR:
-    """DETR with the canonical hyper-parameters (R50, 6 + 6 layers, C = 256, 8 heads, FFN 2048,
-    dropout 0.1, 100 queries; losses ce 1 / L1 5 / GIoU 2, eos_coef 0.1, matcher 1 / 5 / 2).
-
-    ``encoder_attention`` is the prototype encoder self-attention (copied into every encoder
-    layer), by default ``MultiheadAttention(embed_dim, num_heads, attn_drop=dropout,
-    proj_drop=dropout)``; pass an ENACT attention module to get ENACT-DETR.
-    """
-    backbone = build_resnet_backbone(depth=depth, dilation=dilation, freeze_at=freeze_at)
-    transformer = Transformer.build(
-        encoder_attention, num_encoder_layers, num_decoder_layers, embed_dim, num_heads, ffn_dim,
-        dropout,
-    )
-    criterion = SetCriterion(
-        num_classes,
-        matcher=HungarianMatcher(cost_class=1, cost_bbox=5, cost_giou=2),
-        weight_dict=loss_weight_dict(1.0, num_decoder_layers, aux_loss),
-        losses=("class", "boxes"),
-        eos_coef=0.1,
-    )
-    return DETR(
-        backbone=backbone,
-        position_embedding=PositionEmbeddingSine(num_pos_feats=embed_dim // 2, normalize=True),
-        transformer=transformer,
-        num_classes=num_classes,
-        num_queries=num_queries,
-        in_features="res5",
-        in_channels=backbone.output_shape()["res5"].channels,
-        embed_dim=embed_dim,
-        criterion=criterion,
-        aux_loss=aux_loss,
-        pixel_mean=pixel_mean,
-        pixel_std=pixel_std,
-        device=device,
-        select_box_nums_for_evaluation=select_box_nums_for_evaluation,
-    )

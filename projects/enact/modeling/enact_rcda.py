@@ -83,7 +83,7 @@ the separable variant keeps N / M ~ (2 sigma)^2.  Measured with untrained W_prob
 50 x 68 maps (tools/benchmark_rcda.py): sigma = 3 gives W'/W ~ H'/H ~ 0.18, N / M ~ 32 (1-D
 ENACT at sigma = 3 on the same maps: N / M ~ 6.4); sigma = 1 gives W'/W ~ H'/H ~ 0.43,
 N / M ~ 5.4, the compression of the paper's 1-D ENACT.  Which one keeps the accuracy is for
-training to tell; ``sigma`` is the encoder's (and ``build_anchor_detr``'s ``enact_sigma``) knob.
+training to tell; ``sigma`` is the encoder's knob (``model.transformer.encoder.sigma``).
 
 Statistics: ``EnactRCDAEncoderLayer.statistics()`` reports, for its last call, the clusters per
 image M = H' W', the compression N / M with N the image's valid pixels, and the per-axis counts
@@ -97,7 +97,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .anchor_detr import RCDAEncoder, RCDAEncoderLayer
-from .enact import CLUSTERING_MODES, EnactClustering, _check_sigma
+from .enact import CLUSTERING_MODES, EnactClustering, check_sigma
 from .rcda import MultiheadRCDA, rcda_combine, rcda_weights
 
 __all__ = [
@@ -185,17 +185,17 @@ def rcda_attention_on_grid(
     residual.
     """
     a_x, a_y = rcda_weights(
-        attn._heads(attn.q_x_proj(query_x)),
-        attn._heads(attn.q_y_proj(query_y)),
-        attn._heads(attn.k_x_proj(key_x)),
-        attn._heads(attn.k_y_proj(key_y)),
+        attn.split_heads(attn.q_x_proj(query_x)),
+        attn.split_heads(attn.q_y_proj(query_y)),
+        attn.split_heads(attn.k_x_proj(key_x)),
+        attn.split_heads(attn.k_y_proj(key_y)),
         pad_x,
         pad_y,
     )  # (B, n, Q, W'), (B, n, Q, H')
     if attn.training and attn.dropout > 0.0:
         a_x = F.dropout(a_x, p=attn.dropout)
         a_y = F.dropout(a_y, p=attn.dropout)
-    v = attn._heads(attn.v_proj(value))  # (B, n, H', W', d)
+    v = attn.split_heads(attn.v_proj(value))  # (B, n, H', W', d)
     out = rcda_combine(a_x, a_y, v)  # (B, n, Q, d)
     return attn.out_proj(out.movedim(1, -2).flatten(-2))
 
@@ -322,7 +322,7 @@ class EnactRCDAEncoder(RCDAEncoder):
         mode: str = "segments",
         backend: str = "auto",
     ):
-        _check_sigma(sigma)
+        check_sigma(sigma)
         if mode not in CLUSTERING_MODES:
             raise ValueError(f"mode must be one of {CLUSTERING_MODES}, got {mode!r}")
         super().__init__(attention, num_layers, embed_dim, ffn_dim, dropout, activation, num_heads)

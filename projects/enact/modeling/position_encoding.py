@@ -1,4 +1,12 @@
-"""Fixed 2-D sine/cosine positional embedding of DETR, computed from the padding mask.
+"""Sine/cosine embeddings of coordinates: the one implementation every detector uses.
+
+``sine_embedding(c, F)`` embeds each coordinate c with F channels
+
+    e[2i] = sin(scale c / T^(2i / F)),  e[2i + 1] = cos(scale c / T^(2i / F))
+
+and ``sine_embedding_2d`` embeds points (x, y) as [e(y), e(x)] (Conditional DETR's reference
+points, Anchor DETR's anchors and pixel grid).  ``PositionEmbeddingSine`` is DETR's fixed 2-D
+embedding of a feature map, computed from the padding mask:
 
 For a feature map with padding mask ``mask`` (B, H, W), True on padded pixels, the row and
 column coordinates of a pixel are the number of valid pixels above / left of it, inclusive
@@ -21,7 +29,30 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["PositionEmbeddingSine"]
+__all__ = ["PositionEmbeddingSine", "sine_embedding", "sine_embedding_2d"]
+
+
+def sine_embedding(
+    coords: torch.Tensor, num_feats: int, temperature: float = 10000.0, scale: float = 2 * math.pi
+) -> torch.Tensor:
+    """(...,) -> (..., num_feats) float32: channels 2i / 2i + 1 = sin / cos(scale c / T^(2i / F))."""
+    if num_feats <= 0 or num_feats % 2:
+        raise ValueError(f"num_feats must be a positive even number, got {num_feats}")
+    idx = torch.arange(num_feats, dtype=torch.float32, device=coords.device)
+    dim_t = temperature ** (2 * torch.div(idx, 2, rounding_mode="floor") / num_feats)  # (F,)
+    x = (coords.float() * scale)[..., None] / dim_t  # (..., F)
+    return torch.stack((x[..., 0::2].sin(), x[..., 1::2].cos()), dim=-1).flatten(-2)
+
+
+def sine_embedding_2d(
+    points: torch.Tensor, num_feats: int, temperature: float = 10000.0, scale: float = 2 * math.pi
+) -> torch.Tensor:
+    """points (..., 2) as (x, y) -> (..., 2 * num_feats) float32: [e(y), e(x)].  A point at (x, y)
+    in [0, 1]^2 gets the embedding of the feature-map pixel at the same normalised position."""
+    if points.shape[-1] != 2:
+        raise ValueError(f"points must be (..., 2), got shape {tuple(points.shape)}")
+    embed = sine_embedding(points, num_feats, temperature, scale)  # (..., 2, F)
+    return torch.cat((embed[..., 1, :], embed[..., 0, :]), dim=-1)
 
 
 class PositionEmbeddingSine(nn.Module):
@@ -67,17 +98,8 @@ class PositionEmbeddingSine(nn.Module):
             y_embed = (y_embed + self.offset) / (y_embed[:, -1:, :] + self.eps) * self.scale
             x_embed = (x_embed + self.offset) / (x_embed[:, :, -1:] + self.eps) * self.scale
 
-        # Frequencies shared by each (sin, cos) pair: T^(2 * floor(i / 2) / F), i = 0..F-1.
-        idx = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
-        dim_t = self.temperature ** (
-            2 * torch.div(idx, 2, rounding_mode="floor") / self.num_pos_feats
-        )
-
-        pos_x = x_embed[..., None] / dim_t  # (B, H, W, F)
-        pos_y = y_embed[..., None] / dim_t  # (B, H, W, F)
-        # Interleave: even channels sin, odd channels cos.
-        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
-        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+        pos_x = sine_embedding(x_embed, self.num_pos_feats, self.temperature, scale=1.0)  # (B, H, W, F)
+        pos_y = sine_embedding(y_embed, self.num_pos_feats, self.temperature, scale=1.0)  # (B, H, W, F)
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)  # (B, 2F, H, W)
 
     def extra_repr(self) -> str:

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import check_embed_heads
+
 __all__ = ["MultiheadRCDA", "rcda_weights", "rcda_combine"]
 
 
@@ -105,10 +107,7 @@ class MultiheadRCDA(nn.Module):
         super().__init__()
         check_key_pooling(key_pooling)
         self.key_pooling = key_pooling
-        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads != 0:
-            raise ValueError(
-                f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})"
-            )
+        check_embed_heads(embed_dim, num_heads)
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
@@ -129,7 +128,7 @@ class MultiheadRCDA(nn.Module):
         if self.out_proj.bias is not None:
             nn.init.zeros_(self.out_proj.bias)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, ..., C) -> (B, n, ..., d)."""
         x = x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
         return x.movedim(-2, 1)
@@ -162,10 +161,10 @@ class MultiheadRCDA(nn.Module):
         """A_x (B, n, Q, W) and A_y (B, n, Q, H), without dropout (for inspection)."""
         k_x, k_y, pad_x, pad_y = self.pool_keys(key_x, key_y, key_padding_mask, self.key_pooling)
         return rcda_weights(
-            self._heads(self.q_x_proj(query_x)),
-            self._heads(self.q_y_proj(query_y)),
-            self._heads(self.k_x_proj(k_x)),
-            self._heads(self.k_y_proj(k_y)),
+            self.split_heads(self.q_x_proj(query_x)),
+            self.split_heads(self.q_y_proj(query_y)),
+            self.split_heads(self.k_x_proj(k_x)),
+            self.split_heads(self.k_y_proj(k_y)),
             pad_x,
             pad_y,
         )
@@ -205,7 +204,7 @@ class MultiheadRCDA(nn.Module):
         if self.training and self.dropout > 0.0:
             a_x = F.dropout(a_x, p=self.dropout)
             a_y = F.dropout(a_y, p=self.dropout)
-        v = self._heads(self.v_proj(value))  # (B, n, H, W, d)
+        v = self.split_heads(self.v_proj(value))  # (B, n, H, W, d)
         out = rcda_combine(a_x, a_y, v)  # (B, n, Q, d)
         out = out.movedim(1, -2).flatten(-2)  # (B, Q, C)
         return self.out_proj(out)

@@ -27,9 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import MultiheadAttention
+from .attention import MultiheadAttention, check_attn_implementation
 
 __all__ = [
+    "decoder_outputs",
+    "feed_forward",
     "feed_forward_modules",
     "check_attention_width",
     "TransformerEncoderLayer",
@@ -76,9 +78,15 @@ def check_attention_width(attention: nn.Module, embed_dim: int) -> None:
         raise ValueError(f"attention embed_dim ({attn_dim}) differs from embed_dim ({embed_dim})")
 
 
-def _feed_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def feed_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The FFN branch of a layer with ``linear1``/``linear2``/``dropout``/``activation``."""
     return layer.linear2(layer.dropout(layer.activation(layer.linear1(x))))
+
+
+def decoder_outputs(states, norm: nn.Module, return_intermediate: bool) -> torch.Tensor:
+    """The decoders' result from every layer's output ``states`` (each (Q, B, C)): the shared
+    final ``norm`` of each of them (L, Q, B, C), or of the last one only (1, Q, B, C)."""
+    return torch.stack([norm(s) for s in (states if return_intermediate else states[-1:])])
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -123,7 +131,7 @@ class TransformerEncoderLayer(nn.Module):
             query=src, key=src, value=src, query_pos=pos, key_pos=pos, key_padding_mask=mask
         )  # (N, B, C), residual included
         src = self.norm1(src)
-        return self.norm2(src + self.dropout2(_feed_forward(self, src)))
+        return self.norm2(src + self.dropout2(feed_forward(self, src)))
 
 
 class EncoderStack(nn.Module):
@@ -208,7 +216,7 @@ class TransformerDecoderLayer(nn.Module):
 
     Args:
         embed_dim, num_heads, ffn_dim, dropout, activation: the usual.
-        attention: backend of the two ``MultiheadAttention`` modules ("sdpa" or "eager").
+        attn_implementation: of the two ``MultiheadAttention`` modules ("sdpa" or "eager").
     """
 
     def __init__(
@@ -218,15 +226,15 @@ class TransformerDecoderLayer(nn.Module):
         ffn_dim: int = 2048,
         dropout: float = 0.1,
         activation: str = "relu",
-        attention: str = "sdpa",
+        attn_implementation: str = "sdpa",
     ):
         super().__init__()
         self.self_attn = MultiheadAttention(
-            embed_dim, num_heads, attn_drop=dropout, proj_drop=dropout, attention=attention
+            embed_dim, num_heads, attn_drop=dropout, proj_drop=dropout, attn_implementation=attn_implementation
         )
         self.norm1 = nn.LayerNorm(embed_dim)
         self.cross_attn = MultiheadAttention(
-            embed_dim, num_heads, attn_drop=dropout, proj_drop=dropout, attention=attention
+            embed_dim, num_heads, attn_drop=dropout, proj_drop=dropout, attn_implementation=attn_implementation
         )
         self.norm2 = nn.LayerNorm(embed_dim)
         # Feed-forward block (post-norm): norm3(x + dropout3(linear2(dropout(act(linear1(x)))))).
@@ -260,7 +268,7 @@ class TransformerDecoderLayer(nn.Module):
                 key_padding_mask=memory_key_padding_mask,
             )
         )
-        return self.norm3(tgt + self.dropout3(_feed_forward(self, tgt)))
+        return self.norm3(tgt + self.dropout3(feed_forward(self, tgt)))
 
 
 class TransformerDecoder(nn.Module):
@@ -279,17 +287,19 @@ class TransformerDecoder(nn.Module):
         ffn_dim: int = 2048,
         dropout: float = 0.1,
         activation: str = "relu",
-        attention: str = "sdpa",
+        attn_implementation: str = "sdpa",
         return_intermediate: bool = True,
+        attention: Optional[str] = None,
     ):
         super().__init__()
+        attn_implementation = check_attn_implementation(attn_implementation, attention, type(self).__name__)
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         self.embed_dim = embed_dim
         self.num_layers = num_layers
         self.return_intermediate = return_intermediate
         self.layers = nn.ModuleList(
-            TransformerDecoderLayer(embed_dim, num_heads, ffn_dim, dropout, activation, attention)
+            TransformerDecoderLayer(embed_dim, num_heads, ffn_dim, dropout, activation, attn_implementation)
             for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(embed_dim)
@@ -303,14 +313,11 @@ class TransformerDecoder(nn.Module):
         memory_key_padding_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """tgt, query_pos (Q, B, C); memory, pos (N, B, C).  Returns (L, Q, B, C)."""
-        outputs = []
+        states = []
         for layer in self.layers:
             tgt = layer(tgt, memory, pos, query_pos, memory_key_padding_mask)
-            if self.return_intermediate:
-                outputs.append(self.norm(tgt))
-        if not self.return_intermediate:
-            outputs.append(self.norm(tgt))
-        return torch.stack(outputs)  # (L, Q, B, C)
+            states.append(tgt)
+        return decoder_outputs(states, self.norm, self.return_intermediate)  # (L, Q, B, C)
 
 
 class Transformer(nn.Module):
@@ -321,8 +328,6 @@ class Transformer(nn.Module):
         decoder: a :class:`TransformerDecoder`.
         reset_parameters: Xavier-uniform initialisation of every weight matrix, as DETR.
     """
-
-    decoder_class = TransformerDecoder  # of :meth:`build`
 
     def __init__(
         self,
@@ -340,39 +345,6 @@ class Transformer(nn.Module):
         self.embed_dim = encoder.embed_dim
         if reset_parameters:
             self._reset_parameters()
-
-    @classmethod
-    def build(
-        cls,
-        encoder_attention: Optional[nn.Module] = None,
-        num_encoder_layers: int = 6,
-        num_decoder_layers: int = 6,
-        embed_dim: int = 256,
-        num_heads: int = 8,
-        ffn_dim: int = 2048,
-        dropout: float = 0.1,
-    ) -> "Transformer":
-        """The transformer of the detector builders: a :class:`TransformerEncoder` around the
-        prototype ``encoder_attention`` (standard multi-head attention when ``None``) and a
-        ``decoder_class`` returning every layer's output, ReLU, the same dropout everywhere."""
-        return cls(
-            encoder=TransformerEncoder(
-                encoder_attention,
-                num_layers=num_encoder_layers,
-                embed_dim=embed_dim,
-                ffn_dim=ffn_dim,
-                dropout=dropout,
-                num_heads=num_heads,
-            ),
-            decoder=cls.decoder_class(
-                num_layers=num_decoder_layers,
-                embed_dim=embed_dim,
-                num_heads=num_heads,
-                ffn_dim=ffn_dim,
-                dropout=dropout,
-                return_intermediate=True,
-            ),
-        )
 
     def _reset_parameters(self) -> None:
         for p in self.parameters():

@@ -1,4 +1,6 @@
-"""Measurement helpers shared by the benchmark tools: peak memory, synchronised timing, JSON output."""
+"""Measurement helpers shared by the benchmark tools: peak memory, synchronised timing, JSON output.
+
+Needs torch only (no detectron2, no fvcore)."""
 import json
 import os
 import platform
@@ -6,7 +8,15 @@ import time
 
 import torch
 
-__all__ = ["rss_bytes", "peak_rss_bytes", "reset_peak_rss", "peak_memory_increase", "sync", "timed", "write_result"]
+__all__ = ["device_name", "rss_bytes", "peak_rss_bytes", "reset_peak_rss", "peak_memory_increase", "sync",
+           "timed", "write_result"]
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name on CUDA, else the CPU's (platform.processor, or the machine type)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
 
 
 def rss_bytes() -> int:
@@ -53,6 +63,7 @@ def peak_memory_increase(fn, device: torch.device) -> int:
 
 
 def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing to wait for on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -69,8 +80,7 @@ def timed(fn, device: torch.device) -> float:
 def write_result(path: str, tool: str, device: torch.device, rows, **fields) -> None:
     """Write a benchmark's JSON: the tool, the machine, how memory was measured, the rows."""
     result = dict(
-        tool=tool, device=str(device),
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        tool=tool, device=str(device), device_name=device_name(device),
         cpu_threads=torch.get_num_threads(), torch=torch.__version__,
         memory_measure="cuda max_memory_allocated above the inputs" if device.type == "cuda"
         else "peak RSS increase over the state before the measured call, fresh process per case",
