@@ -138,7 +138,9 @@ class EncoderStack(nn.Module):
     """Base of the encoders: ``num_layers`` layers of class ``layer_class``, each built as
     ``layer_class(attention, embed_dim, ffn_dim, dropout, activation)`` around its own deep copy
     of one prototype attention (``default_attention(embed_dim, num_heads, dropout)`` when the
-    prototype is ``None``).  Subclasses give the defaults and ``forward``."""
+    prototype is ``None``).  A copy with a ``set_layer_index`` method (``ActAttention``) is told
+    its layer index, so that copies of one prototype can differ (ACT's hash projections).
+    Subclasses give the defaults and ``forward``."""
 
     layer_class: type
 
@@ -163,6 +165,10 @@ class EncoderStack(nn.Module):
             self.layer_class(copy.deepcopy(attention), embed_dim, ffn_dim, dropout, activation)
             for _ in range(num_layers)
         )
+        for index, layer in enumerate(self.layers):  # e.g. ActAttention: per-layer hash projections
+            set_layer_index = getattr(getattr(layer, "self_attn", None), "set_layer_index", None)
+            if callable(set_layer_index):
+                set_layer_index(index)
 
     @staticmethod
     def default_attention(embed_dim: int, num_heads: int, dropout: float) -> nn.Module:

@@ -1,0 +1,243 @@
+"""ACT (projects.enact.ActAttention): equal to standard attention when every query is its own
+cluster, one output for one cluster, clusters against a loop-by-loop oracle, seeds, padding and
+batch independence, bad arguments, gradients, state dict, per-layer projections."""
+import pytest
+import torch
+
+from projects.enact import ActAttention, MultiheadAttention
+from projects.enact.modeling.act import e2lsh_codes, hash_segmentation, number_act_layers
+from projects.enact.modeling.transformer import TransformerEncoder
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+C, HEADS = 32, 4
+
+
+def inputs(n=12, batch=2, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, batch, C, generator=g, dtype=dtype)
+    pos = torch.randn(n, batch, C, generator=g, dtype=dtype)
+    return x, pos
+
+
+def call(m, x, pos, mask=None):
+    return m(x, x, x, query_pos=pos, key_pos=pos, key_padding_mask=mask)
+
+
+def pair(dtype=torch.float64, **kw):
+    """An ActAttention and a MultiheadAttention with the same weights."""
+    torch.manual_seed(0)
+    act = ActAttention(C, HEADS, **kw).to(dtype)
+    base = MultiheadAttention(C, HEADS).to(dtype)
+    missing, unexpected = base.load_state_dict(act.state_dict(), strict=False)
+    assert not missing and sorted(unexpected) == ["hash_a", "hash_b"]
+    return act.eval(), base.eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_query_its_own_cluster_is_standard_attention(dtype):
+    act, base = pair(dtype, bucket_width=1e-5, num_hashes=8)
+    x, pos = inputs(dtype=dtype)
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[1, 9:] = True
+    y, y_ref = call(act, x, pos, mask), call(base, x, pos, mask)
+    assert act.last_num_clusters.tolist() == [[12] * HEADS, [9] * HEADS]
+    torch.testing.assert_close(y[:, 0], y_ref[:, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(y[:9, 1], y_ref[:9, 1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(y[9:, 1], x[9:, 1], atol=0, rtol=0)  # pads receive no attention
+
+
+def test_one_cluster_gives_every_valid_query_the_same_output():
+    act, base = pair(bucket_width=1e9, num_hashes=4)
+    x, pos = inputs()
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[0, 7:] = True
+    y = call(act, x, pos, mask)
+    assert act.last_num_clusters.tolist() == [[1] * HEADS] * 2
+    delta = y - x  # the attention output alone (the residual is the identity)
+    torch.testing.assert_close(delta[:7, 0], delta[:1, 0].expand(7, C), atol=1e-12, rtol=0)
+    torch.testing.assert_close(delta[:, 1], delta[:1, 1].expand(12, C), atol=1e-12, rtol=0)
+    # = standard attention of the mean query (per head) against the valid keys
+    d = C // HEADS
+    w_q, w_k, w_v = act.attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = act.attn.in_proj_bias.chunk(3)
+    src = (x + pos)[:7, 0]
+    q = (src @ w_q.T + b_q).view(7, HEADS, d).mean(0)  # (h, d)
+    k = (src @ w_k.T + b_k).view(7, HEADS, d)
+    v = (x[:7, 0] @ w_v.T + b_v).view(7, HEADS, d)
+    att = torch.softmax(torch.einsum("hd,nhd->hn", q, k) / d**0.5, -1)
+    o = act.attn.out_proj(torch.einsum("hn,nhd->hd", att, v).reshape(C))
+    torch.testing.assert_close(delta[0, 0], o, atol=1e-12, rtol=0)
+
+
+def oracle_clusters(codes, valid):
+    """Cluster slots by first appearance of each distinct code tuple, plain Python."""
+    ids = torch.full(valid.shape, -1, dtype=torch.long)
+    for r in range(codes.shape[0]):
+        seen = {}
+        for n in range(codes.shape[1]):
+            if valid[r, n]:
+                ids[r, n] = seen.setdefault(tuple(codes[r, n].tolist()), len(seen))
+    return ids
+
+
+def test_hash_segmentation_matches_oracle_and_is_consistent():
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(-2, 2, (5, 30, 3), generator=g)
+    codes[:, :, 0] = 2**62 - 1  # large codes: tuples are compared, nothing is summed
+    valid = torch.rand(5, 30, generator=g) > 0.3
+    valid[4] = False  # an empty row
+    seg = hash_segmentation(codes, valid)
+    ids = oracle_clusters(codes, valid)
+    assert torch.equal(seg.cluster_ids, ids)
+    assert seg.num_clusters.tolist() == [int(ids[r].max()) + 1 if valid[r].any() else 0 for r in range(5)]
+    # CSR: the members of each segment are its tokens, row-major
+    for s in range(seg.num_segments):
+        members = seg.tokens[seg.seg_starts[s] : seg.seg_starts[s + 1]]
+        row = int(seg.seg_batch[s])
+        slot = s - int(seg.row_offsets[row])
+        expect = (ids.view(-1) == slot).nonzero().squeeze(1)
+        expect = expect[expect // 30 == row]
+        assert torch.equal(members, expect)
+        assert (seg.token_segment[seg.seg_starts[s] : seg.seg_starts[s + 1]] == s).all()
+    # codes differing in one coordinate only are different clusters, even with huge values
+    c2 = torch.zeros(1, 3, 2, dtype=torch.long)
+    c2[0, 1, 1] = 1
+    c2[0, 2, 0] = 4  # 4^0 * 4 == 4^1 * 1: a sum of 4^i h_i would merge tokens 1 and 2
+    assert hash_segmentation(c2).cluster_ids.tolist() == [[0, 1, 2]]
+
+
+def test_e2lsh_codes_formula():
+    g = torch.Generator().manual_seed(1)
+    q, a, u = torch.randn(2, 3, 5, 4, generator=g), torch.randn(3, 6, 4, generator=g), torch.rand(3, 6, generator=g)
+    codes = e2lsh_codes(q, a, u, 0.5)
+    expect = torch.floor((torch.einsum("bhnd,hld->bhnl", q.double(), a.double()) + 0.5 * u.double()[None, :, None]) / 0.5)
+    assert codes.dtype == torch.int64 and codes.shape == (2, 3, 5, 6)
+    assert (codes - expect.long()).abs().max() <= 1 and (codes == expect.long()).float().mean() > 0.99
+
+
+def test_deterministic_for_a_seed_and_different_across_seeds():
+    a1, a2, b = ActAttention(C, HEADS, seed=5), ActAttention(C, HEADS, seed=5), ActAttention(C, HEADS, seed=6)
+    assert torch.equal(a1.hash_a, a2.hash_a) and torch.equal(a1.hash_b, a2.hash_b)
+    assert not torch.equal(a1.hash_a, b.hash_a) and not torch.equal(a1.hash_b, b.hash_b)
+    assert ((a1.hash_b >= 0) & (a1.hash_b < 1)).all()  # b / r ~ U(0, 1)
+    assert a1.hash_a.shape == (HEADS, 32, C // HEADS) and a1.hash_a.dtype == torch.float32
+    # same weights, same seed: the same output; another seed: other clusters
+    torch.manual_seed(0)
+    m1 = ActAttention(C, HEADS, seed=5, bucket_width=0.5, num_hashes=3).double().eval()
+    m2 = ActAttention(C, HEADS, seed=5, bucket_width=0.5, num_hashes=3).double().eval()
+    m3 = ActAttention(C, HEADS, seed=6, bucket_width=0.5, num_hashes=3).double().eval()
+    m2.load_state_dict(m1.state_dict())
+    sd = {k: v for k, v in m1.state_dict().items() if not k.startswith("hash_")}
+    m3.load_state_dict(sd, strict=False)
+    x, pos = inputs(n=40)
+    assert torch.equal(call(m1, x, pos), call(m2, x, pos))
+    assert 2 < m1.statistics()["clusters_per_image"] < 40  # real clusters, so seeds can differ
+    assert not torch.equal(call(m1, x, pos), call(m3, x, pos))
+
+
+def test_padding_and_batch_independence():
+    torch.manual_seed(0)
+    act = ActAttention(C, HEADS, bucket_width=1.0, num_hashes=4).double().eval()
+    x, pos = inputs(n=20, batch=3)
+    lengths = [20, 13, 7]
+    mask = torch.arange(20)[None, :] >= torch.tensor(lengths)[:, None]
+    garbage = torch.randn(20, 3, C, dtype=torch.float64) * 100
+    xg = torch.where(mask.T[..., None], garbage, x)
+    y = call(act, xg, pos, mask)
+    assert 1 < act.statistics()["clusters_per_image"] < 20
+    assert act.last_num_clusters.shape == (3, HEADS)
+    for b, n in enumerate(lengths):
+        alone = call(act, x[:n, b : b + 1], pos[:n, b : b + 1])
+        torch.testing.assert_close(y[:n, b : b + 1], alone, atol=1e-12, rtol=0)
+        torch.testing.assert_close(y[n:, b], xg[n:, b], atol=0, rtol=0)  # pads: identity only
+
+
+def test_batch_first_matches_sequence_first():
+    torch.manual_seed(0)
+    seq = ActAttention(C, HEADS, bucket_width=1.0).double().eval()
+    bf = ActAttention(C, HEADS, bucket_width=1.0, batch_first=True).double().eval()
+    bf.load_state_dict(seq.state_dict())
+    x, pos = inputs()
+    y = call(seq, x, pos)
+    y_bf = bf(x.transpose(0, 1), query_pos=pos.transpose(0, 1)).transpose(0, 1)
+    torch.testing.assert_close(y, y_bf, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"num_hashes": 0}, "num_hashes"),
+        ({"num_hashes": 2.0}, "num_hashes"),
+        ({"bucket_width": 0.0}, "bucket_width"),
+        ({"bucket_width": -1.0}, "bucket_width"),
+        ({"bucket_width": float("inf")}, "bucket_width"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        ActAttention(C, HEADS, **kwargs)
+
+
+def test_attn_mask_rejected():
+    act = ActAttention(C, HEADS)
+    x, pos = inputs(dtype=torch.float32)
+    with pytest.raises(ValueError, match="attn_mask"):
+        act(x, query_pos=pos, attn_mask=torch.zeros(12, 12, dtype=torch.bool))
+
+
+def test_gradients_flow_in_training_mode():
+    torch.manual_seed(0)
+    act = ActAttention(C, HEADS, bucket_width=1.0, attn_drop=0.1, proj_drop=0.1).train()
+    x, pos = inputs(dtype=torch.float32)
+    x.requires_grad_()
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[1, 10:] = True
+    call(act, x, pos, mask).square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    for name, p in act.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert not any(b.requires_grad for b in act.buffers())
+
+
+def test_state_dict_holds_the_projections():
+    a = ActAttention(C, HEADS, num_hashes=6, seed=1)
+    sd = a.state_dict()
+    assert torch.equal(sd["hash_a"], a.hash_a) and torch.equal(sd["hash_b"], a.hash_b)
+    b = ActAttention(C, HEADS, num_hashes=6, seed=2)
+    b.load_state_dict(sd)
+    assert torch.equal(b.hash_a, a.hash_a)
+    assert not [n for n, _ in a.named_parameters() if n.startswith("hash")]  # buffers, not parameters
+
+
+def test_encoder_layers_get_different_deterministic_projections():
+    def build():
+        return TransformerEncoder(ActAttention(C, HEADS, seed=3), num_layers=3, embed_dim=C, ffn_dim=64)
+
+    enc, enc2 = build(), build()
+    a = [layer.self_attn.hash_a for layer in enc.layers]
+    assert [layer.self_attn.layer_index for layer in enc.layers] == [0, 1, 2]
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[1], a[2])
+    for l1, l2 in zip(enc.layers, enc2.layers):
+        assert torch.equal(l1.self_attn.hash_a, l2.self_attn.hash_a)
+        assert torch.equal(l1.self_attn.hash_b, l2.self_attn.hash_b)
+    # number_act_layers numbers any model the same way
+    ref = [x.clone() for x in a]
+    for layer in enc.layers:
+        layer.self_attn.set_layer_index(0)
+    assert number_act_layers(enc) == 3
+    assert all(torch.equal(x.hash_a, r) for x, r in zip((l.self_attn for l in enc.layers), ref))
+    assert enc.layers[0].self_attn.hash_a.shape == (HEADS, 32, C // HEADS)
+
+
+def test_encoder_runs_with_act():
+    torch.manual_seed(0)
+    enc = TransformerEncoder(ActAttention(C, HEADS, bucket_width=1.0), num_layers=2, embed_dim=C, ffn_dim=64).eval()
+    x, pos = inputs(n=16, dtype=torch.float32)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, 12:] = True
+    out = enc(x, pos=pos, mask=mask)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    stats = enc.layers[0].self_attn.statistics()
+    assert 1 <= stats["clusters_per_image"] <= 16 and stats["compression"] >= 1
