@@ -15,6 +15,7 @@ CONFIGS = sorted(
     if "common" not in p.split(os.sep)
 )
 ENACT_PAIRS = [(c.replace("_enact.py", ".py"), c) for c in CONFIGS if c.endswith("_enact.py")]
+ACT_PAIRS = [(c.replace("_act.py", ".py"), c) for c in CONFIGS if c.endswith("_act.py")]
 
 
 def load(path):
@@ -25,6 +26,7 @@ def load(path):
 
 def test_configs_found():
     assert len(CONFIGS) >= 7 and ENACT_PAIRS, CONFIGS
+    assert len(ACT_PAIRS) >= 4, ACT_PAIRS  # DETR, Conditional DETR, MHSA Anchor DETR, shapes DETR
 
 
 @pytest.mark.parametrize("path", CONFIGS)
@@ -79,3 +81,18 @@ def test_enact_twin_shares_every_parameter_but_w_prob(base, enact):
     for k, v in enact_model.state_dict().items():
         if "w_prob" not in k:
             assert base_shapes[k] == v.shape, k
+
+
+@pytest.mark.parametrize("base,act", ACT_PAIRS)
+def test_act_twin_loads_the_baseline_checkpoint_as_is(base, act):
+    """ACT adds no parameters: only its hash projection buffers are missing from a baseline's
+    state dict, and every encoder layer has its own."""
+    torch.manual_seed(0)
+    base_model = instantiate(load(base).model)
+    act_model = instantiate(load(act).model)
+    missing, unexpected = act_model.load_state_dict(base_model.state_dict(), strict=False)
+    assert not unexpected
+    assert missing and all(k.rsplit(".", 1)[-1] in ("hash_a", "hash_b") for k in missing), missing
+    assert sum(p.numel() for p in act_model.parameters()) == sum(p.numel() for p in base_model.parameters())
+    layers = act_model.transformer.encoder.layers
+    assert len(layers) > 1 and not torch.equal(layers[0].self_attn.hash_a, layers[1].self_attn.hash_a)
