@@ -19,9 +19,9 @@ TINY = ["model.transformer.encoder.num_layers=2", "model.transformer.decoder.num
         "model.select_box_nums_for_evaluation=10"]
 
 
-def run_tool(script, *argv, tmp_path):
+def run_tool(script, *argv, tmp_path, configs=CONFIGS):
     md, js = tmp_path / f"{script}.md", tmp_path / f"{script}.json"
-    cmd = [sys.executable, os.path.join(ROOT, "tools", f"{script}.py"), "--configs", *CONFIGS, "--threads", "1",
+    cmd = [sys.executable, os.path.join(ROOT, "tools", f"{script}.py"), "--configs", *configs, "--threads", "1",
            "--out-md", str(md), "--out-json", str(js), *argv, "--opts", *TINY]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -130,10 +130,26 @@ def test_benchmark_package_needs_torch_only():
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def test_variants_and_groups():
+    """X.py, X_enact.py and X_act.py: one detector, three variant labels, the baseline first."""
+    from projects.enact.benchmark.detector import group_configs
+
+    paths = ["configs/detr_r50_300ep_act.py", "configs/detr_r50_300ep_enact.py", "configs/detr_r50_300ep.py"]
+    assert [runner.variant(p) for p in paths] == ["act", "enact", "baseline"]
+    assert {runner.detector_key(p) for p in paths} == {"detr_r50_300ep"}
+    assert group_configs(paths) == {"detr_r50_300ep": [paths[2], paths[0], paths[1]]}
+
+
 def test_analyze_model(tmp_path):
-    result, stdout = run_tool("analyze_model", "--size", "64", "96", tmp_path=tmp_path)
+    result, stdout = run_tool("analyze_model", "--size", "64", "96", tmp_path=tmp_path,
+                              configs=CONFIGS + ["configs/shapes/detr_r18_shapes_act.py"])
     rows = {r["model"]: r for r in result["rows"]}
-    assert list(rows) == ["detr_r18_shapes", "detr_r18_shapes_enact"]
+    assert list(rows) == ["detr_r18_shapes", "detr_r18_shapes_enact", "detr_r18_shapes_act"]
+    act = rows.pop("detr_r18_shapes_act")
+    assert act["params"] == rows["detr_r18_shapes"]["params"]  # ACT adds no parameters
+    assert len(act["clusters_per_layer"]) == 2 and all(c >= 1 for c in act["clusters_per_layer"])
+    act_line = next(l for l in (tmp_path / "analyze_model.md").read_text().splitlines() if "| detr_r18_shapes_act |" in l)
+    assert "(+0)" in act_line and "x)" in act_line  # paired with its baseline: +0 parameters, encoder FLOPs ratio
     for row in rows.values():
         assert 0 < row["trainable_params"] <= row["params"] and 0 < row["encoder_params"] < row["params"]
         assert 0 < row["encoder_flops"] < row["flops"] and 0 < row["encoder_share"] < 1

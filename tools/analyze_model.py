@@ -15,6 +15,9 @@ DETR papers quote).  Handles added for ops fvcore does not know, in that convent
                                        softmax is element-wise and ignored like detectron2's
   enact_ops::segment_runs / _uniform   0 (a discrete segmentation, no arithmetic)
 
+ACT (``X_act.py``, paired with ``X.py`` like ``X_enact.py``): its hashing einsum is counted by
+fvcore, its discrete clustering (unique, sorts, bincount) is unsupported and counts as zero.
+
 Ops still without a handle are listed per model ("unsupported"); they count as zero.  For ENACT
 the FLOPs depend on the data (the clusters per image, also reported): random pixels and initial
 weights here, so they show the mechanism, not COCO numbers.
@@ -35,7 +38,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from projects.enact.benchmark.detector import DEFAULT_CONFIGS  # noqa: E402
 from projects.enact.benchmark.runner import (  # noqa: E402
-    config_name, encoder_layer_statistics, load_config, resolve_config, seed_all, set_encoder_attention, encoder_kind,
+    config_name, detector_key, encoder_layer_statistics, load_config, resolve_config, seed_all, set_encoder_attention,
+    encoder_kind, variant,
 )
 
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
@@ -131,7 +135,9 @@ def markdown_table(rows):
              "| encoder share | clusters/layer |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        base = next((b for b in rows if b["model"] + "_enact" == r["model"]), None)
+        base = None if variant(r["config"]) == "baseline" else next(  # X.py for X_enact.py / X_act.py
+            (b for b in rows if variant(b["config"]) == "baseline" and detector_key(b["config"]) == detector_key(r["config"])),
+            None)
         enc = f"{r['encoder_flops'] / 1e9:.2f}"
         if base and base["encoder_flops"]:
             enc += f" ({r['encoder_flops'] / base['encoder_flops']:.2f}x)"

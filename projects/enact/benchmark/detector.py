@@ -27,7 +27,7 @@ import torch
 from .report import Progress, hms, markdown_document, markdown_table, profile_lines, write_atomic
 from .runner import (
     MODES, ORIENTATIONS, ROOT, Runner, config_batch_size, config_name, detector_key, load_config, memory_worker,
-    profile_step, resolve_config,
+    profile_step, resolve_config, variant,
 )
 from .utils import device_name, timed
 
@@ -137,7 +137,7 @@ def result_row(args, runner, batch_size, times, profile):
     """The output row of one runner: what it is, its median times, its clusters and profile."""
     row = {
         "config": os.path.relpath(runner.path, ROOT), "model": runner.name, "detector": detector_key(runner.path),
-        "variant": "enact" if runner.name.endswith("_enact") else "baseline", "attention": runner.attention,
+        "variant": variant(runner.path), "attention": runner.attention,
         "attention_modules_set": runner.attention_modules, "batch": batch_size, "size": list(args.size),
         "params": sum(p.numel() for p in runner.model.parameters()),
     }
@@ -157,7 +157,8 @@ def result_row(args, runner, batch_size, times, profile):
 
 
 def add_clusters(row, layer_stats):
-    """ENACT's clusters per image of every encoder layer, their mean and the mean compression."""
+    """The clustering attention's (ENACT's, ACT's) clusters per image of every encoder layer,
+    their mean and the mean compression (key ``enact_layer_stats`` for either)."""
     row["clusters_per_layer"] = [s["clusters_per_image"] for s in layer_stats]
     row["clusters_mean"] = statistics.mean(row["clusters_per_layer"])
     if all("compression" in s for s in layer_stats):
@@ -249,7 +250,7 @@ def group_configs(paths):
     for path in paths:
         groups.setdefault(detector_key(path), []).append(path)
     for members in groups.values():
-        members.sort(key=lambda q: config_name(q).endswith("_enact"))
+        members.sort(key=lambda q: variant(q) != "baseline")  # stable: the variants keep their order
     return groups
 
 
@@ -364,7 +365,7 @@ def build_parser(description=None):
     """The command line of tools/benchmark.py (and of the memory workers, the hidden --worker-*)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=None,
-                   help="LazyConfig files (paths, or names under configs/); X and X_enact are paired")
+                   help="LazyConfig files (paths, or names under configs/); X, X_enact, X_act are grouped")
     p.add_argument("--batch", type=int, default=None, help="images per batch (default: the config's, 8 / 4)")
     p.add_argument("--size", type=int, nargs=2, default=[800, 1333], metavar=("H", "W"),
                    help="padded batch size (default 800 1333)")

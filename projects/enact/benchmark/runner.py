@@ -21,7 +21,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 MODES = ("train", "infer", "encoder")
 ORIENTATIONS = ("same", "mixed")
 # record_function ranges of the attention modules (forward; backward shows as autograd functions)
-PROFILE_RANGES = ("enact::cluster_keys_values", "enact::attend_clusters", "mhsa::attend_heads")
+PROFILE_RANGES = ("enact::cluster_keys_values", "enact::attend_clusters", "act::cluster_queries",
+                  "act::attend_prototypes", "mhsa::attend_heads")
+# config-name suffix -> variant label: X.py is detector X's baseline, X_enact.py / X_act.py its variants
+VARIANT_SUFFIXES = {"_enact": "enact", "_act": "act"}
 _BACKWARD = "autograd::engine::evaluate_function: "
 
 
@@ -41,9 +44,19 @@ def config_name(path: str) -> str:
 
 
 def detector_key(path: str) -> str:
-    """Configs ``X.py`` and ``X_enact.py`` are the baseline and the ENACT variant of detector X."""
+    """Configs ``X.py``, ``X_enact.py`` and ``X_act.py`` are the baseline, the ENACT and the ACT
+    variant of detector X."""
     name = config_name(path)
-    return name[: -len("_enact")] if name.endswith("_enact") else name
+    for suffix in VARIANT_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def variant(path: str) -> str:
+    """The variant label of a config: "enact" (``X_enact.py``), "act" (``X_act.py``) or "baseline"."""
+    name = config_name(path)
+    return next((label for suffix, label in VARIANT_SUFFIXES.items() if name.endswith(suffix)), "baseline")
 
 
 def load_config(path: str, opts, device: str):
