@@ -288,15 +288,8 @@ def segment_softmax_pool_backward_sum(
     ``features[0]`` -- one full-size gradient instead of one per feature.
 
     ``weights`` are the pooling weights of the forward; ``grad_pooled[f]`` is (B, M_max, C).
-    On CPU one fused kernel; elsewhere the per-feature kernel, summed.
+    One fused kernel on CPU and CUDA.
     """
     features = [x if x.stride(-1) == 1 else x.contiguous() for x in features]
-    grad_pooled = list(grad_pooled)
     args = (weights, seg.tokens, seg.seg_starts, seg.seg_batch, seg.row_offsets)
-    if weights.device.type == "cpu":
-        return torch.ops.enact_ops.segment_softmax_pool_backward_sum(grad_pooled, features, *args)
-    grad_scores, grads = torch.ops.enact_ops.segment_softmax_pool_backward(grad_pooled, features, *args)
-    total = grads[0]
-    for g in grads[1:]:
-        total.add_(g)
-    return grad_scores, total
+    return torch.ops.enact_ops.segment_softmax_pool_backward_sum(list(grad_pooled), features, *args)

@@ -52,9 +52,7 @@ def _batch():
 def test_parameter_count_matches_detrex_r50_dc5():
     model = build(model_config(CONFIG))
     count = sum(p.numel() for p in model.parameters())
-    assert (
-        abs(count - DETREX_ANCHOR_DETR_R50_DC5_PARAMS) <= 0.005 * DETREX_ANCHOR_DETR_R50_DC5_PARAMS
-    ), count
+    assert count == DETREX_ANCHOR_DETR_R50_DC5_PARAMS, count  # exactly detrex's count
     assert isinstance(model, AnchorDETR)
     t = model.transformer
     assert t.encoder_type == "rcda" and isinstance(t.encoder, RCDAEncoder)

@@ -182,6 +182,34 @@ def test_every_token_its_own_cluster_equals_standard_attention():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("seq_first", [True, False])
+def test_identity_mode_equals_standard_attention(seq_first):
+    """mode="identity": every valid token its own cluster (weight 1), pads in none; the layer
+    equals standard attention, values and gradients."""
+    torch.manual_seed(0)
+    N, B, C = 13, 3, 16
+    mhsa = MultiheadAttention(C, 4, batch_first=not seq_first).double()
+    enact = EnactAttention(C, 4, batch_first=not seq_first, mode="identity").double()
+    enact.load_state_dict(mhsa.state_dict(), strict=False)
+    shape = (N, B, C) if seq_first else (B, N, C)
+    x, pos = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    mask[1, 9:] = True
+    outs = []
+    for module in (mhsa, enact):
+        xx = x.clone().requires_grad_()
+        out = module(xx, query_pos=pos, key_padding_mask=mask)
+        out.pow(2).sum().backward()
+        outs.append((out, xx.grad, module.attn.in_proj_weight.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    key = (x + pos).transpose(0, 1) if seq_first else x + pos
+    clustered = enact.clustering(key, key, mask)
+    expected_ids = torch.arange(N).expand(B, N).masked_fill(mask, -1)
+    assert torch.equal(clustered.cluster_ids, expected_ids)
+    assert enact.statistics()["compression"] == 1.0
+
+
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 def test_gradients_reach_w_prob_and_projections(attn_implementation):
     torch.manual_seed(0)
@@ -458,3 +486,84 @@ def test_former_attention_keyword_still_works_with_a_warning(cls):
     assert m.attn_implementation == "eager"
     with pytest.raises(ValueError, match="attn_implementation must be one of"):
         cls(16, 4, attn_implementation="flash")
+
+
+@pytest.mark.parametrize("seq_first", [False, True])
+def test_steps_1_4_primitives_equal_linear_and_conv1d(seq_first):
+    """token_logits (a gemv, no TF32 mode) equals F.linear, and the window-sum smoothing equals
+    F.conv1d (which cuDNN runs in TF32), in float64 and for DETR's sequence-first layout."""
+    from projects.enact.modeling import enact as enact_module
+    from projects.enact.modeling.enact_fused import token_logits
+
+    torch.manual_seed(0)
+    x = torch.randn(7, 3, 16, dtype=torch.float64)
+    x = x.transpose(0, 1) if seq_first else x.permute(1, 0, 2).contiguous()  # (B, N, C)
+    w, b = torch.randn(1, 16, dtype=torch.float64), torch.randn(1, dtype=torch.float64)
+    torch.testing.assert_close(token_logits(x, w, b), torch.nn.functional.linear(x, w, b)[..., 0], rtol=1e-12, atol=1e-12)
+    h = torch.randn(3, 40, dtype=torch.float64)
+    taps = gaussian_kernel(3, 9, torch.float64)
+    expected = torch.nn.functional.conv1d(h[:, None], taps.view(1, 1, -1), padding=9)[:, 0]
+    torch.testing.assert_close(enact_module._conv_same(h, taps), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 exists on CUDA only")
+def test_tf32_settings_do_not_change_the_clusters():
+    """Steps 1-6 are exact float32 whatever the global TF32 settings: the same clusters and
+    (to float32 rounding) the same pooled keys with TF32 off and on."""
+    torch.manual_seed(0)
+    m = EnactClustering(256, sigma=5).cuda()
+    key = torch.randn(4, 3400, 256, device="cuda")
+    value = torch.randn_like(key)
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = (matmul.fp32_precision, conv.fp32_precision)
+    try:
+        matmul.fp32_precision, conv.fp32_precision = "ieee", "ieee"
+        exact = m(key, value)
+        matmul.fp32_precision, conv.fp32_precision = "tf32", "tf32"
+        tf32 = m(key, value)
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
+    assert torch.equal(exact.cluster_ids, tf32.cluster_ids)
+    torch.testing.assert_close(exact.weights, tf32.weights, rtol=0, atol=0)
+    torch.testing.assert_close(exact.key, tf32.key, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not enact_ops.compiled_available("cpu"), reason="enact_ops._C is not built")
+def test_encoder_self_attention_takes_the_fused_path(monkeypatch):
+    """With the extension built, EnactAttention in a training step runs the fused key/value
+    pooling (enact_fused.pool_shared_key_value), not a silent fallback to the reference path."""
+    from projects.enact.modeling import enact_fused
+
+    calls = []
+    fused = enact_fused.pool_shared_key_value
+    monkeypatch.setattr(enact_fused, "pool_shared_key_value", lambda *a: calls.append(1) or fused(*a))
+    torch.manual_seed(0)
+    m = EnactAttention(16, 4)
+    x = torch.randn(30, 2, 16)
+    m(x, query_pos=torch.randn_like(x)).sum().backward()
+    assert len(calls) == 1
+    with torch.no_grad():  # inference: nothing to fuse, the plain path
+        m(x, query_pos=torch.randn_like(x))
+    assert len(calls) == 1
+
+
+def test_torch_compile_equals_eager():
+    """torch.compile(EnactAttention) (aot_eager backend) gives eager's values and gradients."""
+    torch.manual_seed(0)
+    m = EnactAttention(16, 4)
+    x = torch.randn(30, 2, 16)
+    pos = torch.randn_like(x)
+    mask = torch.zeros(2, 30, dtype=torch.bool)
+    mask[1, 24:] = True
+    results = []
+    for module in (m, torch.compile(m, backend="aot_eager", dynamic=False)):
+        m.zero_grad()
+        xi = x.clone().requires_grad_()
+        out = module(xi, query_pos=pos, key_padding_mask=mask)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), xi.grad, [p.grad.clone() for p in m.parameters()]))
+    (out_e, gx_e, gp_e), (out_c, gx_c, gp_c) = results
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx_c, gx_e, rtol=1e-5, atol=1e-6)
+    for a, b in zip(gp_c, gp_e):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

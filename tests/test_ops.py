@@ -300,3 +300,47 @@ def test_reference_is_the_fallback_without_extension(monkeypatch):
     _assert_same_segmentation(seg, expected)
     with pytest.raises(RuntimeError, match="backend='compiled' but the extension is not built"):
         segment_runs(sign, mask, backend="compiled")
+
+
+@needs_compiled_cpu
+def test_public_ops_check_index_values():
+    """torch.ops.enact_ops.* are public: a segmentation whose index values are out of range, or a
+    pooled-output gradient without a slot for every cluster, is an error naming what is wrong,
+    never an out-of-bounds read."""
+    sign, mask, scores, k, v = _batch(2, 9, 4)
+    seg = segment_runs(sign, mask)
+    ops = torch.ops.enact_ops
+
+    def forward(tokens=seg.tokens, seg_starts=seg.seg_starts, seg_batch=seg.seg_batch, row_offsets=seg.row_offsets):
+        return ops.segment_softmax_pool_forward(
+            scores, [k], tokens, seg_starts, seg_batch, row_offsets, seg.max_clusters
+        )
+
+    forward()  # the segmentation as built is accepted
+    bad = seg.tokens.clone()
+    bad[-1] = 2 * 9  # past the last token of the batch
+    with pytest.raises(RuntimeError, match=r"tokens\[\d+\] = 18 is not a token of row 1"):
+        forward(tokens=bad)
+    bad = seg.tokens.clone()
+    bad[0] = 9  # row 1's first token in a segment of row 0
+    with pytest.raises(RuntimeError, match=r"tokens\[0\] = 9 is not a token of row 0"):
+        forward(tokens=bad)
+    bad = seg.seg_starts.clone()
+    bad[-1] += 1
+    with pytest.raises(RuntimeError, match="seg_starts must run from 0 to the number of tokens"):
+        forward(seg_starts=bad)
+    bad = seg.seg_batch.clone()
+    bad[0] = 5
+    with pytest.raises(RuntimeError, match=r"seg_batch\[0\] = 5 does not match row_offsets"):
+        forward(seg_batch=bad)
+    bad = seg.row_offsets.clone()
+    bad[1] = bad[2] + 1
+    with pytest.raises(RuntimeError, match="row_offsets must be non-decreasing"):
+        forward(row_offsets=bad)
+
+    pooled, weights = forward()
+    narrow = torch.zeros(2, seg.max_clusters - 1, 4, dtype=k.dtype)  # one slot short
+    args = (weights, seg.tokens, seg.seg_starts, seg.seg_batch, seg.row_offsets)
+    for op in (ops.segment_softmax_pool_backward, ops.segment_softmax_pool_backward_sum):
+        with pytest.raises(RuntimeError, match=rf"grad_pooled must have M >= {seg.max_clusters} cluster slots"):
+            op([narrow], [k], *args)

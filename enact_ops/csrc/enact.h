@@ -20,6 +20,12 @@ void check_segmentation_inputs(const at::Tensor& sign, const at::Tensor& valid);
 void check_pool_inputs(const at::Tensor& scores, at::TensorList features, const at::Tensor& tokens,
                        const at::Tensor& seg_starts, const at::Tensor& seg_batch,
                        const at::Tensor& row_offsets);
+// Index values of a segmentation on the CPU (CUDA kernels assert them on the device).
+void check_segmentation_values_cpu(int64_t B, int64_t N, const at::Tensor& tokens,
+                                   const at::Tensor& seg_starts, const at::Tensor& seg_batch,
+                                   const at::Tensor& row_offsets);
+// A CPU gradient of the pooled output must have a slot for every cluster of its row.
+void check_grad_slots(const at::Tensor& grad, const at::Tensor& row_offsets, const char* name);
 
 // ---- CPU --------------------------------------------------------------------------------------
 SegmentationTuple segment_runs_cpu(const at::Tensor& sign, const at::Tensor& valid);
@@ -46,6 +52,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> segment_softmax_pool_forward_cud
     const at::Tensor& seg_starts, const at::Tensor& seg_batch, const at::Tensor& row_offsets,
     int64_t max_clusters);
 std::tuple<at::Tensor, std::vector<at::Tensor>> segment_softmax_pool_backward_cuda(
+    at::TensorList grad_pooled, at::TensorList features, const at::Tensor& weights,
+    const at::Tensor& tokens, const at::Tensor& seg_starts, const at::Tensor& seg_batch,
+    const at::Tensor& row_offsets);
+std::tuple<at::Tensor, at::Tensor> segment_softmax_pool_backward_sum_cuda(
     at::TensorList grad_pooled, at::TensorList features, const at::Tensor& weights,
     const at::Tensor& tokens, const at::Tensor& seg_starts, const at::Tensor& seg_batch,
     const at::Tensor& row_offsets);

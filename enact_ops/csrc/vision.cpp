@@ -47,6 +47,42 @@ void check_pool_inputs(const at::Tensor& scores, at::TensorList features, const 
   TORCH_CHECK(seg_starts.numel() == seg_batch.numel() + 1,
               "enact_ops: seg_starts must have one more entry than seg_batch");
   TORCH_CHECK(row_offsets.numel() == B + 1, "enact_ops: row_offsets must have B + 1 entries");
+  if (scores.device().is_cpu()) check_segmentation_values_cpu(B, N, tokens, seg_starts, seg_batch, row_offsets);
+  // on CUDA the kernels check the index values with device-side assertions (no host sync)
+}
+
+void check_segmentation_values_cpu(int64_t B, int64_t N, const at::Tensor& tokens,
+                                   const at::Tensor& seg_starts, const at::Tensor& seg_batch,
+                                   const at::Tensor& row_offsets) {
+  const int64_t T = tokens.numel(), S = seg_batch.numel();
+  const int64_t* tok = tokens.data_ptr<int64_t>();
+  const int64_t* starts = seg_starts.data_ptr<int64_t>();
+  const int64_t* batch = seg_batch.data_ptr<int64_t>();
+  const int64_t* rows = row_offsets.data_ptr<int64_t>();
+  TORCH_CHECK(starts[0] == 0 && starts[S] == T, "enact_ops: seg_starts must run from 0 to the number of "
+              "tokens (", T, "), got ", starts[0], " .. ", starts[S]);
+  TORCH_CHECK(rows[0] == 0 && rows[B] == S, "enact_ops: row_offsets must run from 0 to the number of "
+              "segments (", S, "), got ", rows[0], " .. ", rows[B]);
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(rows[b] <= rows[b + 1], "enact_ops: row_offsets must be non-decreasing (row ", b, ")");
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK(starts[s] <= starts[s + 1], "enact_ops: seg_starts must be non-decreasing (segment ", s, ")");
+    const int64_t b = batch[s];
+    TORCH_CHECK(b >= 0 && b < B && rows[b] <= s && s < rows[b + 1], "enact_ops: seg_batch[", s, "] = ", b,
+                " does not match row_offsets");
+    for (int64_t t = starts[s]; t < starts[s + 1]; ++t)
+      TORCH_CHECK(tok[t] >= b * N && tok[t] < (b + 1) * N, "enact_ops: tokens[", t, "] = ", tok[t],
+                  " is not a token of row ", b, " (", b * N, " .. ", (b + 1) * N - 1, ")");
+  }
+}
+
+void check_grad_slots(const at::Tensor& grad, const at::Tensor& row_offsets, const char* name) {
+  if (!grad.device().is_cpu()) return;  // CUDA: a device-side assertion in the kernel
+  const int64_t* rows = row_offsets.data_ptr<int64_t>();
+  int64_t widest = 0;
+  for (int64_t b = 0; b + 1 < row_offsets.numel(); ++b) widest = std::max(widest, rows[b + 1] - rows[b]);
+  TORCH_CHECK(grad.dim() == 3 && grad.size(1) >= widest, "enact_ops: ", name, " must have M >= ", widest,
+              " cluster slots (the widest row of the segmentation), got ", grad.sizes());
 }
 
 }  // namespace enact
@@ -81,6 +117,7 @@ TORCH_LIBRARY_IMPL(enact_ops, CUDA, m) {
   m.impl("segment_uniform", &enact::segment_uniform_cuda);
   m.impl("segment_softmax_pool_forward", &enact::segment_softmax_pool_forward_cuda);
   m.impl("segment_softmax_pool_backward", &enact::segment_softmax_pool_backward_cuda);
+  m.impl("segment_softmax_pool_backward_sum", &enact::segment_softmax_pool_backward_sum_cuda);
 }
 #endif
 

@@ -134,6 +134,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> segment_softmax_pool_backward_cp
     const int64_t C = x.size(2), sb = x.stride(0), sn = x.stride(1), M = g.size(1);
     TORCH_CHECK(g.dim() == 3 && g.size(0) == x.size(0) && g.size(2) == C,
                 "enact_ops: grad_pooled[", f, "] must be (B, M_max, C), got ", g.sizes());
+    check_grad_slots(g, row_offsets, "grad_pooled");
     auto gx = at::zeros(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_bw_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -192,6 +193,7 @@ std::tuple<at::Tensor, at::Tensor> segment_softmax_pool_backward_sum_cpu(
                     g[f].device() == features[f].device(),
                 "enact_ops: grad_pooled[", f, "] must be (B, M_max, C) like the pooled output, got ",
                 g[f].sizes());
+    check_grad_slots(g[f], row_offsets, "grad_pooled");
   }
   const SegIndex ix{tokens.data_ptr<int64_t>(), seg_starts.data_ptr<int64_t>(),
                     seg_batch.data_ptr<int64_t>(), row_offsets.data_ptr<int64_t>()};

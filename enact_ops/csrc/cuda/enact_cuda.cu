@@ -6,12 +6,18 @@
 // writes the weights, then every thread owns channels and accumulates w_i x_i over the members.
 // Pooling backward: one block per segment, one warp per member: the warp writes
 // dx_i = w_i g and reduces d_i = <g, x_i>; a second kernel (one warp per segment) turns d into
-// dscore_i = w_i (d_i - sum_j w_j d_j).  Accumulation in float (double for double inputs).
+// dscore_i = w_i (d_i - sum_j w_j d_j).  The fused variant (backward_sum) writes one gradient
+// w_i sum_f g_f for features that flow into one tensor (keys = src + pos and values = src) and
+// d_i = sum_f <g_f, x_f,i>.  Accumulation in float (double for double inputs).
+// Index values are checked with device-side assertions (no host sync); sizes on the host.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/macros/Macros.h>
+
+#include <limits>
 
 #include "../enact.h"
 #include "../segment_rows.h"
@@ -22,6 +28,13 @@ namespace {
 constexpr int kWarp = 32;
 
 inline int64_t blocks_for(int64_t n, int threads) { return (n + threads - 1) / threads; }
+
+// A grid of `blocks` blocks along x: CUDA's limit is 2^31 - 1.
+inline unsigned int grid_x(int64_t blocks, const char* what) {
+  TORCH_CHECK(blocks >= 0 && blocks <= std::numeric_limits<int32_t>::max(), "enact_ops: ", what,
+              " needs ", blocks, " blocks, more than CUDA's grid limit (2^31 - 1)");
+  return static_cast<unsigned int>(blocks);
+}
 
 __global__ void label_runs_kernel(const bool* __restrict__ sign, const bool* __restrict__ valid,
                                   int64_t B, int64_t N, int64_t* __restrict__ cid,
@@ -65,7 +78,7 @@ SegmentationTuple csr_from_cluster_ids(const at::Tensor& cluster_ids,
   auto seg_batch = at::empty({S}, opts);
   if (B > 0) {
     auto stream = c10::cuda::getCurrentCUDAStream();
-    fill_csr_kernel<<<blocks_for(B, 128), 128, 0, stream>>>(
+    fill_csr_kernel<<<grid_x(blocks_for(B, 128), "segmentation"), 128, 0, stream>>>(
         cluster_ids.data_ptr<int64_t>(), B, N, row_offsets.data_ptr<int64_t>(),
         tok_offsets.data_ptr<int64_t>(), tokens.data_ptr<int64_t>(),
         token_segment.data_ptr<int64_t>(), seg_starts.data_ptr<int64_t>(),
@@ -111,13 +124,17 @@ __device__ T block_reduce(T v, T* shared) {
 template <typename acc_t>
 __global__ void segment_weights_kernel(const acc_t* __restrict__ scores,
                                        const int64_t* __restrict__ tokens,
-                                       const int64_t* __restrict__ seg_starts,
-                                       acc_t* __restrict__ weights) {
+                                       const int64_t* __restrict__ seg_starts, int64_t T,
+                                       int64_t BN, acc_t* __restrict__ weights) {
   __shared__ acc_t shared[kWarp];
   const int64_t s = blockIdx.x;
   const int64_t beg = seg_starts[s], end = seg_starts[s + 1];
+  CUDA_KERNEL_ASSERT(beg >= 0 && beg <= end && end <= T);
   acc_t mx = -INFINITY;
-  for (int64_t t = beg + threadIdx.x; t < end; t += blockDim.x) mx = max(mx, scores[tokens[t]]);
+  for (int64_t t = beg + threadIdx.x; t < end; t += blockDim.x) {
+    CUDA_KERNEL_ASSERT(tokens[t] >= 0 && tokens[t] < BN);
+    mx = max(mx, scores[tokens[t]]);
+  }
   mx = block_reduce<acc_t, true>(mx, shared);
   acc_t sum = 0;
   for (int64_t t = beg + threadIdx.x; t < end; t += blockDim.x) sum += exp(scores[tokens[t]] - mx);
@@ -140,11 +157,13 @@ __global__ void segment_pool_kernel(const acc_t* __restrict__ weights,
   const int64_t s = blockIdx.x;
   const int64_t b = seg_batch[s], slot = s - row_offsets[b];
   const int64_t beg = seg_starts[s], end = seg_starts[s + 1];
+  CUDA_KERNEL_ASSERT(slot >= 0 && slot < M && beg <= end);
   scalar_t* dst = out + (b * M + slot) * C;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
     acc_t acc = 0;
     for (int64_t t = beg; t < end; ++t) {
       const int64_t i = tokens[t];
+      CUDA_KERNEL_ASSERT(i >= 0 && i / N == b);
       acc += weights[i] * static_cast<acc_t>(x[(i / N) * stride_b + (i % N) * stride_n + c]);
     }
     dst[c] = static_cast<scalar_t>(acc);
@@ -161,11 +180,13 @@ __global__ void segment_pool_backward_kernel(
   const int64_t s = blockIdx.x;
   const int64_t b = seg_batch[s], slot = s - row_offsets[b];
   const int64_t beg = seg_starts[s], end = seg_starts[s + 1];
+  CUDA_KERNEL_ASSERT(slot >= 0 && slot < M && beg <= end);  // grad_out's M covers the row
   const scalar_t* g = grad_out + (b * M + slot) * C;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int warps = blockDim.x / kWarp;
   for (int64_t t = beg + warp; t < end; t += warps) {
     const int64_t i = tokens[t];
+    CUDA_KERNEL_ASSERT(i >= 0 && i / N == b);
     const acc_t w = weights[i];
     const scalar_t* row = x + (i / N) * stride_b + (i % N) * stride_n;
     scalar_t* grow = grad_x + i * C;
@@ -200,6 +221,52 @@ __global__ void segment_score_backward_kernel(const acc_t* __restrict__ weights,
   }
 }
 
+// The fused backward for F features of one width whose gradients flow into one tensor: one
+// block per segment, one warp per member token i: grad[i] = w_i sum_f g_f and
+// dots[t] = sum_f <g_f, x_f,i> (each token is in one segment: plain stores, no atomics).
+constexpr int kMaxSummed = 4;
+
+template <typename scalar_t>
+struct SummedFeatures {
+  const scalar_t* x[kMaxSummed];
+  const scalar_t* g[kMaxSummed];
+  int64_t stride_b[kMaxSummed], stride_n[kMaxSummed], M[kMaxSummed];
+  int count;
+};
+
+template <typename scalar_t, typename acc_t>
+__global__ void segment_pool_backward_sum_kernel(
+    const acc_t* __restrict__ weights, SummedFeatures<scalar_t> feats, int64_t N, int64_t C,
+    const int64_t* __restrict__ tokens, const int64_t* __restrict__ seg_starts,
+    const int64_t* __restrict__ seg_batch, const int64_t* __restrict__ row_offsets,
+    scalar_t* __restrict__ grad_sum, int64_t out_b, int64_t out_n, acc_t* __restrict__ dots) {
+  const int64_t s = blockIdx.x;
+  const int64_t b = seg_batch[s], slot = s - row_offsets[b];
+  const int64_t beg = seg_starts[s], end = seg_starts[s + 1];
+  for (int f = 0; f < feats.count; ++f) CUDA_KERNEL_ASSERT(slot >= 0 && slot < feats.M[f]);
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int warps = blockDim.x / kWarp;
+  for (int64_t t = beg + warp; t < end; t += warps) {
+    const int64_t i = tokens[t];
+    CUDA_KERNEL_ASSERT(i >= 0 && i / N == b);
+    const int64_t bi = i / N, ni = i % N;
+    const acc_t w = weights[i];
+    scalar_t* grow = grad_sum + bi * out_b + ni * out_n;
+    acc_t dot = 0;
+    for (int64_t c = lane; c < C; c += kWarp) {
+      acc_t gsum = 0;
+      for (int f = 0; f < feats.count; ++f) {
+        const acc_t gc = static_cast<acc_t>(feats.g[f][(b * feats.M[f] + slot) * C + c]);
+        dot += gc * static_cast<acc_t>(feats.x[f][bi * feats.stride_b[f] + ni * feats.stride_n[f] + c]);
+        gsum += gc;
+      }
+      grow[c] = static_cast<scalar_t>(w * gsum);
+    }
+    dot = warp_sum(dot);
+    if (lane == 0) dots[t] = dot;
+  }
+}
+
 int threads_for_channels(int64_t C) {
   const int64_t warps = std::min<int64_t>(8, std::max<int64_t>(1, (C + kWarp - 1) / kWarp));
   return static_cast<int>(warps * kWarp);
@@ -217,6 +284,23 @@ void check_max_clusters(const at::Tensor& row_offsets, int64_t max_clusters) {
   }
 }
 
+// dscore_i = w_i (d_i - sum_j w_j d_j) over each segment, from the dot products d.
+at::Tensor score_backward_cuda(const at::Tensor& weights, const at::Tensor& dots,
+                               const at::Tensor& tokens, const at::Tensor& seg_starts, int64_t S,
+                               cudaStream_t stream) {
+  auto grad_scores = at::zeros_like(weights);
+  if (S > 0) {
+    AT_DISPATCH_FLOATING_TYPES(weights.scalar_type(), "score_bw_cuda", [&] {
+      const int threads = 256, per_block = threads / kWarp;
+      segment_score_backward_kernel<scalar_t><<<grid_x(blocks_for(S, per_block), "score backward"), threads, 0, stream>>>(
+          weights.data_ptr<scalar_t>(), dots.data_ptr<scalar_t>(), tokens.data_ptr<int64_t>(),
+          seg_starts.data_ptr<int64_t>(), S, grad_scores.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return grad_scores;
+}
+
 }  // namespace
 
 SegmentationTuple segment_runs_cuda(const at::Tensor& sign_in, const at::Tensor& valid_in) {
@@ -231,7 +315,7 @@ SegmentationTuple segment_runs_cuda(const at::Tensor& sign_in, const at::Tensor&
   auto num_clusters = at::empty({B}, opts);
   auto kept = at::empty({B}, opts);
   if (B > 0) {
-    label_runs_kernel<<<blocks_for(B, 128), 128, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    label_runs_kernel<<<grid_x(blocks_for(B, 128), "segment_runs"), 128, 0, c10::cuda::getCurrentCUDAStream()>>>(
         sign.data_ptr<bool>(), valid.data_ptr<bool>(), B, N, cluster_ids.data_ptr<int64_t>(),
         num_clusters.data_ptr<int64_t>(), kept.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -251,7 +335,7 @@ SegmentationTuple segment_uniform_cuda(const at::Tensor& valid_in, int64_t chunk
   auto num_clusters = at::empty({B}, opts);
   auto kept = at::empty({B}, opts);
   if (B > 0) {
-    label_uniform_kernel<<<blocks_for(B, 128), 128, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    label_uniform_kernel<<<grid_x(blocks_for(B, 128), "segment_uniform"), 128, 0, c10::cuda::getCurrentCUDAStream()>>>(
         valid.data_ptr<bool>(), B, N, chunk, cluster_ids.data_ptr<int64_t>(),
         num_clusters.data_ptr<int64_t>(), kept.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -272,9 +356,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> segment_softmax_pool_forward_cud
   auto weights = at::zeros_like(scores);
   if (S > 0) {
     AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "segment_weights_cuda", [&] {
-      segment_weights_kernel<scalar_t><<<S, 128, 0, stream>>>(
-          scores.data_ptr<scalar_t>(), tokens.data_ptr<int64_t>(),
-          seg_starts.data_ptr<int64_t>(), weights.data_ptr<scalar_t>());
+      segment_weights_kernel<scalar_t><<<grid_x(S, "pooling"), 128, 0, stream>>>(
+          scores.data_ptr<scalar_t>(), tokens.data_ptr<int64_t>(), seg_starts.data_ptr<int64_t>(),
+          tokens.numel(), B * N, weights.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -285,7 +369,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> segment_softmax_pool_forward_cud
     if (S > 0 && C > 0) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        segment_pool_kernel<scalar_t, acc_t><<<S, threads_for_channels(C), 0, stream>>>(
+        segment_pool_kernel<scalar_t, acc_t><<<grid_x(S, "pooling"), threads_for_channels(C), 0, stream>>>(
             weights.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), N, C, x.stride(0), x.stride(1),
             tokens.data_ptr<int64_t>(), seg_starts.data_ptr<int64_t>(),
             seg_batch.data_ptr<int64_t>(), row_offsets.data_ptr<int64_t>(), max_clusters,
@@ -323,7 +407,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> segment_softmax_pool_backward_cu
     if (S > 0 && C > 0) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_bw_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        segment_pool_backward_kernel<scalar_t, acc_t><<<S, 256, 0, stream>>>(
+        segment_pool_backward_kernel<scalar_t, acc_t><<<grid_x(S, "pooling backward"), 256, 0, stream>>>(
             weights.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), N, C, x.stride(0), x.stride(1),
             g.data_ptr<scalar_t>(), g.size(1), tokens.data_ptr<int64_t>(),
             seg_starts.data_ptr<int64_t>(), seg_batch.data_ptr<int64_t>(),
@@ -333,17 +417,59 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> segment_softmax_pool_backward_cu
     }
     grad_features.push_back(gx);
   }
-  auto grad_scores = at::zeros_like(weights);
-  if (S > 0) {
-    AT_DISPATCH_FLOATING_TYPES(weights.scalar_type(), "score_bw_cuda", [&] {
-      const int threads = 256, per_block = threads / kWarp;
-      segment_score_backward_kernel<scalar_t><<<blocks_for(S, per_block), threads, 0, stream>>>(
-          weights.data_ptr<scalar_t>(), dots.data_ptr<scalar_t>(), tokens.data_ptr<int64_t>(),
-          seg_starts.data_ptr<int64_t>(), S, grad_scores.data_ptr<scalar_t>());
+  return {score_backward_cuda(weights, dots, tokens, seg_starts, S, stream), grad_features};
+}
+
+std::tuple<at::Tensor, at::Tensor> segment_softmax_pool_backward_sum_cuda(
+    at::TensorList grad_pooled, at::TensorList features, const at::Tensor& weights,
+    const at::Tensor& tokens, const at::Tensor& seg_starts, const at::Tensor& seg_batch,
+    const at::Tensor& row_offsets) {
+  check_pool_inputs(weights, features, tokens, seg_starts, seg_batch, row_offsets);
+  TORCH_CHECK(weights.is_cuda(), "enact_ops: segment_softmax_pool_backward_sum_cuda expects CUDA tensors");
+  TORCH_CHECK(!features.empty() && grad_pooled.size() == features.size(),
+              "enact_ops: one grad_pooled tensor per feature tensor expected");
+  TORCH_CHECK(features.size() <= static_cast<size_t>(kMaxSummed), "enact_ops: backward_sum takes at most ",
+              kMaxSummed, " features, got ", features.size());
+  c10::cuda::CUDAGuard guard(weights.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t N = weights.size(1), S = seg_batch.numel(), T = tokens.numel();
+  const int64_t C = features[0].size(2);
+  std::vector<at::Tensor> g(features.size());
+  for (size_t f = 0; f < features.size(); ++f) {
+    TORCH_CHECK(features[f].size(2) == C && features[f].scalar_type() == features[0].scalar_type(),
+                "enact_ops: the summed features must share their width and dtype");
+    g[f] = grad_pooled[f].contiguous();
+    TORCH_CHECK(g[f].dim() == 3 && g[f].size(0) == features[f].size(0) && g[f].size(2) == C &&
+                    g[f].scalar_type() == features[f].scalar_type() &&
+                    g[f].device() == features[f].device(),
+                "enact_ops: grad_pooled[", f, "] must be (B, M_max, C) like the pooled output, got ",
+                g[f].sizes());
+  }
+  // features[0]'s layout (e.g. sequence-first); pads and cropped tokens stay zero
+  auto grad_sum = at::zeros_like(features[0]);
+  if (C > 0 && grad_sum.stride(2) != 1) grad_sum = at::zeros(features[0].sizes(), features[0].options());
+  auto dots = at::zeros({T}, weights.options());
+  if (S > 0 && C > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features[0].scalar_type(), "pool_bw_sum_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      SummedFeatures<scalar_t> feats{};
+      feats.count = static_cast<int>(features.size());
+      for (int f = 0; f < feats.count; ++f) {
+        feats.x[f] = features[f].data_ptr<scalar_t>();
+        feats.g[f] = g[f].data_ptr<scalar_t>();
+        feats.stride_b[f] = features[f].stride(0);
+        feats.stride_n[f] = features[f].stride(1);
+        feats.M[f] = g[f].size(1);
+      }
+      segment_pool_backward_sum_kernel<scalar_t, acc_t><<<grid_x(S, "pooling backward"), 256, 0, stream>>>(
+          weights.data_ptr<acc_t>(), feats, N, C, tokens.data_ptr<int64_t>(),
+          seg_starts.data_ptr<int64_t>(), seg_batch.data_ptr<int64_t>(),
+          row_offsets.data_ptr<int64_t>(), grad_sum.data_ptr<scalar_t>(), grad_sum.stride(0),
+          grad_sum.stride(1), dots.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  return {grad_scores, grad_features};
+  return {score_backward_cuda(weights, dots, tokens, seg_starts, S, stream), grad_sum};
 }
 
 }  // namespace enact

@@ -16,7 +16,8 @@ This module is the readable path, in that order: the functions below are steps 1
 adds step 8.  Steps 1-6 run in float32 (float64 for float64 inputs) on each image's valid
 sequence, as if the pads did not exist, so an image's result does not depend on its batch.
 ``mode="uniform"`` replaces the runs by chunks of one batch-wide length L, as the authors'
-public code does.  What changes memory and speed but not values lives in :mod:`.enact_fused`.
+public code does; ``mode="identity"`` makes every valid token its own cluster (weights 1), so
+the layer equals standard attention (for ablations and equivalence checks).  What changes memory and speed but not values lives in :mod:`.enact_fused`.
 See ``ENACT_SPEC.md`` for the exact conventions implemented here.
 """
 import math
@@ -45,7 +46,7 @@ __all__ = [
     "smoothed_information",
 ]
 
-CLUSTERING_MODES = ("segments", "uniform")
+CLUSTERING_MODES = ("segments", "uniform", "identity")
 
 
 def check_sigma(sigma) -> int:
@@ -72,8 +73,11 @@ def gaussian_kernel(sigma: int, radius: int, dtype=torch.float32, device=None) -
 
 
 def _conv_same(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
-    """Cross-correlation of each row of x (B, N) with taps (odd length), zero padding, same length."""
-    return F.conv1d(x[:, None], taps.view(1, 1, -1), padding=taps.numel() // 2)[:, 0]
+    """Cross-correlation of each row of x (B, N) with taps (odd length), zero padding, same length.
+    Exact float32 on every device: a multiply-and-sum over a (B, N, taps) window view, not
+    F.conv1d, which cuDNN runs in TF32 by default (sign flips near zero curvature)."""
+    r = taps.numel() // 2
+    return (F.pad(x, (r, r)).unfold(1, taps.numel(), 1) * taps).sum(-1)
 
 
 def smooth(h: torch.Tensor, kernel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -122,8 +126,9 @@ class EnactClustering(nn.Module):
     Args:
         embed_dim: C of the keys (W_prob: Linear(C, 1), Xavier-uniform weight, zero bias).
         sigma: the Gaussian's standard deviation, a positive int (5 for DETR, 3 for Anchor DETR).
-        mode: "segments" (the paper: runs of equal curvature sign) or "uniform" (the authors'
-            code: chunks of one batch-wide length L).
+        mode: "segments" (the paper: runs of equal curvature sign), "uniform" (the authors'
+            code: chunks of one batch-wide length L) or "identity" (every valid token its own
+            cluster: K_cl = K, V_cl = V, so attention is standard attention).
         backend: enact_ops backend, "auto" | "compiled" | "reference".
     """
 
@@ -137,7 +142,7 @@ class EnactClustering(nn.Module):
             raise ValueError(f"backend must be one of {enact_ops.BACKENDS}, got {backend!r}")
         self.embed_dim, self.sigma, self.mode, self.backend = embed_dim, check_sigma(sigma), mode, backend
         # taps over -3 sigma..3 sigma (the paper) or -(3 sigma - 1)..(3 sigma - 1) (the authors' code)
-        self.radius = 3 * self.sigma if mode == "segments" else 3 * self.sigma - 1
+        self.radius = 3 * self.sigma - 1 if mode == "uniform" else 3 * self.sigma
         self.w_prob = nn.Linear(embed_dim, 1)
         nn.init.xavier_uniform_(self.w_prob.weight)
         nn.init.zeros_(self.w_prob.bias)
@@ -150,14 +155,18 @@ class EnactClustering(nn.Module):
     def information(self, key: torch.Tensor, valid: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """Steps 1-2: h = -p log2 p, p = softmax(W_prob k) over the valid tokens.  (B, N)"""
         w, b = self.w_prob.weight.to(dtype), self.w_prob.bias.to(dtype)
-        return self_information(enact_fused.linear(key.to(dtype), w, b)[..., 0], valid)
+        return self_information(enact_fused.token_logits(key.to(dtype), w, b), valid)
 
     def smoothed_information(self, h: torch.Tensor, valid: Optional[torch.Tensor]):
         """Steps 3-4 with this module's kernel: h~ (B, N), s (B, N) bool."""
         return smoothed_information(h, valid, gaussian_kernel(self.sigma, self.radius, h.dtype, h.device))
 
     def segment(self, sign: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> enact_ops.Segmentation:
-        """Step 5: runs of equal sign (segments) or uniform chunks of the batch's mean run length."""
+        """Step 5: runs of equal sign (segments), uniform chunks of the batch's mean run length,
+        or one cluster per valid token (identity)."""
+        if self.mode == "identity":
+            mask = torch.zeros_like(sign) if key_padding_mask is None else key_padding_mask
+            return enact_ops.segment_uniform(mask, 1, backend=self.backend)
         runs = enact_ops.segment_runs(sign, key_padding_mask, backend=self.backend)
         if self.mode == "segments":
             return runs
@@ -209,7 +218,7 @@ class EnactClustering(nn.Module):
             return self.forward(key, value, key_padding_mask)
         with torch.autocast(device_type=key.device.type, enabled=False):
             with torch.no_grad():
-                logits = enact_fused.linear(key, self.w_prob.weight, self.w_prob.bias)[..., 0]
+                logits = enact_fused.token_logits(key, self.w_prob.weight, self.w_prob.bias)
             logits.requires_grad_()  # a leaf: the fused backward differentiates logits -> h~ itself
             smoothed, sign = self.smoothed_information(self_information(logits, valid), valid)  # steps 1-4
             seg = self.segment(sign, mask)  # step 5

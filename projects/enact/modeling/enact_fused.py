@@ -14,7 +14,7 @@ and kept for backward:
   output projection laid out like the query.
 
 The small interface ``EnactClustering`` / ``EnactAttention`` use: ``shared_path_applies``,
-``pool_shared_key_value``, ``project``, ``linear`` and ``attend_clusters``.
+``pool_shared_key_value``, ``project``, ``linear``, ``token_logits`` and ``attend_clusters``.
 """
 from typing import Optional, Tuple
 
@@ -27,7 +27,9 @@ import enact_ops
 
 from .attention import attend_heads, key_padding_bias
 
-__all__ = ["attend_clusters", "linear", "pool_shared_key_value", "project", "shared_path_applies"]
+__all__ = [
+    "attend_clusters", "linear", "pool_shared_key_value", "project", "shared_path_applies", "token_logits",
+]
 
 
 # ---------------------------------------------------------------- layouts without copies
@@ -50,6 +52,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if rows is None or batch_major:
         return F.linear(x, weight, bias)
     return F.linear(x.transpose(0, 1), weight, bias).transpose(0, 1)
+
+
+def token_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """W_prob's logits x w + b of a (B, N, C) tensor, (B, N), in exact float32 whatever the TF32 /
+    matmul-precision settings: a matrix-vector product (BLAS / cuBLAS gemv, which has no TF32
+    mode) over x's rows in their memory order, no layout copy.  weight (1, C), bias (1,)."""
+    rows, batch_major = _rows(x)
+    if rows is None:
+        x = x.contiguous()
+        rows, batch_major = _rows(x)
+    B, N = x.shape[:2]
+    out = torch.addmv(bias.expand(rows.shape[0]), rows, weight[0])  # (B*N,) or (N*B,)
+    return out.view(B, N) if batch_major else out.view(N, B).t()
 
 
 def _weight_grad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
