@@ -10,7 +10,7 @@ CSRC := $(wildcard enact_ops/csrc/*.cpp enact_ops/csrc/*.h enact_ops/csrc/cpu/*.
 CUDA_HOME ?= /usr/local/cuda
 TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: env test demo benchmark-ops benchmark-attention build-cuda-check clean
+.PHONY: env test test-detrex demo benchmark-ops benchmark-attention build-cuda-check clean
 
 env: $(VENV)/.built
 
@@ -30,6 +30,34 @@ $(VENV)/.built: $(VENV)/.deps setup.py $(CSRC)
 
 test: env
 	$(PY) -m pytest -q tests
+
+# The tests against real detrex (marked `detrex`), with skipping turned into failure.
+#   DETREX_SRC=<detrex checkout or source archive (.tar.gz)>   required
+# The tree is unpacked / copied into $(DETREX_DIR) (writable, rebuilt when DETREX_SRC is newer),
+# its C++ extension built in place for the CPU, and put on the path through DETREX_ROOT; pip
+# never installs detrex or its requirements.txt (requirements/detrex.txt instead).
+DETREX_DIR ?= build/detrex
+$(VENV)/.deps-detrex: $(VENV)/.deps requirements/detrex.txt
+	$(PY) -m pip install -q -r requirements/detrex.txt
+	@touch $@
+
+test-detrex: env $(VENV)/.deps-detrex
+	@set -e; src="$(DETREX_SRC)"; dest="$(DETREX_DIR)"; \
+	if [ -z "$$src" ]; then echo "error: set DETREX_SRC=<detrex checkout or source archive>, e.g. make test-detrex DETREX_SRC=../detrex" >&2; exit 1; fi; \
+	if [ ! -e "$$src" ]; then echo "error: DETREX_SRC=$$src does not exist" >&2; exit 1; fi; \
+	if [ ! -f "$$dest/.source" ] || [ "$$(cat $$dest/.source)" != "$$(realpath $$src)" ] || [ "$$src" -nt "$$dest/.source" ]; then \
+	  rm -rf "$$dest"; mkdir -p "$$dest"; \
+	  if [ -d "$$src" ]; then tar -C "$$src" --exclude=.git -cf - . | tar -C "$$dest" -xf -; \
+	  else tar -xzf "$$src" -C "$$dest" --strip-components=1; fi; \
+	  test -d "$$dest/projects" -a -d "$$dest/detrex" || { echo "error: $$src is not a detrex source tree (no projects/ and detrex/)" >&2; exit 1; }; \
+	  realpath "$$src" > "$$dest/.source"; \
+	fi; \
+	if ! ls "$$dest"/detrex/_C*.so >/dev/null 2>&1; then \
+	  echo "building detrex's extension in $$dest (CPU)"; \
+	  (cd "$$dest" && FORCE_CUDA=0 MAX_JOBS=2 $(abspath $(PY)) setup.py -q build_ext --inplace > build.log 2>&1) \
+	    || { tail -30 "$$dest/build.log"; exit 1; }; \
+	fi
+	DETREX_ROOT=$(abspath $(DETREX_DIR)) ENACT_REQUIRE_DETREX=1 $(PY) -m pytest -q -m detrex tests $(PYTEST_OPTS)
 
 # The main job: DETR + ENACT trained from scratch on the built-in shapes dataset (generated on
 # first use under ./datasets), evaluated with COCOEvaluator.  Extra overrides: DEMO_OPTS="...".

@@ -14,3 +14,44 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- tests against real detrex
+DETREX_HOW_TO = "run them with `make test-detrex DETREX_SRC=<detrex checkout or source archive>`"
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", f"detrex: tests against real detrex (skipped when it is not available; {DETREX_HOW_TO})"
+    )
+
+
+def _require_detrex() -> bool:
+    import os
+
+    return os.environ.get("ENACT_REQUIRE_DETREX", "") not in ("", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    marked = [item for item in items if item.get_closest_marker("detrex")]
+    if not marked:
+        return
+    try:
+        from projects.enact.detrex_support import detrex_root
+
+        detrex_root()
+    except Exception as e:  # noqa: BLE001 - any failure to find detrex means: skip (or fail)
+        reason = f"detrex is not available ({e}); {DETREX_HOW_TO}"
+        if _require_detrex():
+            raise pytest.UsageError(f"ENACT_REQUIRE_DETREX is set but {reason}")
+        for item in marked:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and _require_detrex() and item.get_closest_marker("detrex"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped under ENACT_REQUIRE_DETREX=1 (make test-detrex): {report.longrepr}"

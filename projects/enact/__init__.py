@@ -7,5 +7,6 @@ need torch and enact_ops only.
 from .modeling.act import ActAttention
 from .modeling.attention import MultiheadAttention
 from .modeling.enact import EnactAttention, EnactClustering
+from .modeling.encoder_adapter import enact_encoder, replace_encoder_attention
 
-__all__ = ["ActAttention", "EnactAttention", "EnactClustering", "MultiheadAttention"]
+__all__ = ["ActAttention", "EnactAttention", "EnactClustering", "MultiheadAttention", "enact_encoder", "replace_encoder_attention"]

@@ -1,0 +1,61 @@
+"""Shared pieces of the tests against real detrex (marked ``detrex``): tiny detrex models built
+from detrex's own configs, and images.  Importing this module does not import detrex."""
+import torch
+
+# detrex config of each model covered (relative to the detrex checkout) and its attention_type
+DETREX_MODELS = {
+    "detr": ("projects/detr/configs/detr_r50_300ep.py", None),
+    "conditional_detr": ("projects/conditional_detr/configs/conditional_detr_r50_50ep.py", None),
+    "dab_detr": ("projects/dab_detr/configs/dab_detr_r50_50ep.py", None),
+    "dn_detr": ("projects/dn_detr/configs/dn_detr_r50_50ep.py", None),
+    "group_detr": ("projects/group_detr/configs/group_detr_r50_50ep.py", None),
+    "anchor_detr_rcda": ("projects/anchor_detr/configs/anchor_detr_r50_50ep.py", "RCDA"),
+    "anchor_detr_mhsa": ("projects/anchor_detr/configs/anchor_detr_r50_50ep.py", "nn.MultiheadAttention"),
+}
+
+
+def shrink_detrex_model(model, layers: int = 2, queries: int = 10, ffn: int = 64):
+    """A detrex model config made tiny in place: R18 backbone without pretrained weights and with
+    nothing frozen, ``layers`` encoder and decoder layers, small FFNs, ``queries`` queries, CPU."""
+    model.device = "cpu"
+    if "stages" in model.backbone:  # detrex's ResNet
+        stages = model.backbone.stages
+        stages.depth = 18
+        stages.pop("stride_in_1x1", None)
+        model.backbone.freeze_at = 0
+    else:  # Anchor DETR's TorchvisionResNet (built without pretrained weights)
+        model.backbone.name = "resnet18"
+    model.in_channels = 512
+    tr = model.transformer
+    if "encoder" in tr:
+        for part in (tr.encoder, tr.decoder):
+            part.num_layers = layers
+            part.feedforward_dim = ffn
+    else:  # Anchor DETR
+        tr.num_encoder_layers = tr.num_decoder_layers = layers
+        tr.dim_feedforward = ffn
+        tr.num_query_position = queries
+    for key in ("num_queries", "select_box_nums_for_evaluation"):
+        if key in model:
+            model[key] = queries
+    if "group_nums" in model:
+        model.group_nums = 2
+    return model
+
+
+def perturb_heads(model, seed: int = 0, scale: float = 0.05):
+    """Move the prediction heads and query embeddings away from their (often zero) init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "embed" in name and not name.startswith("backbone"):
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def padded_images(seed: int = 0):
+    """Two images of different sizes (detectron2 pads them into one batch)."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {"image": torch.randint(0, 256, (3, 96, 128), generator=g).float(), "height": 96, "width": 128},
+        {"image": torch.randint(0, 256, (3, 128, 80), generator=g).float(), "height": 128, "width": 80},
+    ]
