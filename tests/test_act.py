@@ -241,3 +241,50 @@ def test_encoder_runs_with_act():
     assert out.shape == x.shape and torch.isfinite(out).all()
     stats = enc.layers[0].self_attn.statistics()
     assert 1 <= stats["clusters_per_image"] <= 16 and stats["compression"] >= 1
+
+
+def test_mtkd_adds_the_distillation_loss_with_shared_weights():
+    """DETR(mtkd_attention=ActAttention(...)): one more loss, the full branch's boxes detached,
+    gradients into the shared encoder weights; only the projections are new in the state dict;
+    inference and the full branch's losses are those of the plain model."""
+    from detectron2.config import LazyCall as L
+    from detection_helpers import build, infer, inference_batch, tiny_config, two_image_batch
+
+    from projects.enact.modeling.act import act_encoder
+
+    plain = build(tiny_config("detr_r50_300ep"))
+    cfg = tiny_config("detr_r50_300ep")
+    cfg.mtkd_attention = L(ActAttention)(embed_dim=32, num_heads=4, num_hashes=4, bucket_width=1.0)
+    model = build(cfg)
+    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("mtkd_act.") and "hash_" in k for k in missing)
+    assert len(model.mtkd_act) == len(model.transformer.encoder.layers)
+    assert not torch.equal(model.mtkd_act[0].hash_a, model.mtkd_act[1].hash_a)
+    batch = two_image_batch()
+    model.train()
+    plain.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    losses = model(batch)
+    torch.manual_seed(1)
+    plain_losses = plain(batch)
+    assert set(losses) == set(plain_losses) | {"loss_mtkd"}
+    for k, v in plain_losses.items():
+        torch.testing.assert_close(losses[k], v)
+    assert float(losses["loss_mtkd"].detach()) > 0 and torch.isfinite(losses["loss_mtkd"].detach())
+    losses["loss_mtkd"].backward()
+    enc_grad = model.transformer.encoder.layers[0].self_attn.attn.in_proj_weight.grad
+    assert enc_grad is not None and enc_grad.abs().sum() > 0  # through the ACT branch, shared weights
+    # the full branch's encoder attention is back in place after the ACT branch
+    assert all(type(layer.self_attn) is MultiheadAttention for layer in model.transformer.encoder.layers)
+    assert all("attn" not in twin._modules for twin in model.mtkd_act)
+    model.eval()
+    plain.eval()
+    batch = inference_batch(batch)
+    for a, b in zip(infer(model, batch), infer(plain, batch)):
+        torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor)
+    # act_encoder restores the layers even when the branch fails
+    with pytest.raises(RuntimeError):
+        with act_encoder(model.transformer.encoder, model.mtkd_act):
+            raise RuntimeError("boom")
+    assert all(type(layer.self_attn) is MultiheadAttention for layer in model.transformer.encoder.layers)

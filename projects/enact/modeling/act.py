@@ -13,6 +13,11 @@ output.  Padded positions belong to no cluster and receive no attention (their o
 identity).  ACT adds no parameters: a trained MHSA checkpoint loads as is (the projections are
 buffers, reported missing and kept at their seeded values).
 
+MTKD (the paper's multi-task knowledge distillation, Eq. 7): :func:`act_twins` and
+:func:`act_encoder` run the same encoder a second time with ACT in place of its attention
+(shared weights); ``DETR(mtkd_attention=ActAttention(...))`` adds :func:`mtkd_loss` between the two
+branches' boxes to its training losses.
+
 Projections: buffers ``hash_a`` (h, L, d) ~ N(0, 1) and ``hash_b`` (h, L) ~ U(0, 1), float32, the
 offsets in units of r (b = r * hash_b ~ U(0, r), so the state dict does not depend on r), drawn
 once from a CPU generator seeded with ``seed * 1_000_003 + layer_index`` (deterministic; saved in the state dict).
@@ -20,6 +25,8 @@ once from a CPU generator seeded with ``seed * 1_000_003 + layer_index`` (determ
 calls ``set_layer_index(i)`` on layer i's copy (``EncoderStack`` does, and
 :func:`number_act_layers` does it for any model), so every layer gets its own projections.
 """
+import contextlib
+import copy
 import math
 from typing import Optional
 
@@ -31,7 +38,7 @@ import enact_ops
 
 from .attention import MultiheadAttention, attend_heads, key_padding_bias
 
-__all__ = ["ActAttention", "e2lsh_codes", "hash_segmentation", "number_act_layers"]
+__all__ = ["ActAttention", "act_encoder", "act_twins", "e2lsh_codes", "hash_segmentation", "mtkd_loss", "number_act_layers"]
 
 _SEED_STRIDE = 1_000_003  # > any layer index: distinct (seed, layer) pairs get distinct seeds
 _CODE_LIMIT = float(2**62)  # hash values are clamped here before the int64 cast (absurdly small r)
@@ -247,3 +254,53 @@ class ActAttention(MultiheadAttention):
         m = self.last_num_clusters.double()  # (B, h)
         n = self.last_num_tokens.double()[:, None]
         return {"clusters_per_image": float(m.mean()), "compression": float((n / m).mean())}
+
+
+# ---------------------------------------------------------------- MTKD (the paper's Eq. 7)
+def act_twins(encoder: nn.Module, prototype: "ActAttention") -> nn.ModuleList:
+    """One ActAttention per layer of ``encoder`` (a stack whose ``layers[i].self_attn`` are
+    MultiheadAttention), copies of ``prototype`` numbered 0, 1, ... (their own projections),
+    *without* their ``attn`` weights: :func:`act_encoder` lends them the layer's own, so the ACT
+    branch shares every weight with the full one.  Their state dict holds only the projections."""
+    twins = nn.ModuleList()
+    for index, layer in enumerate(encoder.layers):
+        full = layer.self_attn
+        if not isinstance(full, MultiheadAttention) or isinstance(full, ActAttention):
+            raise TypeError(f"MTKD needs a full multi-head attention encoder; layer {index} has {type(full).__name__}")
+        if (full.embed_dim, full.num_heads, full.batch_first) != (
+            prototype.embed_dim, prototype.num_heads, prototype.batch_first
+        ):
+            raise ValueError(
+                f"the ACT prototype (embed_dim {prototype.embed_dim}, {prototype.num_heads} heads) does not fit "
+                f"encoder layer {index} (embed_dim {full.embed_dim}, {full.num_heads} heads)"
+            )
+        twin = copy.deepcopy(prototype)
+        twin.set_layer_index(index)
+        del twin.attn
+        twins.append(twin)
+    return twins
+
+
+@contextlib.contextmanager
+def act_encoder(encoder: nn.Module, twins: nn.ModuleList):
+    """Inside the block, ``encoder``'s layers run ACT (``twins`` from :func:`act_twins`) with
+    their own attention weights; the full attention modules are restored on exit."""
+    layers = list(encoder.layers)
+    saved = [layer.self_attn for layer in layers]
+    try:
+        for layer, twin, full in zip(layers, twins, saved):
+            twin.attn = full.attn
+            twin.attn_implementation = full.attn_implementation
+            layer.self_attn = twin
+        yield
+    finally:
+        for layer, twin, full in zip(layers, twins, saved):
+            layer.self_attn = full
+            if "attn" in twin._modules:
+                del twin.attn
+
+
+def mtkd_loss(act_boxes: torch.Tensor, full_boxes: torch.Tensor) -> torch.Tensor:
+    """L_KD(B_1, B_2.detach()): squared L2 distance between ACT's and the full branch's predicted
+    boxes (B, Q, 4), summed over the 4 coordinates and averaged over the queries."""
+    return (act_boxes - full_boxes.detach()).square().sum(-1).mean()

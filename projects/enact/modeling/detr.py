@@ -34,6 +34,7 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
+from .act import act_encoder, act_twins, mtkd_loss
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 
 __all__ = [
@@ -93,6 +94,13 @@ class DETR(nn.Module):
         aux_loss: also supervise the intermediate decoder layers.
         pixel_mean, pixel_std: per-channel normalisation of the input images, in the channel
             order of the inputs (detectron2's BGR defaults when ``None``).
+        mtkd_attention: an ``ActAttention`` prototype turns on ACT's multi-task knowledge
+            distillation (MTKD, Eq. 7 of the ACT paper) in training: the same features also go
+            through the encoder with ACT in place of its (full) attention, shared weights, and the
+            losses get ``loss_mtkd = mtkd_weight * |B_act - B_full.detach()|^2`` (last decoder
+            layer's boxes, summed over coordinates, mean over queries).  Inference is unchanged
+            (the full branch); evaluate the ACT branch with the ``_act`` config.
+        mtkd_weight: the weight of ``loss_mtkd`` (the paper: 1).
         device: device the model is moved to.
         select_box_nums_for_evaluation: detections kept per image at inference (at most Q).
     """
@@ -113,6 +121,8 @@ class DETR(nn.Module):
         pixel_std: Optional[Sequence[float]] = None,
         device: str = "cpu",
         select_box_nums_for_evaluation: int = 100,
+        mtkd_attention: Optional[nn.Module] = None,
+        mtkd_weight: float = 1.0,
     ):
         super().__init__()
         if num_classes < 1 or num_queries < 1:
@@ -146,6 +156,9 @@ class DETR(nn.Module):
         self.criterion = criterion
         self.aux_loss = aux_loss
         self.select_box_nums_for_evaluation = select_box_nums_for_evaluation
+        self.mtkd_weight = float(mtkd_weight)
+        # per-layer ACT twins of the encoder attention (projection buffers only), or None
+        self.mtkd_act = None if mtkd_attention is None else act_twins(transformer.encoder, mtkd_attention)
 
         self.input_proj = nn.Conv2d(in_channels, embed_dim, kernel_size=1)
         self.query_embed = nn.Embedding(num_queries, embed_dim)
@@ -310,7 +323,12 @@ class DETR(nn.Module):
         outputs = self.predict(hs, reference)
 
         if self.training:
-            return self.weight_losses(self.criterion(outputs, targets))
+            losses = self.weight_losses(self.criterion(outputs, targets))
+            if self.mtkd_act is not None:  # MTKD: the ACT branch on the same features
+                with act_encoder(self.transformer.encoder, self.mtkd_act):
+                    act_outputs = self.predict(*self.run_transformer(src, mask, pos))
+                losses["loss_mtkd"] = self.mtkd_weight * mtkd_loss(act_outputs["pred_boxes"], outputs["pred_boxes"])
+            return losses
         return self.postprocess(batched_inputs, outputs, images)
 
     def encode_images(
