@@ -21,10 +21,11 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = ROOT / "tests" / "data" / "checkpoint_layouts"
 
-# kind -> (layout file, project config, its ENACT twin, source keys that map nowhere)
+# kind -> (layout file, project config, its ENACT twin, source keys that map nowhere).  The
+# layouts are complete state dicts of detrex's models: DETR's holds its criterion's empty_weight
+# buffer (cross-entropy; the focal-loss models have none), which is dropped, not "unused".
 CASES = {
-    "detr": ("detrex_detr_r50.json", "detr_r50_300ep", "detr_r50_300ep_enact",
-             ["criterion.empty_weight"]),
+    "detr": ("detrex_detr_r50.json", "detr_r50_300ep", "detr_r50_300ep_enact", []),
     "conditional_detr": ("detrex_conditional_detr_r50.json", "conditional_detr_r50_50ep",
                          "conditional_detr_r50_50ep_enact", []),
     "anchor_detr": ("detrex_anchor_detr_r50_dc5.json", "anchor_detr_r50_dc5_50ep",
@@ -239,6 +240,9 @@ def test_auto_source_detection_picks_detrex(kind, sources):
     assert detect_source(sources[kind]) == "detrex"
     _, report = convert_state_dict(sources[kind], "auto", kind)
     assert report.unused_source_keys == CASES[kind][3]
+    dropped = [n for n in report.notes if "non-model" in n]
+    assert dropped == (["dropped 1 non-model key(s) (detrex's criterion state, not weights): criterion.empty_weight"]
+                       if kind == "detr" else [])
 
 
 def test_detect_detrex_rejects_other_layouts(models):
@@ -298,3 +302,24 @@ def test_wrong_model_kind_raises(sources):
         convert_detrex(sources["conditional_detr"], "detr")
     with pytest.raises(ValueError, match="unknown detrex model"):
         convert_detrex(sources["detr"], "dino")
+
+
+def test_cli_converts_a_complete_detrex_checkpoint_without_allow_unused(models, sources, tmp_path, monkeypatch, capsys):
+    """A real detrex checkpoint layout (criterion.empty_weight included) goes through
+    tools/convert_checkpoint.py without --allow-unused; the report says what was dropped."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", ROOT / "tools" / "convert_checkpoint.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    monkeypatch.setattr(cli, "build_model", lambda path: models(Path(path).stem))
+    assert "criterion.empty_weight" in sources["detr"]
+    src, dst = tmp_path / "detrex_detr.pth", tmp_path / "converted.pth"
+    torch.save({"model": sources["detr"], "iteration": 500000}, src)
+    config = str(ROOT / "configs" / "detr_r50_300ep_enact.py")
+    assert cli.main(["--config-file", config, "--source", "detrex", str(src), str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert "dropped 1 non-model key(s) (detrex's criterion state, not weights): criterion.empty_weight" in out
+    assert "not used" not in out
+    saved = torch.load(dst, map_location="cpu", weights_only=True)["model"]
+    assert "criterion.empty_weight" not in saved and "class_embed.weight" in saved

@@ -42,9 +42,11 @@ configs read BGR images (detectron2's default ``pixel_mean`` / ``pixel_std``, BG
 exactly what the detrex model computes on the RGB one; pass ``input_format="RGB"`` for a project
 model configured with RGB input and RGB statistics.
 
-Everything that maps nowhere (detrex's ``criterion.empty_weight`` buffer, an encoder
-``post_norm_layer``, multi-level Anchor DETR parts, ...) is listed in
-``report.unused_source_keys``; BatchNorm ``num_batches_tracked`` counters are dropped with a note.
+detrex models hold their criterion, so their checkpoints carry its state (``criterion.*``: the
+``empty_weight`` buffer of the cross-entropy loss): it is not a model weight and is dropped, named
+in a note of the report.  Everything else that maps nowhere (an encoder ``post_norm_layer``,
+multi-level Anchor DETR parts, ...) is listed in ``report.unused_source_keys``; BatchNorm
+``num_batches_tracked`` counters are dropped with a note.
 """
 import re
 from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
@@ -268,6 +270,10 @@ def _target_shapes(target) -> Optional[Dict[str, torch.Size]]:
             for k, v in target.items()}
 
 
+# state that detrex keeps in its models but that is no model weight (the loss' buffers)
+NON_MODEL_PREFIXES = ("criterion.",)
+
+
 def convert_detrex(
     state_dict: Mapping[str, torch.Tensor],
     model: str,
@@ -303,7 +309,14 @@ def convert_detrex(
             f"the checkpoint looks like detrex's {detected!r}; it cannot be converted into a "
             f"{model!r} model (the architectures differ)"
         )
+    non_model = [k for k in state_dict if k.startswith(NON_MODEL_PREFIXES)]
+    state_dict = {k: v for k, v in state_dict.items() if k not in non_model}
     out, origin, report = apply_rules(state_dict, RULES[model])
+    if non_model:
+        report.notes.append(
+            f"dropped {len(non_model)} non-model key(s) (detrex's criterion state, not weights): "
+            + ", ".join(non_model)
+        )
     reverse_stem_channels(out, origin, report, input_format, "detrex")
 
     shapes = _target_shapes(target)
