@@ -5,11 +5,18 @@
     python tools/train_net.py --config-file configs/shapes/detr_r18_shapes_enact.py train.max_iter=300
     python tools/train_net.py --config-file CFG --resume                  # continue from last_checkpoint
     python tools/train_net.py --config-file CFG --eval-only train.init_checkpoint=model_final.pth
+    DETREX_ROOT=../detrex python tools/train_net.py --config-file configs/detrex/dab_detr_r50_50ep_enact.py train.device=cpu
 
 Uses detectron2's engine throughout: LazyConfig + instantiate, DetectionCheckpointer (periodic
 checkpoints, --resume), EvalHook with the config's evaluator (COCOEvaluator), launch() for
 multi-GPU / multi-machine, and the default writers (console with ETA, metrics.json,
 TensorBoard).  ENACT's clusters per image and compression are logged under ``enact/``.
+
+detrex configs (``configs/detrex/``, or detrex's own) run too: ``train.device`` is copied into
+``model.device`` (detrex copies it when its config is loaded, so ``train.device=cpu`` alone moves a
+detrex model to the CPU), and detrex's ``train.clip_grad`` ({enabled, params: {max_norm,
+norm_type}}) and ``train.amp`` are honoured; ``train.model_ema`` and ``train.wandb`` are not
+supported (an error if enabled).  DN-DETR's criterion calls ``.cuda()``: it trains on a GPU only.
 """
 import logging
 import os
@@ -44,6 +51,26 @@ def _check_device(cfg):
     return device
 
 
+def _apply_train_device(cfg):
+    """detrex's configs set ``model.device = train.device`` when loaded: redo it after overrides."""
+    if "device" in cfg.train and "device" in cfg.model:
+        cfg.model.device = cfg.train.device
+    for key in ("model_ema", "wandb"):
+        if cfg.train.get(key, {}).get("enabled", False):
+            raise NotImplementedError(f"train.{key}.enabled=True (a detrex option) is not supported by this train_net")
+
+
+def _clip_grad(cfg):
+    """(max_norm, norm_type): detrex's ``train.clip_grad`` or the project's ``train.clip_max_norm``."""
+    clip = cfg.train.get("clip_grad", None)
+    if clip is not None:
+        if not clip.get("enabled", False):
+            return 0.0, 2.0
+        params = clip.get("params", {})
+        return float(params.get("max_norm", 0.1)), float(params.get("norm_type", 2.0))
+    return float(cfg.train.get("clip_max_norm", 0.1)), 2.0
+
+
 def do_test(cfg, model):
     if "evaluator" not in cfg.dataloader:
         return {}
@@ -68,9 +95,10 @@ def do_train(args, cfg):
     train_loader = instantiate(cfg.dataloader.train)
     model = create_ddp_model(model, **cfg.train.get("ddp", {}))
     amp = cfg.train.get("amp", {})
+    clip_max_norm, clip_norm_type = _clip_grad(cfg)
     trainer = DetrTrainer(
         model, train_loader, optimizer,
-        clip_max_norm=cfg.train.get("clip_max_norm", 0.1),
+        clip_max_norm=clip_max_norm, clip_norm_type=clip_norm_type,
         amp=amp.get("enabled", False), amp_dtype=amp.get("dtype", "float16"), device=device,
     )
     checkpointer = EnactCheckpointer(model, cfg.train.output_dir, trainer=trainer)
@@ -91,6 +119,7 @@ def do_train(args, cfg):
 def main(args):
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    _apply_train_device(cfg)
     default_setup(cfg, args)
     if args.eval_only:
         model = instantiate(cfg.model).to(_check_device(cfg))

@@ -8,7 +8,9 @@ The file (``{"model": state_dict, ...}`` or a bare state dict) is loaded, its fo
 layout, converted for the model being loaded.  Source keys the conversion could not use are kept
 under their original names, so that detectron2's usual report lists them as unexpected; missing
 keys (e.g. ENACT's ``clustering.w_prob`` in an ``_enact`` model) are reported as usual.
-Checkpoints written by this project (periodic checkpoints, ``--resume``) load unchanged.
+Checkpoints written by this project (periodic checkpoints, ``--resume``) load unchanged, and so
+does every checkpoint loaded into a model that is not one of the project's detectors (a detrex
+checkpoint into a detrex model, with or without ENACT: converting is for the project's models).
 """
 import argparse
 import logging
@@ -45,7 +47,10 @@ class EnactCheckpointer(DetectionCheckpointer):
             return loaded  # unknown layout: let detectron2 report what does not match
         if source == "project":
             return loaded
-        kind = model_kind(self.model)
+        try:
+            kind = model_kind(self.model)
+        except ConversionError:  # not a project detector (e.g. a detrex model): its own layout
+            return loaded
         converted, report = convert_state_dict(state, source, kind, input_format_of(self.model))
         logger.info(
             "Converted a %r checkpoint (%s) for this %s model: %d tensors.", source, filename, kind,

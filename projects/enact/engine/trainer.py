@@ -10,9 +10,10 @@ __all__ = ["DetrTrainer"]
 
 class DetrTrainer(SimpleTrainer):
     def __init__(self, model, data_loader, optimizer, clip_max_norm: float = 0.1, amp: bool = False,
-                 amp_dtype: str = "float16", device: str = "cuda"):
+                 amp_dtype: str = "float16", device: str = "cuda", clip_norm_type: float = 2.0):
         super().__init__(model, data_loader, optimizer)
         self.clip_max_norm = clip_max_norm
+        self.clip_norm_type = clip_norm_type
         self.amp = amp
         self.device_type = torch.device(device).type
         self.amp_dtype = getattr(torch, amp_dtype)
@@ -33,7 +34,7 @@ class DetrTrainer(SimpleTrainer):
         self.grad_scaler.scale(losses).backward()
         if self.clip_max_norm > 0:
             self.grad_scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_max_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_max_norm, self.clip_norm_type)
             self.storage.put_scalar("grad_norm", float(grad_norm), smoothing_hint=True)
         self._write_metrics(loss_dict, data_time)
         self.grad_scaler.step(self.optimizer)
