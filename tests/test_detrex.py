@@ -104,6 +104,38 @@ def training_step(model, name):
             for n, p in model.named_parameters() if p.requires_grad}
 
 
+def no_dropout(model):
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "dropout", None), float):
+            m.dropout = 0.0
+    return model
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_identity_enact_equals_detrex_on_padded_training_batch(name, monkeypatch):
+    """In training mode detrex passes the padding mask to the encoder (at inference it treats the
+    batch as unpadded): the losses of a padded batch of two sizes agree too (dropout off)."""
+    from projects.enact import enact_encoder
+
+    if name == "dn_detr" and not torch.cuda.is_available():
+        monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)  # see the gradient test
+    model = no_dropout(build(name)).train()
+    perturb_heads(model)
+    original = copy.deepcopy(model)
+    enact_encoder(model, sigma=2, mode="identity")
+    batch = with_targets(padded_images())
+    losses = []
+    for m in (original, model):
+        torch.manual_seed(3)  # DN-DETR's noised queries
+        with torch.no_grad():
+            losses.append(m(batch))
+    assert losses[0].keys() == losses[1].keys()
+    for key in losses[0]:
+        torch.testing.assert_close(losses[1][key], losses[0][key], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_training_step_gives_every_parameter_a_gradient(name, monkeypatch):
     """Real ENACT (segments): every parameter that detrex's own model trains gets a non-zero
@@ -132,6 +164,31 @@ def test_training_step_gives_every_parameter_a_gradient(name, monkeypatch):
     stats = [m.statistics() for m in model.modules() if hasattr(m, "statistics")
              and (hasattr(m, "clustering") or hasattr(m, "cluster_x"))]
     assert len(stats) == 2 and all(s["clusters_per_image"] >= 1 for s in stats)
+
+
+def test_the_mechanism_takes_another_attention_act():
+    """replace_encoder_attention with a factory of ACT (EnactAttention's signature): the same
+    sites, the trained projections carried over, per-layer seeds from spec.layer_index."""
+    from projects.enact import ActAttention, replace_encoder_attention
+    from projects.enact.modeling.encoder_adapter import find_encoder
+
+    def act(spec):
+        module = ActAttention(spec.embed_dim, spec.num_heads, spec.attn_drop, spec.proj_drop, spec.batch_first)
+        module.set_layer_index(spec.layer_index)
+        return module
+
+    for name in ("detr", "anchor_detr_mhsa"):
+        model = build(name).eval()
+        original = copy.deepcopy(model)
+        names = replace_encoder_attention(find_encoder(model), act)
+        assert len(names) == 2
+        acts = [m for m in model.modules() if isinstance(m, ActAttention)]
+        assert len(acts) == 2 and not torch.equal(acts[0].hash_a, acts[1].hash_a)
+        result = model.load_state_dict(original.state_dict(), strict=False)
+        assert result.unexpected_keys == [] and all("hash_" in k for k in result.missing_keys)
+        with torch.no_grad():
+            out = model(padded_images())
+        assert len(out) == 2 and torch.isfinite(out[0]["instances"].scores).all()
 
 
 def test_converting_twice_is_an_error():

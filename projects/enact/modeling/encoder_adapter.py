@@ -50,6 +50,7 @@ class AttentionSpec(NamedTuple):
     proj_drop: float
     batch_first: bool
     attn_implementation: str = "sdpa"
+    layer_index: int = 0  # the position of this attention among those replaced (ACT seeds by it)
 
 
 class TorchMultiheadAttentionAdapter(nn.Module):
@@ -255,7 +256,7 @@ def replace_encoder_attention(
     if "rcda" in kinds and rcda_factory is None:
         raise ValueError(f"{owner}: the encoder uses MultiheadRCDA and no rcda_factory was given")
     names = []
-    for site, kind in zip(sites, kinds):
+    for index, (site, kind) in enumerate(zip(sites, kinds)):
         old = site.module
         if kind == "rcda":
             new = rcda_factory(old)
@@ -264,7 +265,7 @@ def replace_encoder_attention(
             batch_first = bool(getattr(old, "batch_first", mha.batch_first))
             spec = AttentionSpec(mha.embed_dim, mha.num_heads, float(mha.dropout),
                                  float(old.proj_drop.p) if kind == "detrex" else 0.0, batch_first,
-                                 getattr(old, "attn_implementation", "sdpa"))
+                                 getattr(old, "attn_implementation", "sdpa"), index)
             new = factory(spec)
             if kind == "torch":
                 new = TorchMultiheadAttentionAdapter(new)
