@@ -154,3 +154,37 @@ def test_enact_checkpointer_loads_a_detrex_checkpoint_unchanged(tmp_path):
     assert set(loaded) - set(state) == set(w_prob) and len(w_prob) == 4
     assert all(torch.equal(v, loaded[k]) for k, v in state.items())
     assert all(torch.equal(v, loaded[k]) for k, v in w_prob.items())  # new: left as initialised
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_baseline_twin_is_detrex_config(name):
+    """configs/detrex/X.py is detrex's config as it is (tools/benchmark.py pairs it with X_enact)."""
+    from projects.enact.detrex_support import detrex_config
+
+    path, _, _, others = CONFIGS[name]
+    ours, theirs = flat(load(name.replace("_enact", "")).model), flat(detrex_config(path).model)
+    assert ours == {**theirs, **others}
+
+
+def test_benchmark_runs_a_detrex_model_with_and_without_enact(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    md, js = tmp_path / "bench.md", tmp_path / "bench.json"
+    tiny = ["model.transformer.encoder.num_layers=1", "model.transformer.decoder.num_layers=1",
+            "model.num_queries=10", "model.select_box_nums_for_evaluation=10"]
+    cmd = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--configs", "detrex/dab_detr_r50_50ep",
+           "detrex/dab_detr_r50_50ep_enact", "--threads", "1", "--batch", "1", "--size", "96", "128",
+           "--repeats", "1", "--quiet", "--out-md", str(md), "--out-json", str(js), "--opts", *tiny]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(js.read_text())
+    rows = {r["model"]: r for r in result["rows"]}
+    assert list(rows) == ["dab_detr_r50_50ep", "dab_detr_r50_50ep_enact"]
+    for row in rows.values():
+        for key in ("train_s_per_img", "infer_s_per_img", "encoder_ms_per_img", "train_memory_bytes"):
+            assert row[key] > 0, key
+    enact = rows["dab_detr_r50_50ep_enact"]
+    assert len(enact["clusters_per_layer"]) == 1 and enact["compression_mean"] >= 1
+    assert "train_memory_gain" in enact and "train_time_ratio" in enact

@@ -67,7 +67,19 @@ def load_config(path: str, opts, device: str):
     cfg = LazyConfig.apply_overrides(cfg, list(opts or []))
     if "train" in cfg:
         cfg.train.device = device
+    if "device" in cfg.model:  # detrex's models take their device as an argument
+        cfg.model.device = device
     return cfg
+
+
+def clip_max_norm(cfg) -> float:
+    """Gradient clipping of a config: detrex's ``train.clip_grad`` or the project's ``train.clip_max_norm``."""
+    if "train" not in cfg:
+        return 0.0
+    clip = cfg.train.get("clip_grad", None)
+    if clip is not None:
+        return float(clip.params.max_norm) if clip.get("enabled", False) else 0.0
+    return float(cfg.train.get("clip_max_norm", 0.0))
 
 
 def config_batch_size(cfg, default: int = 8) -> int:
@@ -92,13 +104,14 @@ def seed_all(seed: int) -> None:
 
 # ------------------------------------------------------------------------------------ models
 def set_encoder_attention(model, backend):
-    """Set ``attn_implementation`` of every module of ``model.transformer.encoder`` that has one
-    (MHSA, EnactAttention).  Returns how many were set (0: the encoder has no such module, e.g.
-    RCDA)."""
+    """Set ``attn_implementation`` of every module of the encoder (``model.transformer.encoder``,
+    or detrex Anchor DETR's ``encoder_layers``) that has one (MHSA, EnactAttention).  Returns how
+    many were set (0: the encoder has no such module, e.g. RCDA or detrex's own attention)."""
     from projects.enact.modeling.attention import ATTENTION_BACKENDS
+    from projects.enact.modeling.encoder_adapter import find_encoder
 
     count = 0
-    for module in model.transformer.encoder.modules():
+    for module in find_encoder(model).modules():
         if getattr(module, "attn_implementation", None) in ATTENTION_BACKENDS:
             if backend is not None:
                 module.attn_implementation = backend
@@ -108,7 +121,9 @@ def set_encoder_attention(model, backend):
 
 def encoder_kind(model) -> str:
     """The label of an encoder without attention backends: "rcda" (Anchor DETR) or "n/a"."""
-    encoder = model.transformer.encoder
+    from projects.enact.modeling.encoder_adapter import find_encoder
+
+    encoder = find_encoder(model)
     names = [type(m).__name__ for m in encoder.modules()]
     return "rcda" if any("RCDA" in n for n in names) else "n/a"
 
@@ -116,8 +131,10 @@ def encoder_kind(model) -> str:
 def encoder_layer_statistics(encoder):
     """Per-layer ENACT statistics of the last call ([] for a model without ENACT)."""
     per_layer = []
-    for layer in getattr(encoder, "layers", []):
-        for module in (layer, getattr(layer, "self_attn", None)):
+    layers = encoder if isinstance(encoder, torch.nn.ModuleList) else getattr(encoder, "layers", [])
+    for layer in layers:
+        attentions = getattr(layer, "attentions", None)  # detrex's BaseTransformerLayer
+        for module in (layer, getattr(layer, "self_attn", None), attentions[0] if attentions else None):
             if module is not None and callable(getattr(module, "statistics", None)):
                 stats = module.statistics()
                 if stats:
@@ -205,13 +222,15 @@ class Runner:
         self.attention = backend if self.attention_modules else encoder_kind(self.model)
         cfg.optimizer.params.model = self.model
         self.optimizer = instantiate(cfg.optimizer)
-        self.clip = float(cfg.train.get("clip_max_norm", 0.0)) if "train" in cfg else 0.0
+        self.clip = clip_max_norm(cfg)
         self.batch_size = batch_size
         self.dropout_mask = args.dropout_mask
         num_classes = int(getattr(self.model, "num_classes", 80))
         self.batch = make_batch(batch_size, args.size, num_classes, args.seed, device,
                                 args.min_scale, args.max_boxes, args.orientation)
-        self.encoder = self.model.transformer.encoder
+        from projects.enact.modeling.encoder_adapter import find_encoder
+
+        self.encoder = find_encoder(self.model)  # detrex Anchor DETR: a list of layers
         self.encoder_inputs = None
         self.layer_stats = []
 
@@ -224,6 +243,10 @@ class Runner:
             captured["args"] = tuple(detach(a) for a in args)
             captured["kwargs"] = {k: detach(v) for k, v in kwargs.items()}
 
+        if isinstance(self.encoder, torch.nn.ModuleList):  # no encoder call to capture
+            self.infer_step()
+            self.layer_stats = encoder_layer_statistics(self.encoder)
+            return
         handle = self.encoder.register_forward_pre_hook(hook, with_kwargs=True)
         try:
             self.infer_step()
@@ -253,13 +276,19 @@ class Runner:
 
     def encoder_step(self):
         """Forward + backward of the encoder alone on its captured inputs, train mode."""
+        if self.encoder_inputs is None:
+            raise NotImplementedError(f"{self.name}: the encoder is a list of layers, not one module: "
+                                      "no encoder-only timing (use --modes train infer)")
         self.model.train()
         args, kwargs = self.encoder_inputs
         args, kwargs = list(args), dict(kwargs)
         if args and torch.is_tensor(args[0]):  # src: gradients flow back into it, as in the model
             args[0] = args[0].detach().requires_grad_()
-        elif torch.is_tensor(kwargs.get("src")):
-            kwargs["src"] = kwargs["src"].detach().requires_grad_()
+        else:
+            for name in ("src", "query"):  # the project's / detrex's encoders
+                if torch.is_tensor(kwargs.get(name)):
+                    kwargs[name] = kwargs[name].detach().requires_grad_()
+                    break
         out = self.encoder(*args, **kwargs)
         out.sum().backward()
         self.model.zero_grad(set_to_none=True)

@@ -1,0 +1,11 @@
+# detrex's own config (projects/anchor_detr/configs/anchor_detr_r50_50ep.py of the detrex checkout)
+# with its nn.MultiheadAttention encoder, unchanged: the baseline twin of
+# anchor_detr_r50_50ep_mhsa_enact.py (tools/benchmark.py pairs X.py with X_enact.py).
+from projects.enact.detrex_support import detrex_config
+
+_detrex = detrex_config("projects/anchor_detr/configs/anchor_detr_r50_50ep.py")
+model, dataloader, optimizer, lr_multiplier, train = (
+    _detrex[k] for k in ("model", "dataloader", "optimizer", "lr_multiplier", "train")
+)
+model.transformer.attention_type = "nn.MultiheadAttention"  # detrex's MHSA variant of Anchor DETR
+train.output_dir = "./output/detrex/anchor_detr_r50_50ep_mhsa"

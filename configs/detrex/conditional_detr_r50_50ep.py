@@ -1,0 +1,10 @@
+# detrex's own config (projects/conditional_detr/configs/conditional_detr_r50_50ep.py of the detrex
+# checkout), unchanged: the baseline twin of conditional_detr_r50_50ep_enact.py (tools/benchmark.py
+# pairs X.py with X_enact.py).
+from projects.enact.detrex_support import detrex_config
+
+_detrex = detrex_config("projects/conditional_detr/configs/conditional_detr_r50_50ep.py")
+model, dataloader, optimizer, lr_multiplier, train = (
+    _detrex[k] for k in ("model", "dataloader", "optimizer", "lr_multiplier", "train")
+)
+train.output_dir = "./output/detrex/conditional_detr_r50_50ep"
