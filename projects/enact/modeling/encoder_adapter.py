@@ -76,6 +76,7 @@ class TorchMultiheadAttentionAdapter(nn.Module):
         return state_dict
 
     def _load_hook(self, state_dict, prefix, *args):
+        self._load_prefix = prefix
         own = {k[len("attn."):] if k.startswith("attn.") else k: k for k in self.inner.state_dict()}
         for key in [k for k in state_dict if k.startswith(prefix)]:
             rest = key[len(prefix):]
@@ -84,8 +85,11 @@ class TorchMultiheadAttentionAdapter(nn.Module):
 
     @staticmethod
     def _rename_missing(module, incompatible):
+        """Missing keys under their state-dict names (``...self_attn.clustering.w_prob.weight``)."""
+        inner = getattr(module, "_load_prefix", "") + "inner."
         keys = incompatible.missing_keys
-        keys[:] = [k.replace("inner.attn.", "").replace("inner.", "") for k in keys]
+        keys[:] = [inner[:-len("inner.")] + k[len(inner):].removeprefix("attn.") if k.startswith(inner) else k
+                   for k in keys]
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None, **kwargs):
         # nn.MultiheadAttention has no residual: identity = 0
