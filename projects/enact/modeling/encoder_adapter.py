@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .enact import EnactAttention, EnactClustering
-from .enact_rcda import cluster_grid
 from .rcda import rcda_combine, rcda_weights
 
 __all__ = [
@@ -140,6 +139,8 @@ class EnactPackedRCDA(nn.Module):
         return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim).movedim(-2, 1)
 
     def forward(self, query_row, query_col, key_row, key_col, value, key_padding_mask=None, **kwargs):
+        from .enact_rcda import cluster_grid  # here: enact_rcda needs detectron2, projects.enact does not
+
         b, h, w, c = value.shape
         weights = self.in_proj_weight.chunk(5)
         biases = self.in_proj_bias.chunk(5) if self.in_proj_bias is not None else (None,) * 5
