@@ -23,7 +23,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from projects.enact import EnactAttention, MultiheadAttention  # noqa: E402
-from projects.enact.benchmark.utils import peak_memory_increase, timed, write_result  # noqa: E402
+from projects.enact.benchmark.utils import peak_memory_increase, sdpa_backend, timed, write_result  # noqa: E402
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 VARIANTS = {
     "mhsa-sdpa": lambda a: MultiheadAttention(a.channels, a.heads, a.dropout, a.dropout, attn_implementation="sdpa"),
@@ -46,25 +48,50 @@ def make_case(args, seq_len, device, variant):
     return module, src, pos, mask
 
 
-def step(module, src, pos, mask):
+def step(module, src, pos, mask, amp=None):
     x = src.detach().requires_grad_()
-    out = module(x, query_pos=pos, key_padding_mask=mask)
-    out.sum().backward()
+    with torch.autocast(src.device.type, dtype=amp, enabled=amp is not None):
+        out = module(x, query_pos=pos, key_padding_mask=mask)
+    out.float().sum().backward()
     module.zero_grad(set_to_none=True)
+
+
+def sdpa_kernels(args, cases, amp):
+    """{variant: the SDPA kernel its attention runs} for the "-sdpa" variants: the query
+    against the keys it attends (all N for MHSA with the padding mask, the M_max clusters with
+    the cluster mask for ENACT), in the dtype autocast gives."""
+    from projects.enact.modeling.attention import key_padding_bias
+
+    kernels = {}
+    for v, (module, src, pos, mask) in cases.items():
+        if not v.endswith("sdpa"):
+            continue
+        B, d = src.shape[1], args.channels // args.heads
+        dtype = amp or src.dtype
+        keys, key_mask = src.shape[0], mask
+        if hasattr(module, "clustering"):
+            with torch.no_grad():
+                key_mask = module.clustering(src.transpose(0, 1) + pos.transpose(0, 1), src.transpose(0, 1), mask).cluster_mask
+            keys = key_mask.shape[1]
+        q = torch.randn(B, args.heads, src.shape[0], d, device=src.device, dtype=dtype)
+        k = torch.randn(B, args.heads, keys, d, device=src.device, dtype=dtype)
+        kernels[v] = sdpa_backend(q, k, k, key_padding_bias(key_mask, dtype))
+    return kernels
 
 
 def memory_worker(args):
     device = torch.device(args.device)
-    step(*make_case(args, 64, device, args.worker_variant))  # warm-up: lazy inits, thread pools
+    amp = AMP_DTYPES[args.amp]
+    step(*make_case(args, 64, device, args.worker_variant), amp=amp)  # warm-up: lazy inits, thread pools
     case = make_case(args, args.worker_n, device, args.worker_variant)
-    peak = peak_memory_increase(lambda: step(*case), device)
+    peak = peak_memory_increase(lambda: step(*case, amp=amp), device)
     stats = case[0].statistics() if hasattr(case[0], "statistics") else {}
     print(json.dumps({"peak_bytes": peak, "stats": stats}))
 
 
 def measure_memory(args, seq_len, variant):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker-n", str(seq_len), "--worker-variant", variant]
-    for flag in ("batch", "channels", "heads", "sigma", "dropout", "device"):
+    for flag in ("batch", "channels", "heads", "sigma", "dropout", "device", "amp"):
         cmd += [f"--{flag}", str(getattr(args, flag))]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -81,6 +108,7 @@ def main():
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", choices=list(AMP_DTYPES), default="none", help="autocast dtype (default none: float32)")
     p.add_argument("--out", default="output/benchmark_attention.json")
     p.add_argument("--worker-n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker-variant", help=argparse.SUPPRESS)
@@ -89,21 +117,26 @@ def main():
         return memory_worker(args)
     device = torch.device(args.device)
     print(f"attention benchmark: B={args.batch} C={args.channels} heads={args.heads} sigma={args.sigma} "
-          f"dropout={args.dropout} device={device} threads={torch.get_num_threads()} repeats={args.repeats}")
+          f"dropout={args.dropout} device={device} amp={args.amp} threads={torch.get_num_threads()} repeats={args.repeats}")
     rows = []
     for n in args.seq_lens:
         cases = {v: make_case(args, n, device, v) for v in args.variants}
+        amp = AMP_DTYPES[args.amp]
         for v in args.variants:  # warm-up
-            step(*cases[v])
+            step(*cases[v], amp=amp)
         times = {v: [] for v in args.variants}
         for r in range(args.repeats):
             print(f"  N={n} repeat {r + 1}/{args.repeats}", file=sys.stderr, flush=True)
             for v in args.variants:  # interleaved
-                times[v].append(timed(lambda: step(*cases[v]), device))
+                times[v].append(timed(lambda: step(*cases[v], amp=amp), device))
+        kernels = sdpa_kernels(args, cases, amp)
         del cases
         for v in args.variants:
             mem = measure_memory(args, n, v)
-            rows.append(dict(N=n, variant=v, time_s=statistics.median(times[v]), peak_bytes=mem["peak_bytes"], **mem["stats"]))
+            rows.append(dict(N=n, variant=v, time_s=statistics.median(times[v]), peak_bytes=mem["peak_bytes"],
+                             sdpa_kernel=kernels.get(v, "-"), **mem["stats"]))
+    for n, v, kernel in sorted({(r["N"], r["variant"], r["sdpa_kernel"]) for r in rows if r["sdpa_kernel"] != "-"}):
+        print(f"  SDPA kernel of {v} at N={n}: {kernel}")
     print(f"\n{'N':>6} {'variant':>22} | {'ms':>9} | {'peak MiB':>9} | {'M/img':>7} | "
           f"{'t/sdpa':>7} {'mem/sdpa':>8} | {'t/eager':>7} {'mem/eager':>9}")
     for row in rows:

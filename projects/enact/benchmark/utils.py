@@ -90,3 +90,23 @@ def write_result(path: str, tool: str, device: torch.device, rows, **fields) -> 
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {path}")
+
+
+def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> str:
+    """The SDPA kernel F.scaled_dot_product_attention picks for these inputs: the first of flash,
+    memory-efficient, cuDNN and math (torch's order of preference) that accepts them ("math"
+    on CPU, where the others do not exist).  q, k, v (B, h, L, d); mask additive or None."""
+    if q.device.type != "cuda":
+        return "math (CPU)"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = [("flash", SDPBackend.FLASH_ATTENTION), ("memory-efficient", SDPBackend.EFFICIENT_ATTENTION),
+             ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH)]
+    for name, backend in names:
+        try:
+            with sdpa_kernel([backend]), torch.no_grad():
+                torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return name
+        except RuntimeError:
+            continue
+    return "none"
