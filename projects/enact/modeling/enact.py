@@ -18,15 +18,19 @@ sequence, as if the pads did not exist, so an image's result does not depend on 
 ``mode="uniform"`` replaces the runs by chunks of one batch-wide length L, as the authors'
 public code does; ``mode="identity"`` makes every valid token its own cluster (weights 1), so
 the layer equals standard attention (for ablations and equivalence checks).  What changes memory and speed but not values lives in :mod:`.enact_fused`.
+``EnactClustering.register_trace_hook`` hands steps 1-5's intermediates to analysis tools
+(:mod:`projects.enact.analysis`); without a hook nothing is kept.
 See ``ENACT_SPEC.md`` for the exact conventions implemented here.
 """
 import math
-from typing import NamedTuple, Optional, Sequence, Tuple
+from collections import OrderedDict
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
+from torch.utils.hooks import RemovableHandle
 
 import enact_ops
 
@@ -36,6 +40,7 @@ from .attention import MultiheadAttention
 __all__ = [
     "CLUSTERING_MODES",
     "ClusterOutput",
+    "ClusterTrace",
     "EnactAttention",
     "EnactClustering",
     "check_sigma",
@@ -119,6 +124,16 @@ class ClusterOutput(NamedTuple):
     weights: torch.Tensor  # (B, N) pooling weights, 0 outside any cluster
 
 
+class ClusterTrace(NamedTuple):
+    """Steps 1-5 of one call, for the trace hooks of ``EnactClustering`` (analysis only)."""
+
+    information: torch.Tensor  # (B, N) h of step 2, before smoothing (pads: not meaningful)
+    smoothed: torch.Tensor  # (B, N) h~ of step 3 (pads: 0)
+    sign: torch.Tensor  # (B, N) bool, s of step 4 (pads: False)
+    cluster_ids: torch.Tensor  # (B, N) int64, step 5 (-1 = pad or cropped)
+    valid: Optional[torch.Tensor]  # (B, N) bool, True = valid token; None = nothing padded
+
+
 # ---------------------------------------------------------------- steps 1-7
 class EnactClustering(nn.Module):
     """Clusters keys, values (and any extra per-token tensors) by the keys' self-information.
@@ -148,9 +163,23 @@ class EnactClustering(nn.Module):
         nn.init.zeros_(self.w_prob.bias)
         self.last_num_clusters: Optional[torch.Tensor] = None  # (B,) of the last call
         self.last_num_tokens: Optional[torch.Tensor] = None  # (B,) valid tokens of the last call
+        self._trace_hooks: Dict[int, Callable] = OrderedDict()  # see register_trace_hook
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, sigma={self.sigma}, mode={self.mode!r}, backend={self.backend!r}"
+
+    def register_trace_hook(self, hook: Callable[["EnactClustering", ClusterTrace], None]) -> RemovableHandle:
+        """``hook(module, trace)`` runs after step 5 of every call with a :class:`ClusterTrace`
+        of steps 1-5 (``projects.enact.analysis`` records them).  Without hooks nothing is kept.
+        Returns a handle whose ``remove()`` unregisters the hook."""
+        handle = RemovableHandle(self._trace_hooks)
+        self._trace_hooks[handle.id] = hook
+        return handle
+
+    def _trace(self, h, smoothed, sign, seg: enact_ops.Segmentation, valid) -> None:
+        trace = ClusterTrace(h.detach(), smoothed.detach(), sign, seg.cluster_ids, valid)
+        for hook in tuple(self._trace_hooks.values()):
+            hook(self, trace)
 
     def information(self, key: torch.Tensor, valid: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """Steps 1-2: h = -p log2 p, p = softmax(W_prob k) over the valid tokens.  (B, N)"""
@@ -191,6 +220,8 @@ class EnactClustering(nn.Module):
             h = self.information(key, valid, dtype)  # (B, N), steps 1-2
             smoothed, sign = self.smoothed_information(h, valid)  # (B, N) each, steps 3-4
             seg = self.segment(sign, mask)  # step 5
+            if self._trace_hooks:
+                self._trace(h, smoothed, sign, seg, valid)
             feats = [key, value, *extra]
             common = torch.promote_types(key.dtype, value.dtype)
             for e in extra:
@@ -220,8 +251,11 @@ class EnactClustering(nn.Module):
             with torch.no_grad():
                 logits = enact_fused.token_logits(key, self.w_prob.weight, self.w_prob.bias)
             logits.requires_grad_()  # a leaf: the fused backward differentiates logits -> h~ itself
-            smoothed, sign = self.smoothed_information(self_information(logits, valid), valid)  # steps 1-4
+            h = self_information(logits, valid)  # steps 1-2
+            smoothed, sign = self.smoothed_information(h, valid)  # steps 3-4
             seg = self.segment(sign, mask)  # step 5
+            if self._trace_hooks:
+                self._trace(h, smoothed, sign, seg, valid)
             pooled_key, pooled_value, weights = enact_fused.pool_shared_key_value(  # steps 6-7
                 key, value, key_pos, self.w_prob, (logits, smoothed), seg
             )
