@@ -80,5 +80,14 @@ build-cuda-check: $(VENV)/.deps
 	  assert m.with_cuda and hasattr(torch.ops.enact_ops, 'segment_softmax_pool_forward'); \
 	  print('CUDA build of enact_ops: OK')"
 
+# The prepared GPU check (tools/gpu_check.py, README "GPU check"): needs torch, a compiler and nvcc
+# only -- no venv, detectron2 or pytest -- so on the GPU machine: make gpu-check GPU_CHECK_PY=python3.
+# Results under $(GPU_CHECK_OUT) as each stage ends; GPU_CHECK_OPTS e.g. "--budget-s 300 --detector off".
+.PHONY: gpu-check
+GPU_CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_OUT ?= output/gpu_check
+gpu-check:
+	$(GPU_CHECK_PY) tools/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_OPTS)
+
 clean:
 	rm -rf build *.egg-info enact_ops/_C*.so

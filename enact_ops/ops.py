@@ -14,6 +14,9 @@ and on the pure-PyTorch reference otherwise; ``backend="compiled"`` or ``"refere
 Defined edge cases: a row with no valid token has 0 clusters (its pooled row is zeros and its
 cluster mask all True); N = 0 is an error.
 """
+import importlib.util
+import os
+import sys
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -22,11 +25,31 @@ from torch.autograd.function import once_differentiable
 from . import reference
 from .segmentation import Segmentation
 
+EXTENSION_ENV = "ENACT_OPS_EXTENSION"
+
+
+def _import_extension():
+    """``enact_ops._C``: the built file named by $ENACT_OPS_EXTENSION (a build outside the
+    package, e.g. tools/gpu_check.py's build for the present GPU), else the package's own."""
+    path = os.environ.get(EXTENSION_ENV)
+    if not path:
+        from . import _C as module
+
+        return module
+    if not os.path.isfile(path):
+        raise ImportError(f"${EXTENSION_ENV}={path} is not a file")
+    spec = importlib.util.spec_from_file_location(f"{__package__}._C", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module
+    return module
+
+
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.enact_ops.*)
+    _C = _import_extension()  # registers torch.ops.enact_ops.*
 
     _IMPORT_ERROR: Optional[BaseException] = None
-except ImportError as e:  # extension not built: reference backend only
+except (ImportError, OSError) as e:  # extension not built: reference backend only
     _C = None
     _IMPORT_ERROR = e
 
