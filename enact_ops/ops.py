@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import reference
+from . import _register, reference
 from .segmentation import Segmentation
 
 EXTENSION_ENV = "ENACT_OPS_EXTENSION"
@@ -52,6 +52,8 @@ try:
 except (ImportError, OSError) as e:  # extension not built: reference backend only
     _C = None
     _IMPORT_ERROR = e
+if _C is not None:
+    _register.register()  # fake implementations and autograd formulas (torch.library)
 
 __all__ = [
     "Segmentation",
@@ -211,7 +213,12 @@ def uniform_chunk_length(runs: Segmentation) -> int:
 # pooling
 # ---------------------------------------------------------------------------------------------
 class _SegmentSoftmaxPool(torch.autograd.Function):
-    """Compiled fused segment softmax + pooling; weights are returned non-differentiable."""
+    """Compiled fused segment softmax + pooling; weights are returned non-differentiable.
+
+    The operator has its own autograd formula (``_register``: torch.library.register_autograd,
+    for torch.ops callers, opcheck and torch.compile); this Function runs the same backward
+    (``_register.pool_backward``) and gives the eager public API one traced node
+    (``prim::PythonOp._SegmentSoftmaxPool``, which tools/analyze_model.py counts)."""
 
     @staticmethod
     def forward(ctx, scores, tokens, seg_starts, seg_batch, row_offsets, max_clusters, *features):
@@ -227,19 +234,10 @@ class _SegmentSoftmaxPool(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grads):
         weights, tokens, seg_starts, seg_batch, row_offsets, *features = ctx.saved_tensors
-        grad_pooled = grads[: len(features)]
-        used = [f for f, g in enumerate(grad_pooled) if g is not None]
-        grad_features: List[Optional[torch.Tensor]] = [None] * len(features)
-        grad_scores = None
-        if used:
-            grad_scores, grads_used = torch.ops.enact_ops.segment_softmax_pool_backward(
-                [grad_pooled[f] for f in used], [features[f] for f in used], weights,
-                tokens, seg_starts, seg_batch, row_offsets,
-            )
-            for f, g in zip(used, grads_used):
-                grad_features[f] = g if ctx.needs_input_grad[6 + f] else None
-            if not ctx.needs_input_grad[0]:
-                grad_scores = None
+        grad_scores, grad_features = _register.pool_backward(
+            list(grads[: len(features)]), features, weights, tokens, seg_starts, seg_batch, row_offsets,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[6:],
+        )
         return (grad_scores, None, None, None, None, None, *grad_features)
 
 
