@@ -6,11 +6,25 @@
     python tools/train_net.py --config-file CFG --resume                  # continue from last_checkpoint
     python tools/train_net.py --config-file CFG --eval-only train.init_checkpoint=model_final.pth
     DETREX_ROOT=../detrex python tools/train_net.py --config-file configs/detrex/dab_detr_r50_50ep_enact.py train.device=cpu
+    python tools/train_net.py --config-file CFG --num-processes 2 train.device=cpu   # 2 CPU processes (gloo)
 
 Uses detectron2's engine throughout: LazyConfig + instantiate, DetectionCheckpointer (periodic
-checkpoints, --resume), EvalHook with the config's evaluator (COCOEvaluator), launch() for
-multi-GPU / multi-machine, and the default writers (console with ETA, metrics.json,
-TensorBoard).  ENACT's clusters per image and compression are logged under ``enact/``.
+checkpoints, --resume), EvalHook with the config's evaluator (COCOEvaluator), the default writers (console with ETA,
+metrics.json, TensorBoard).  ENACT's clusters per image and compression are logged under
+``enact/`` (ACT's under ``act/``), combined over the processes.
+
+Several processes: ``--num-gpus N`` (alias ``--num-processes N``) starts N processes per
+machine.  The backend follows ``train.device``: NCCL with one GPU per process for ``cuda``,
+gloo for ``cpu`` (each process then gets cores / N intra-op threads unless OMP_NUM_THREADS is
+set); ``projects.enact.engine.launch`` / ``create_ddp_model`` (DDP without ``device_ids`` for a
+CPU model) replace detectron2's, which assume GPUs.  ``dataloader.train.total_batch_size`` is
+split over the processes.  The dataset is prepared on each machine's first process before the
+others read it.
+
+Reproducibility: ``train.seed`` (+ rank) seeds everything before the model is built; the same
+config, seed and thread count on the same machine give the same losses and AP.
+``train.deterministic=True`` adds torch's deterministic algorithms (for GPUs).  Evaluation does
+not draw from the training's random streams.  See projects/enact/engine/reproducibility.py.
 
 detrex configs (``configs/detrex/``, or detrex's own) run too: ``train.device`` is copied into
 ``model.device`` (detrex copies it when its config is loaded, so ``train.device=cpu`` alone moves a
@@ -18,20 +32,31 @@ detrex model to the CPU), and detrex's ``train.clip_grad`` ({enabled, params: {m
 norm_type}}) and ``train.amp`` are honoured; ``train.model_ema`` and ``train.wandb`` are not
 supported (an error if enabled).  DN-DETR's criterion calls ``.cuda()``: it trains on a GPU only.
 """
+import argparse
 import logging
 import os
 import sys
 
 import torch
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import create_ddp_model, default_argument_parser, default_setup, default_writers, hooks, launch
+from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from projects.enact.checkpoint.checkpointer import EnactCheckpointer  # noqa: E402
 from projects.enact.data import check_dataset_available  # noqa: E402
-from projects.enact.engine import DetrTrainer, EnactStatsHook  # noqa: E402
+from projects.enact.engine import (  # noqa: E402
+    DetrTrainer,
+    EnactStatsHook,
+    configure_determinism,
+    create_ddp_model,
+    describe_rng_setup,
+    launch,
+    instantiate_loader,
+    preserved_rng,
+)
 
 logger = logging.getLogger("enact")
 
@@ -76,12 +101,19 @@ def do_test(cfg, model):
         return {}
     for name in _dataset_names(cfg.dataloader.test):
         check_dataset_available(name)
-    loader = instantiate(cfg.dataloader.test)
+    loader = instantiate_loader(cfg.dataloader.test)
     evaluator = instantiate(cfg.dataloader.evaluator)
     results = inference_on_dataset(model, loader, evaluator)
     if comm.is_main_process():
         print_csv_format(results)
     return results
+
+
+def _evaluate_preserving_rng(cfg, model):
+    """Periodic evaluation without touching the training's random streams (the test loader
+    draws its seed from torch's generator): training with eval_period=K equals training without."""
+    with preserved_rng():
+        return do_test(cfg, model)
 
 
 def do_train(args, cfg):
@@ -92,8 +124,11 @@ def do_train(args, cfg):
     optimizer = instantiate(cfg.optimizer)
     for name in _dataset_names(cfg.dataloader.train):
         check_dataset_available(name)
-    train_loader = instantiate(cfg.dataloader.train)
+    train_loader = instantiate_loader(cfg.dataloader.train)  # a generated dataset: written by one process
     model = create_ddp_model(model, **cfg.train.get("ddp", {}))
+    if comm.get_world_size() > 1:
+        logger.info("%d processes (backend %s): %s on %s", comm.get_world_size(), torch.distributed.get_backend(),
+                    type(model).__name__, device)
     amp = cfg.train.get("amp", {})
     clip_max_norm, clip_norm_type = _clip_grad(cfg)
     trainer = DetrTrainer(
@@ -107,7 +142,7 @@ def do_train(args, cfg):
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
         EnactStatsHook(model, period=cfg.train.log_period),
-        hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+        hooks.EvalHook(cfg.train.eval_period, lambda: _evaluate_preserving_rng(cfg, model)),
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period)
         if comm.is_main_process() else None,
     ])
@@ -120,7 +155,11 @@ def main(args):
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     _apply_train_device(cfg)
+    deterministic = bool(cfg.train.get("deterministic", False))
+    configure_determinism(deterministic)
     default_setup(cfg, args)
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="enact")
+    logger.info("Random state: %s", describe_rng_setup(int(cfg.train.get("seed", -1)), comm.get_rank(), deterministic))
     if args.eval_only:
         model = instantiate(cfg.model).to(_check_device(cfg))
         model = create_ddp_model(model)
@@ -129,7 +168,24 @@ def main(args):
     do_train(args, cfg)
 
 
+def argument_parser():
+    """detectron2's parser plus ``--num-processes``, an alias of ``--num-gpus`` (processes per
+    machine: GPUs with train.device=cuda, CPU processes with train.device=cpu)."""
+    parser = default_argument_parser()
+    parser.add_argument("--num-processes", dest="num_gpus", type=int, default=argparse.SUPPRESS,
+                        help="processes per machine (same as --num-gpus; CPU processes with train.device=cpu)")
+    return parser
+
+
+def launch_device(args) -> str:
+    """train.device of the config with the command line's overrides (decides gloo or NCCL)."""
+    if args.num_gpus * args.num_machines <= 1:
+        return "cpu"  # one process: no backend needed
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+    return str(cfg.train.get("device", "cuda"))
+
+
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+           dist_url=args.dist_url, args=(args,), device=launch_device(args))
