@@ -154,7 +154,8 @@ def sweep(args) -> int:
                   f"(delete {out} to rerun)", flush=True)
             continue
         if state.finished:
-            print(f"[sweep] {label}: finished, skipped (AP {state.final.get('AP')})", flush=True)
+            ap = state.final.get("AP")
+            print(f"[sweep] {label}: finished, skipped (AP {'n/a' if ap is None else f'{ap:.2f}'})", flush=True)
             continue
         resume = state.status == "partial"
         if not resume and os.path.isfile(os.path.join(out, "metrics.json")):
@@ -176,7 +177,9 @@ def sweep(args) -> int:
             print(f"[sweep] {label}: FAILED (exit {rc}, status {after.status}); see {os.path.join(out, 'sweep.log')}",
                   flush=True)
         else:
-            print(f"[sweep] {label}: done in {_duration(time.time() - t0)}, AP {after.final.get('AP'):.2f}", flush=True)
+            ap = after.final.get("AP")
+            print(f"[sweep] {label}: done in {_duration(time.time() - t0)}, AP {'n/a' if ap is None else f'{ap:.2f}'}",
+                  flush=True)
             print(progress.line(label, after.last_iter, max_iters[name]), flush=True)
     args.seeds_given = True  # the table of this sweep's seeds
     report(args, names)
