@@ -4,7 +4,7 @@ processes' predictions; the project's launch / create_ddp_model, and EnactStatsH
 ENACT's and ACT's statistics over the processes."""
 import json
 import os
-import time
+from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
@@ -21,9 +21,9 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
 def test_two_cpu_processes_train_and_evaluate(tmp_path):
     config = write_tiny_config(tmp_path)
     out = tmp_path / "out"
-    seconds = run_train_net(
+    run_train_net(
         config, out, "train.max_iter=3", "dataloader.train.num_workers=0", datasets=tmp_path / "datasets",
-        extra_args=["--num-gpus", "2", "--dist-url", "auto"], timeout=150,
+        extra_args=["--num-gpus", "2", "--dist-url", "auto"], timeout=150,  # ~30 s on 2 busy cores
     )
     log = open(out / "log.txt").read()
     assert "World size: 2" in log
@@ -46,7 +46,6 @@ def test_two_cpu_processes_train_and_evaluate(tmp_path):
     assert len(predictions) == 8 * 10  # 10 queries per image
     state = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
     assert state["iteration"] == 2 and not any(k.startswith("module.") for k in state["model"])
-    assert seconds < 120, f"the 2-process run took {seconds:.0f} s"
 
 
 # ---------------------------------------------------------------- in two gloo processes
@@ -98,8 +97,7 @@ def _worker(out_dir):
 
 
 def test_launch_gloo_ddp_and_stats_hook_combine_over_processes(tmp_path):
-    t0 = time.perf_counter()
-    launch(_worker, 2, device="cpu", dist_url="auto", args=(str(tmp_path),))
+    launch(_worker, 2, device="cpu", dist_url="auto", args=(str(tmp_path),), timeout=timedelta(seconds=60))
     r0, r1 = (json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1))
     assert r0["type"] == r1["type"] == "DistributedDataParallel"
     assert r0["weight"] == r1["weight"]  # rank 0's initial weights broadcast
@@ -114,7 +112,29 @@ def test_launch_gloo_ddp_and_stats_hook_combine_over_processes(tmp_path):
     assert stats["act/layer0/clusters_per_image"] == pytest.approx(((2 + 8 + 3 + 4) / 4 + (3 + 8 + 3 + 3) / 4) / 2)
     assert (stats["act/layer0/clusters_min"], stats["act/layer0/clusters_max"]) == (2.0, 8.0)
     assert stats["act/compression"] == 2.0
-    assert time.perf_counter() - t0 < 60
+
+
+def test_real_enact_and_act_layers_logged_in_one_process():
+    from detectron2.utils.events import EventStorage
+
+    from projects.enact import EnactAttention
+    from projects.enact.modeling.act import ActAttention
+
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"enact": EnactAttention(16, 2, sigma=1), "act": ActAttention(16, 2, num_hashes=2, bucket_width=1.0)})
+    x = torch.randn(12, 2, 16)  # (N, B, C): not batch_first
+    for layer in model.values():
+        layer(x, x, x)
+    hook = EnactStatsHook(model, period=1)
+    with EventStorage(0) as storage:
+        hook.trainer = SimpleNamespace(iter=0, storage=storage)
+        hook.after_step()
+        stats = {k: v for k, (v, _) in storage.latest().items()}
+    for prefix, layer in (("enact", model["enact"]), ("act", model["act"])):
+        expected = layer.statistics()
+        assert stats[f"{prefix}/layer0/clusters_per_image"] == pytest.approx(expected["clusters_per_image"])
+        assert stats[f"{prefix}/compression"] == pytest.approx(expected["compression"])
+        assert stats[f"{prefix}/layer0/clusters_min"] <= expected["clusters_per_image"] <= stats[f"{prefix}/layer0/clusters_max"]
 
 
 def test_combine_statistics_and_single_process_ddp():
