@@ -344,3 +344,34 @@ def test_public_ops_check_index_values():
     for op in (ops.segment_softmax_pool_backward, ops.segment_softmax_pool_backward_sum):
         with pytest.raises(RuntimeError, match=rf"grad_pooled must have M >= {seg.max_clusters} cluster slots"):
             op([narrow], [k], *args)
+
+
+@needs_compiled_cpu
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["segment_softmax_pool_backward", "segment_softmax_pool_backward_sum"])
+def test_backward_ops_check_grad_pooled_alike(device, name):
+    """Both backward operators check grad_pooled with one host-side helper (checked_grad_pooled):
+    one gradient per feature, (B, M, C_f) in the feature's dtype, and -- for the summed one --
+    features of one width and dtype; every error names the argument."""
+    sign, mask, scores, k, v = _batch(2, 9, 4, device=device)
+    seg = segment_runs(sign, mask)
+    op = getattr(torch.ops.enact_ops, name)
+    pooled, weights = torch.ops.enact_ops.segment_softmax_pool_forward(
+        scores, [k], seg.tokens, seg.seg_starts, seg.seg_batch, seg.row_offsets, seg.max_clusters)
+    args = (weights, seg.tokens, seg.seg_starts, seg.seg_batch, seg.row_offsets)
+    g = torch.ones_like(pooled[0])
+    op([g], [k], *args)  # accepted
+    shape = r"must be \(B, M_max, C\) like the pooled output"
+    cases = [
+        ([g, g], [k], "one grad_pooled tensor per feature tensor expected"),
+        ([g.float()], [k], rf"grad_pooled\[0\] {shape} \(B = 2, C = 4, Double"),
+        ([torch.ones(2, seg.max_clusters, 5, dtype=k.dtype, device=device)], [k], rf"grad_pooled\[0\] {shape}"),
+        ([torch.ones(3, seg.max_clusters, 4, dtype=k.dtype, device=device)], [k], rf"grad_pooled\[0\] {shape}"),
+    ]
+    if name.endswith("_sum"):
+        cases.append(([g, torch.ones(2, seg.max_clusters, 7, dtype=k.dtype, device=device)], [k, v],
+                      "the summed features must share their width and dtype"))
+        cases.append(([], [], "one grad_pooled tensor per feature tensor expected"))
+    for grads, features, pattern in cases:
+        with pytest.raises(RuntimeError, match=pattern):
+            op(grads, features, *args)

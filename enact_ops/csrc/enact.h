@@ -26,6 +26,11 @@ void check_segmentation_values_cpu(int64_t B, int64_t N, const at::Tensor& token
                                    const at::Tensor& row_offsets);
 // A CPU gradient of the pooled output must have a slot for every cluster of its row.
 void check_grad_slots(const at::Tensor& grad, const at::Tensor& row_offsets, const char* name);
+// The gradients of the pooled outputs, one per feature, made contiguous and checked on the host:
+// (B, M, C_f) in the feature's dtype and device, M covering every row's clusters (on CPU; CUDA
+// kernels assert it on the device); summed (the _sum backward): features of one width and dtype.
+std::vector<at::Tensor> checked_grad_pooled(at::TensorList grad_pooled, at::TensorList features,
+                                            const at::Tensor& row_offsets, bool summed);
 
 // ---- CPU --------------------------------------------------------------------------------------
 SegmentationTuple segment_runs_cpu(const at::Tensor& sign, const at::Tensor& valid);

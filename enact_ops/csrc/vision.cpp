@@ -85,6 +85,27 @@ void check_grad_slots(const at::Tensor& grad, const at::Tensor& row_offsets, con
               " cluster slots (the widest row of the segmentation), got ", grad.sizes());
 }
 
+std::vector<at::Tensor> checked_grad_pooled(at::TensorList grad_pooled, at::TensorList features,
+                                            const at::Tensor& row_offsets, bool summed) {
+  TORCH_CHECK(grad_pooled.size() == features.size() && !(summed && features.empty()),
+              "enact_ops: one grad_pooled tensor per feature tensor expected");
+  std::vector<at::Tensor> grads(features.size());
+  for (size_t f = 0; f < features.size(); ++f) {
+    const auto& x = features[f];
+    TORCH_CHECK(!summed || (x.size(2) == features[0].size(2) && x.scalar_type() == features[0].scalar_type()),
+                "enact_ops: the summed features must share their width and dtype");
+    const auto g = grad_pooled[f].contiguous();
+    TORCH_CHECK(g.dim() == 3 && g.size(0) == x.size(0) && g.size(2) == x.size(2) &&
+                    g.scalar_type() == x.scalar_type() && g.device() == x.device(),
+                "enact_ops: grad_pooled[", f, "] must be (B, M_max, C) like the pooled output (B = ",
+                x.size(0), ", C = ", x.size(2), ", ", x.scalar_type(), " on ", x.device(), "), got ",
+                g.sizes(), " ", g.scalar_type(), " on ", g.device());
+    check_grad_slots(g, row_offsets, "grad_pooled");
+    grads[f] = g;
+  }
+  return grads;
+}
+
 }  // namespace enact
 
 TORCH_LIBRARY(enact_ops, m) {

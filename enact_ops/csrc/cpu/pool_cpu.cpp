@@ -120,8 +120,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> segment_softmax_pool_backward_cp
     const at::Tensor& tokens, const at::Tensor& seg_starts, const at::Tensor& seg_batch,
     const at::Tensor& row_offsets) {
   check_pool_inputs(weights, features, tokens, seg_starts, seg_batch, row_offsets);
-  TORCH_CHECK(grad_pooled.size() == features.size(),
-              "enact_ops: one grad_pooled tensor per feature tensor expected");
+  const auto grads = checked_grad_pooled(grad_pooled, features, row_offsets, /*summed=*/false);
   const int64_t N = weights.size(1), S = seg_batch.numel(), T = tokens.numel();
   const SegIndex ix{tokens.data_ptr<int64_t>(), seg_starts.data_ptr<int64_t>(),
                     seg_batch.data_ptr<int64_t>(), row_offsets.data_ptr<int64_t>()};
@@ -130,11 +129,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> segment_softmax_pool_backward_cp
   std::vector<at::Tensor> grad_features;
   for (size_t f = 0; f < features.size(); ++f) {
     const auto& x = features[f];
-    const auto g = grad_pooled[f].contiguous();
+    const auto& g = grads[f];
     const int64_t C = x.size(2), sb = x.stride(0), sn = x.stride(1), M = g.size(1);
-    TORCH_CHECK(g.dim() == 3 && g.size(0) == x.size(0) && g.size(2) == C,
-                "enact_ops: grad_pooled[", f, "] must be (B, M_max, C), got ", g.sizes());
-    check_grad_slots(g, row_offsets, "grad_pooled");
     auto gx = at::zeros(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_bw_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -179,22 +175,9 @@ std::tuple<at::Tensor, at::Tensor> segment_softmax_pool_backward_sum_cpu(
     const at::Tensor& tokens, const at::Tensor& seg_starts, const at::Tensor& seg_batch,
     const at::Tensor& row_offsets) {
   check_pool_inputs(weights, features, tokens, seg_starts, seg_batch, row_offsets);
-  TORCH_CHECK(!features.empty() && grad_pooled.size() == features.size(),
-              "enact_ops: one grad_pooled tensor per feature tensor expected");
+  const auto g = checked_grad_pooled(grad_pooled, features, row_offsets, /*summed=*/true);
   const int64_t N = weights.size(1), S = seg_batch.numel(), T = tokens.numel();
   const int64_t F = static_cast<int64_t>(features.size()), C = features[0].size(2);
-  std::vector<at::Tensor> g(F);
-  for (int64_t f = 0; f < F; ++f) {
-    TORCH_CHECK(features[f].size(2) == C && features[f].scalar_type() == features[0].scalar_type(),
-                "enact_ops: the summed features must share their width and dtype");
-    g[f] = grad_pooled[f].contiguous();
-    TORCH_CHECK(g[f].dim() == 3 && g[f].size(0) == features[f].size(0) && g[f].size(2) == C &&
-                    g[f].scalar_type() == features[f].scalar_type() &&
-                    g[f].device() == features[f].device(),
-                "enact_ops: grad_pooled[", f, "] must be (B, M_max, C) like the pooled output, got ",
-                g[f].sizes());
-    check_grad_slots(g[f], row_offsets, "grad_pooled");
-  }
   const SegIndex ix{tokens.data_ptr<int64_t>(), seg_starts.data_ptr<int64_t>(),
                     seg_batch.data_ptr<int64_t>(), row_offsets.data_ptr<int64_t>()};
   // features[0]'s layout (e.g. sequence-first); every clustered row is written below, the others

@@ -388,8 +388,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> segment_softmax_pool_backward_cu
     const at::Tensor& row_offsets) {
   check_pool_inputs(weights, features, tokens, seg_starts, seg_batch, row_offsets);
   TORCH_CHECK(weights.is_cuda(), "enact_ops: segment_softmax_pool_backward_cuda expects CUDA tensors");
-  TORCH_CHECK(grad_pooled.size() == features.size(),
-              "enact_ops: one grad_pooled tensor per feature tensor expected");
+  const auto grads = checked_grad_pooled(grad_pooled, features, row_offsets, /*summed=*/false);
   c10::cuda::CUDAGuard guard(weights.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t N = weights.size(1), S = seg_batch.numel(), T = tokens.numel();
@@ -397,12 +396,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> segment_softmax_pool_backward_cu
   std::vector<at::Tensor> grad_features;
   for (size_t f = 0; f < features.size(); ++f) {
     const auto& x = features[f];
-    const auto g = grad_pooled[f].contiguous();
+    const auto& g = grads[f];
     const int64_t C = x.size(2);
-    TORCH_CHECK(g.dim() == 3 && g.size(0) == x.size(0) && g.size(2) == C &&
-                    g.scalar_type() == x.scalar_type() && g.device() == x.device(),
-                "enact_ops: grad_pooled[", f, "] must be (B, M_max, C) like the pooled output, got ",
-                g.sizes());
     auto gx = at::zeros(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
     if (S > 0 && C > 0) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_bw_cuda", [&] {
@@ -426,25 +421,13 @@ std::tuple<at::Tensor, at::Tensor> segment_softmax_pool_backward_sum_cuda(
     const at::Tensor& row_offsets) {
   check_pool_inputs(weights, features, tokens, seg_starts, seg_batch, row_offsets);
   TORCH_CHECK(weights.is_cuda(), "enact_ops: segment_softmax_pool_backward_sum_cuda expects CUDA tensors");
-  TORCH_CHECK(!features.empty() && grad_pooled.size() == features.size(),
-              "enact_ops: one grad_pooled tensor per feature tensor expected");
+  const auto g = checked_grad_pooled(grad_pooled, features, row_offsets, /*summed=*/true);
   TORCH_CHECK(features.size() <= static_cast<size_t>(kMaxSummed), "enact_ops: backward_sum takes at most ",
               kMaxSummed, " features, got ", features.size());
   c10::cuda::CUDAGuard guard(weights.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t N = weights.size(1), S = seg_batch.numel(), T = tokens.numel();
   const int64_t C = features[0].size(2);
-  std::vector<at::Tensor> g(features.size());
-  for (size_t f = 0; f < features.size(); ++f) {
-    TORCH_CHECK(features[f].size(2) == C && features[f].scalar_type() == features[0].scalar_type(),
-                "enact_ops: the summed features must share their width and dtype");
-    g[f] = grad_pooled[f].contiguous();
-    TORCH_CHECK(g[f].dim() == 3 && g[f].size(0) == features[f].size(0) && g[f].size(2) == C &&
-                    g[f].scalar_type() == features[f].scalar_type() &&
-                    g[f].device() == features[f].device(),
-                "enact_ops: grad_pooled[", f, "] must be (B, M_max, C) like the pooled output, got ",
-                g[f].sizes());
-  }
   // features[0]'s layout (e.g. sequence-first); pads and cropped tokens stay zero
   auto grad_sum = at::zeros_like(features[0]);
   if (C > 0 && grad_sum.stride(2) != 1) grad_sum = at::zeros(features[0].sizes(), features[0].options());
