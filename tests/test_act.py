@@ -250,7 +250,7 @@ def test_mtkd_adds_the_distillation_loss_with_shared_weights():
     from detectron2.config import LazyCall as L
     from detection_helpers import build, infer, inference_batch, tiny_config, two_image_batch
 
-    from projects.enact.modeling.act import act_encoder
+    from projects.enact.modeling.act import act_branch
 
     plain = build(tiny_config("detr_r50_300ep"))
     cfg = tiny_config("detr_r50_300ep")
@@ -283,8 +283,154 @@ def test_mtkd_adds_the_distillation_loss_with_shared_weights():
     batch = inference_batch(batch)
     for a, b in zip(infer(model, batch), infer(plain, batch)):
         torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor)
-    # act_encoder restores the layers even when the branch fails
+    # act_branch restores the layers even when the branch fails
     with pytest.raises(RuntimeError):
-        with act_encoder(model.transformer.encoder, model.mtkd_act):
+        with act_branch(model.transformer.encoder, model.mtkd_act):
             raise RuntimeError("boom")
     assert all(type(layer.self_attn) is MultiheadAttention for layer in model.transformer.encoder.layers)
+
+
+# ---------------------------------------------------------------- act_encoder on built models
+PROJECT_MODELS = ["detr_r50_300ep", "conditional_detr_r50_50ep", "anchor_detr_r50_dc5_50ep_mhsa"]
+
+
+def encoder_output(model, batch):
+    """The detections of ``model`` (eval, no gradients) on ``batch`` and its encoder's output at
+    the valid (not padded) tokens, (T, C).  (Padded tokens: standard attention gives them an
+    output, ACT none; no valid token sees them, nor does the decoder.)"""
+    from detection_helpers import infer
+
+    from projects.enact.modeling.encoder_adapter import find_encoder
+
+    seen = []
+    hook = lambda mod, args, kwargs, out: seen.append((out, kwargs["mask"]))  # noqa: E731
+    handle = find_encoder(model).register_forward_hook(hook, with_kwargs=True)
+    try:
+        detections = infer(model, batch)
+    finally:
+        handle.remove()
+    assert len(seen) == 1
+    memory, mask = seen[0]  # (N, B, C), (B, N) True = pad
+    assert mask.any()  # two image sizes: padding in the batch
+    return detections, memory.transpose(0, 1)[~mask]
+
+
+@pytest.mark.parametrize("name", PROJECT_MODELS)
+def test_act_encoder_with_a_tiny_bucket_width_equals_the_original_model(name):
+    """act_encoder on a built project model: exactly the encoder's self-attentions become ACT,
+    with every valid query its own cluster (r tiny) the encoder's output and the detections are
+    the original model's, a padded batch of two image sizes."""
+    import copy
+
+    from detection_helpers import build, inference_batch, tiny_config, two_image_batch
+
+    from projects.enact import act_encoder
+
+    model = build(tiny_config(name)).eval()
+    original = copy.deepcopy(model)
+    assert act_encoder(model, num_hashes=8, bucket_width=1e-6) is model
+    acts = [n for n, m in model.named_modules() if isinstance(m, ActAttention)]
+    assert acts == [f"transformer.encoder.layers.{i}.self_attn" for i in range(len(model.transformer.encoder.layers))]
+    rest = lambda m: [(n, type(x)) for n, x in m.named_modules() if ".self_attn" not in n]  # noqa: E731
+    assert rest(model) == rest(original)  # everything else (the decoder's self-attentions too) untouched
+    assert [type(m) for n, m in model.named_modules() if "decoder" in n and n.endswith(".self_attn")] == \
+        [type(m) for n, m in original.named_modules() if "decoder" in n and n.endswith(".self_attn")]
+    batch = inference_batch(two_image_batch())
+    (dets, memory), (ref_dets, ref_memory) = encoder_output(model, batch), encoder_output(original, batch)
+    torch.testing.assert_close(memory, ref_memory, atol=1e-5, rtol=0)
+    assert not torch.equal(memory, torch.zeros_like(memory))
+    for a, b in zip(dets, ref_dets):
+        torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor, atol=1e-5, rtol=0)
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=0)
+    # every valid token its own cluster: the counts are the tokens of each (padded) image
+    last = model.transformer.encoder.layers[-1].self_attn
+    assert torch.equal(last.last_num_clusters, last.last_num_tokens[:, None].expand_as(last.last_num_clusters))
+    assert last.last_num_tokens[0] != last.last_num_tokens[1]
+    # and a real bucket width changes the encoder's output (ACT does act)
+    coarse = act_encoder(copy.deepcopy(original), num_hashes=4, bucket_width=4.0)
+    _, coarse_memory = encoder_output(coarse, batch)
+    assert (coarse_memory - ref_memory).abs().max() > 1e-3
+
+
+def test_act_encoder_state_dict_per_layer_seeds_and_the_act_config():
+    """ACT adds no parameters: the original state dict loads with none missing and none
+    unexpected, only the hash buffers (one pair per layer) are new; the converted state dict loads
+    exactly (strict) into a fresh conversion.  Layer k's projections come from (seed, k), as an
+    ACT config's EncoderStack numbers them: act_encoder(baseline) is configs/detr_r50_300ep_act.py
+    with the baseline's weights, output for output."""
+    import copy
+
+    from detection_helpers import build, inference_batch, tiny_config, two_image_batch
+
+    from projects.enact import act_encoder
+
+    original = build(tiny_config("detr_r50_300ep")).eval()
+    model = act_encoder(copy.deepcopy(original))
+    layers = [layer.self_attn for layer in model.transformer.encoder.layers]
+    assert [a.layer_index for a in layers] == [0, 1] and not torch.equal(layers[0].hash_a, layers[1].hash_a)
+    assert (layers[0].num_hashes, layers[0].bucket_width, layers[0].seed) == (32, 8.0, 0)
+    result = model.load_state_dict(original.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert sorted(result.missing_keys) == sorted(
+        f"transformer.encoder.layers.{i}.self_attn.hash_{x}" for i in range(2) for x in "ab"
+    )
+    assert dict(model.named_parameters()).keys() == dict(original.named_parameters()).keys()
+    for k, v in original.state_dict().items():  # the trained weights carried over
+        assert torch.equal(model.state_dict()[k], v), k
+    fresh = act_encoder(build(tiny_config("detr_r50_300ep"), seed=1))
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())
+    # deterministic for a seed, different across seeds
+    again = act_encoder(copy.deepcopy(original))
+    other = act_encoder(copy.deepcopy(original), seed=1)
+    for a, b, c in zip(layers, (l.self_attn for l in again.transformer.encoder.layers),
+                       (l.self_attn for l in other.transformer.encoder.layers)):
+        assert torch.equal(a.hash_a, b.hash_a) and torch.equal(a.hash_b, b.hash_b)
+        assert not torch.equal(a.hash_a, c.hash_a)
+    # the ACT config (L = 32, r = 8, seed 0) with the baseline's weights is the same model
+    config_model = build(tiny_config("detr_r50_300ep_act")).eval()
+    missing, unexpected = config_model.load_state_dict(original.state_dict(), strict=False)
+    assert not unexpected and all("hash_" in k for k in missing)
+    assert all(torch.equal(v, config_model.state_dict()[k]) for k, v in model.state_dict().items())
+    batch = inference_batch(two_image_batch())
+    (_, memory), (_, config_memory) = encoder_output(model, batch), encoder_output(config_model, batch)
+    torch.testing.assert_close(memory, config_memory, atol=0, rtol=0)
+
+
+def test_act_encoder_never_wraps_twice_and_refuses_what_it_cannot_convert():
+    """An ACT or ENACT model (converted, or built from an ACT config) is refused by both adapters,
+    naming the class found; RCDA (no ACT form), no encoder and bad ACT arguments are errors that
+    leave the model unchanged."""
+    import copy
+
+    from detection_helpers import build, tiny_config
+    from torch import nn
+
+    from projects.enact import EnactAttention, act_encoder, enact_encoder
+
+    base = build(tiny_config("detr_r50_300ep"))
+    act = act_encoder(copy.deepcopy(base), num_hashes=4)
+    with pytest.raises(ValueError, match=r"already converted \(ActAttention\)"):
+        act_encoder(act)
+    with pytest.raises(ValueError, match=r"already converted \(ActAttention\)"):  # ACT -> ENACT
+        enact_encoder(act)
+    enact = enact_encoder(copy.deepcopy(base), sigma=2)
+    with pytest.raises(ValueError, match=r"already converted \(EnactAttention\)"):  # ENACT -> ACT
+        act_encoder(enact)
+    assert all(type(layer.self_attn) is EnactAttention for layer in enact.transformer.encoder.layers)
+    native = build(tiny_config("detr_r50_300ep_act"))  # ActAttention from the config, never converted
+    with pytest.raises(ValueError, match=r"already converted \(ActAttention\)"):
+        act_encoder(native)
+    with pytest.raises(ValueError, match=r"already converted \(ActAttention\)"):
+        enact_encoder(native)
+    rcda = build(tiny_config("anchor_detr_r50_dc5_50ep"))
+    with pytest.raises(ValueError, match="MultiheadRCDA .*ACT has no RCDA form"):
+        act_encoder(rcda)
+    assert not any(isinstance(m, ActAttention) for m in rcda.modules())
+    with pytest.raises(ValueError, match="no transformer.encoder"):
+        act_encoder(nn.Linear(2, 2))
+    for kwargs, what in (({"num_hashes": 0}, "num_hashes"), ({"bucket_width": 0.0}, "bucket_width"),
+                         ({"seed": -1}, "seed")):
+        with pytest.raises(ValueError, match=what):
+            act_encoder(base, **kwargs)
+    assert all(type(layer.self_attn) is MultiheadAttention for layer in base.transformer.encoder.layers)

@@ -1,12 +1,14 @@
 """ENACT: ENtropy-based Attention Clustering for detection Transformers.
 
 ``EnactAttention`` is a drop-in for detrex's encoder ``MultiheadAttention``, and so is
-``ActAttention`` (the ACT comparator); ``EnactClustering`` is the clustering step alone.  All
+``ActAttention`` (the ACT comparator); ``enact_encoder`` / ``act_encoder`` put them into a
+built detector's encoder; ``EnactClustering`` is the clustering step alone.  All
 need torch and enact_ops only.
 """
 from .modeling.act import ActAttention
 from .modeling.attention import MultiheadAttention
 from .modeling.enact import EnactAttention, EnactClustering
-from .modeling.encoder_adapter import enact_encoder, replace_encoder_attention
+from .modeling.encoder_adapter import act_encoder, enact_encoder, replace_encoder_attention
 
-__all__ = ["ActAttention", "EnactAttention", "EnactClustering", "MultiheadAttention", "enact_encoder", "replace_encoder_attention"]
+__all__ = ["ActAttention", "EnactAttention", "EnactClustering", "MultiheadAttention", "act_encoder", "enact_encoder",
+           "replace_encoder_attention"]

@@ -18,15 +18,25 @@ a detrex config switches to ENACT with two lines and keeps all its keys::
 
     model.transformer.encoder._target_ = EnactDabDetrTransformerEncoder
     model.transformer.encoder.sigma = 5
+
+ACT (the comparator, :func:`~projects.enact.modeling.encoder_adapter.act_encoder`) has the same
+classes named ``Act...`` (``ActDetrTransformerEncoder``, ...; ``DETREX_ACT_ENCODERS``), taking
+``num_hashes``, ``bucket_width``, ``seed`` and ``attn_implementation`` instead; Anchor DETR's only
+with its ``nn.MultiheadAttention`` encoder (ACT has no RCDA form: a clear error otherwise).
 """
 import importlib
 import os
 import sys
 from pathlib import Path
 
-from .modeling.encoder_adapter import EnactPackedRCDA, enact_attention_factory, replace_encoder_attention
+from .modeling.encoder_adapter import (
+    EnactPackedRCDA,
+    act_attention_factory,
+    enact_attention_factory,
+    replace_encoder_attention,
+)
 
-__all__ = ["DETREX_ENCODERS", "detrex_config", "detrex_root"]
+__all__ = ["DETREX_ACT_ENCODERS", "DETREX_ENCODERS", "detrex_config", "detrex_root"]
 
 HOW_TO = ("set DETREX_ROOT to a detrex checkout (git clone https://github.com/IDEA-Research/detrex) whose "
           "extension is built in place, or run `make test-detrex DETREX_SRC=<checkout or archive>`")
@@ -75,12 +85,16 @@ DETREX_ENCODERS = {
     "EnactAnchorDETRTransformer": (
         "projects.anchor_detr.modeling.anchor_detr_transformer", "AnchorDETRTransformer", 3),
 }
+# ACT in the same encoders: Act... -> the Enact... entry above (its default sigma unused)
+DETREX_ACT_ENCODERS = {"Act" + name[len("Enact"):]: name for name in DETREX_ENCODERS}
 
 
 def _make_encoder_class(name: str):
-    module_name, base_name, default_sigma = DETREX_ENCODERS[name]
+    module_name, base_name, default_sigma = DETREX_ENCODERS[DETREX_ACT_ENCODERS.get(name, name)]
     detrex_root()
     base = getattr(importlib.import_module(module_name), base_name)
+    if name in DETREX_ACT_ENCODERS:
+        return _make_act_class(name, base)
 
     def __init__(self, *args, sigma: int = default_sigma, mode: str = "segments", backend: str = "auto",
                  attn_implementation: str = "sdpa", **kwargs):
@@ -98,8 +112,26 @@ def _make_encoder_class(name: str):
     return type(name, (base,), {"__init__": __init__, "__module__": __name__, "__qualname__": name, "__doc__": doc})
 
 
+def _make_act_class(name: str, base: type):
+    def __init__(self, *args, num_hashes: int = 32, bucket_width: float = 8.0, seed: int = 0,
+                 attn_implementation: str = "sdpa", **kwargs):
+        base.__init__(self, *args, **kwargs)
+        replace_encoder_attention(
+            getattr(self, "encoder_layers", self),
+            act_attention_factory(num_hashes, bucket_width, seed, attn_implementation=attn_implementation),
+            None,
+            owner=name,
+            label="ACT",
+        )
+
+    doc = (f"detrex's ``{base.__name__}`` with ACT in its encoder self-attentions (``num_hashes`` default 32, "
+           "``bucket_width`` 8.0, ``seed`` 0, ``attn_implementation``; layer k's hash projections drawn from seed "
+           "and k); other arguments as detrex's.")
+    return type(name, (base,), {"__init__": __init__, "__module__": __name__, "__qualname__": name, "__doc__": doc})
+
+
 def __getattr__(name: str):
-    if name in DETREX_ENCODERS:
+    if name in DETREX_ENCODERS or name in DETREX_ACT_ENCODERS:
         cls = _make_encoder_class(name)
         globals()[name] = cls
         return cls

@@ -14,7 +14,7 @@ identity).  ACT adds no parameters: a trained MHSA checkpoint loads as is (the p
 buffers, reported missing and kept at their seeded values).
 
 MTKD (the paper's multi-task knowledge distillation, Eq. 7): :func:`act_twins` and
-:func:`act_encoder` run the same encoder a second time with ACT in place of its attention
+:func:`act_branch` run the same encoder a second time with ACT in place of its attention
 (shared weights); ``DETR(mtkd_attention=ActAttention(...))`` adds :func:`mtkd_loss` between the two
 branches' boxes to its training losses.
 
@@ -24,6 +24,11 @@ once from a CPU generator seeded with ``seed * 1_000_003 + layer_index`` (determ
 ``layer_index`` is 0 at construction; an encoder that deep-copies one prototype into each layer
 calls ``set_layer_index(i)`` on layer i's copy (``EncoderStack`` does, and
 :func:`number_act_layers` does it for any model), so every layer gets its own projections.
+
+A built detector (this project's or detrex's) gets ACT in its encoder with
+``projects.enact.act_encoder(model, num_hashes, bucket_width, seed)``
+(:mod:`.encoder_adapter`, the mechanism of ``enact_encoder``): the trained weights stay, and the
+k-th encoder self-attention gets layer index k, as ``EncoderStack`` numbers an ACT config's layers.
 """
 import contextlib
 import copy
@@ -38,7 +43,7 @@ import enact_ops
 
 from .attention import MultiheadAttention, attend_heads, key_padding_bias
 
-__all__ = ["ActAttention", "act_encoder", "act_twins", "e2lsh_codes", "hash_segmentation", "mtkd_loss", "number_act_layers"]
+__all__ = ["ActAttention", "act_branch", "act_twins", "e2lsh_codes", "hash_segmentation", "mtkd_loss", "number_act_layers"]
 
 _SEED_STRIDE = 1_000_003  # > any layer index: distinct (seed, layer) pairs get distinct seeds
 _CODE_LIMIT = float(2**62)  # hash values are clamped here before the int64 cast (absurdly small r)
@@ -260,7 +265,7 @@ class ActAttention(MultiheadAttention):
 def act_twins(encoder: nn.Module, prototype: "ActAttention") -> nn.ModuleList:
     """One ActAttention per layer of ``encoder`` (a stack whose ``layers[i].self_attn`` are
     MultiheadAttention), copies of ``prototype`` numbered 0, 1, ... (their own projections),
-    *without* their ``attn`` weights: :func:`act_encoder` lends them the layer's own, so the ACT
+    *without* their ``attn`` weights: :func:`act_branch` lends them the layer's own, so the ACT
     branch shares every weight with the full one.  Their state dict holds only the projections."""
     twins = nn.ModuleList()
     for index, layer in enumerate(encoder.layers):
@@ -282,7 +287,7 @@ def act_twins(encoder: nn.Module, prototype: "ActAttention") -> nn.ModuleList:
 
 
 @contextlib.contextmanager
-def act_encoder(encoder: nn.Module, twins: nn.ModuleList):
+def act_branch(encoder: nn.Module, twins: nn.ModuleList):
     """Inside the block, ``encoder``'s layers run ACT (``twins`` from :func:`act_twins`) with
     their own attention weights; the full attention modules are restored on exit."""
     layers = list(encoder.layers)

@@ -34,7 +34,7 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
-from .act import act_encoder, act_twins, mtkd_loss
+from .act import act_branch, act_twins, mtkd_loss
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 
 __all__ = [
@@ -325,7 +325,7 @@ class DETR(nn.Module):
         if self.training:
             losses = self.weight_losses(self.criterion(outputs, targets))
             if self.mtkd_act is not None:  # MTKD: the ACT branch on the same features
-                with act_encoder(self.transformer.encoder, self.mtkd_act):
+                with act_branch(self.transformer.encoder, self.mtkd_act):
                     act_outputs = self.predict(*self.run_transformer(src, mask, pos))
                 losses["loss_mtkd"] = self.mtkd_weight * mtkd_loss(act_outputs["pred_boxes"], outputs["pred_boxes"])
             return losses

@@ -11,11 +11,16 @@ kinds of encoder self-attention, all found by duck typing (detrex itself is not 
   ``factory(spec)`` wrapped in :class:`TorchMultiheadAttentionAdapter`, which keeps torch's call
   signature (tuple return, no residual) and state-dict keys (``in_proj_weight``, ``out_proj.*``);
 * detrex's ``MultiheadRCDA`` held as ``self_attn`` (Anchor DETR's default encoder): replaced by
-  ``rcda_factory(module)`` (for ENACT: :class:`EnactPackedRCDA`, separable ENACT).
+  ``rcda_factory(module)`` (for ENACT: :class:`EnactPackedRCDA`, separable ENACT; ACT has no RCDA
+  form, so :func:`act_encoder` refuses such an encoder).
 
 The decoder is never touched.  An encoder without such attentions, or one already converted,
 is an error naming what was found.  ``factory`` may build any module with detrex's
-``MultiheadAttention`` signature (``EnactAttention``, ``ActAttention``, ...).
+``MultiheadAttention`` signature (``EnactAttention``, ``ActAttention``, ...).  Two factories are
+given: :func:`enact_attention_factory` (used by :func:`enact_encoder`) and
+:func:`act_attention_factory` (used by :func:`act_encoder`, ACT's per-layer hash projections seeded
+from ``seed`` and ``spec.layer_index``).  A converted model (ENACT or ACT, or anything put in by
+this file) is refused by both: never a double wrap.
 """
 from typing import Callable, List, NamedTuple, Optional
 
@@ -23,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .act import ActAttention
 from .enact import EnactAttention, EnactClustering
 from .rcda import rcda_combine, rcda_weights
 
@@ -30,6 +36,8 @@ __all__ = [
     "AttentionSpec",
     "EnactPackedRCDA",
     "TorchMultiheadAttentionAdapter",
+    "act_attention_factory",
+    "act_encoder",
     "enact_attention_factory",
     "enact_encoder",
     "find_encoder",
@@ -91,9 +99,15 @@ class TorchMultiheadAttentionAdapter(nn.Module):
                    for k in keys]
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None, **kwargs):
-        # nn.MultiheadAttention has no residual: identity = 0
+        # nn.MultiheadAttention has no residual: identity = 0.  An encoder self-attention (the only
+        # place this adapter is put): the queries are the keys' positions, so the keys' padding is
+        # the queries' (ACT leaves padded queries out of its clusters; detrex's Anchor DETR builds
+        # query and key as two equal tensors, so ACT cannot see that they are the same)
+        extra = {}
+        if key_padding_mask is not None and query.shape[:2] == key.shape[:2]:
+            extra["query_padding_mask"] = key_padding_mask
         out = self.inner(query, key, value, identity=torch.zeros_like(query), attn_mask=attn_mask,
-                         key_padding_mask=key_padding_mask)
+                         key_padding_mask=key_padding_mask, **extra)
         return out, None
 
     def statistics(self) -> dict:
@@ -187,6 +201,25 @@ def enact_attention_factory(sigma: int = 5, mode: str = "segments", backend: str
     return factory
 
 
+def act_attention_factory(num_hashes: int = 32, bucket_width: float = 8.0, seed: int = 0, **options) -> Callable:
+    """The factory ``replace_encoder_attention`` calls for ACT: spec -> ActAttention whose hash
+    projections are drawn for layer ``spec.layer_index`` (the position of the attention among those
+    replaced, 0, 1, ... in encoder order: the numbering ``EncoderStack`` gives a project model's
+    layers, so converting a baseline gives the projections of the ACT config with the same seed)."""
+    # checked once here, before anything is replaced (ActAttention checks them again)
+    ActAttention(8, 1, num_hashes=num_hashes, bucket_width=bucket_width, seed=seed)
+
+    def factory(spec: AttentionSpec) -> nn.Module:
+        kwargs = dict(attn_implementation=spec.attn_implementation)
+        kwargs.update(options)
+        module = ActAttention(spec.embed_dim, spec.num_heads, spec.attn_drop, spec.proj_drop, spec.batch_first,
+                              num_hashes=num_hashes, bucket_width=bucket_width, seed=seed, **kwargs)
+        module.set_layer_index(spec.layer_index)
+        return module
+
+    return factory
+
+
 # ---------------------------------------------------------------- finding and replacing
 class _Site(NamedTuple):
     parent: nn.Module
@@ -214,7 +247,8 @@ def _encoder_sites(encoder: nn.Module) -> List[_Site]:
 
 
 def _kind(module: nn.Module) -> str:
-    if getattr(module, REPLACED_FLAG, False) or hasattr(module, "clustering") or hasattr(module, "cluster_x"):
+    if getattr(module, REPLACED_FLAG, False) or isinstance(module, (TorchMultiheadAttentionAdapter, EnactPackedRCDA)) \
+            or any(hasattr(module, a) for a in ("clustering", "cluster_x", "hash_a")):  # ENACT, separable ENACT, ACT
         return "replaced"
     if isinstance(module, nn.MultiheadAttention):
         return "torch"
@@ -234,32 +268,44 @@ def _load_weights(new: nn.Module, old_state: dict, what: str) -> None:
         raise RuntimeError(f"{what}: weights do not carry over (unexpected {result.unexpected_keys}, lost {lost})")
 
 
+def _class_name(module: nn.Module) -> str:
+    inner = getattr(module, "inner", None)
+    return f"{type(module).__name__}({type(inner).__name__})" if isinstance(inner, nn.Module) else type(module).__name__
+
+
 def replace_encoder_attention(
     encoder: nn.Module,
     factory: Callable[[AttentionSpec], nn.Module],
     rcda_factory: Optional[Callable[[nn.Module], nn.Module]] = None,
     owner: str = "",
+    label: str = "ENACT",
 ) -> List[str]:
     """Replace, in place, every self-attention of ``encoder`` (see the module docstring) by
     ``factory(spec)`` (or ``rcda_factory(module)`` for an RCDA one), copying the trained weights.
-    Returns the replaced modules' names.  Raises ``ValueError`` if the encoder was already
-    converted or has no attention of a supported kind (naming the classes found)."""
+    Returns the replaced modules' names.  Raises ``ValueError`` (before replacing anything) if the
+    encoder was already converted, has no attention of a supported kind (naming the classes found)
+    or has RCDA attentions and no ``rcda_factory``; ``label`` names the replacement in the errors."""
     owner = owner or type(encoder).__name__
     sites = _encoder_sites(encoder)
     kinds = [_kind(s.module) for s in sites]
     if "replaced" in kinds:
-        done = sorted({type(s.module).__name__ for s, k in zip(sites, kinds) if k == "replaced"})
+        done = sorted({_class_name(s.module) for s, k in zip(sites, kinds) if k == "replaced"})
         raise ValueError(f"{owner}: the encoder's self-attentions are already converted ({', '.join(done)}); "
                          "convert the original model only once")
+    rcda = [s for s, k in zip(sites, kinds) if k == "rcda" or (k == "other" and "RCDA" in type(s.module).__name__)]
+    if rcda and rcda_factory is None:
+        raise ValueError(f"{owner}: the encoder's self-attentions are {type(rcda[0].module).__name__} (row-column "
+                         f"attention, Anchor DETR's default) and {label} has no RCDA form; use Anchor DETR's dense "
+                         "self-attention encoder (detrex: model.transformer.attention_type='nn.MultiheadAttention'; "
+                         "this project: configs/anchor_detr_r50_dc5_50ep_mhsa.py)")
     others = sorted({type(s.module).__name__ for s, k in zip(sites, kinds) if k == "other"})
     if not sites or others:
         found = others or sorted({type(m).__name__ for m in encoder.modules() if "attn" in type(m).__name__.lower()
                                   or "attention" in type(m).__name__.lower()})
+        rcda = "" if rcda_factory is None else " or detrex's MultiheadRCDA"
         raise ValueError(f"{owner}: no dense multi-head self-attention in the encoder to replace; found "
-                         f"{', '.join(found) if found else 'no attention module'} (ENACT needs detrex's MultiheadAttention, "
-                         "torch's nn.MultiheadAttention or detrex's MultiheadRCDA)")
-    if "rcda" in kinds and rcda_factory is None:
-        raise ValueError(f"{owner}: the encoder uses MultiheadRCDA and no rcda_factory was given")
+                         f"{', '.join(found) if found else 'no attention module'} ({label} needs detrex's "
+                         f"MultiheadAttention or torch's nn.MultiheadAttention{rcda})")
     names = []
     for index, (site, kind) in enumerate(zip(sites, kinds)):
         old = site.module
@@ -317,5 +363,28 @@ def enact_encoder(model: nn.Module, sigma: int = 5, mode: str = "segments", **op
         enact_attention_factory(sigma, mode, backend, **options),
         lambda rcda: EnactPackedRCDA.from_module(rcda, sigma, mode, backend),
         owner=type(getattr(model, "module", model)).__name__,
+    )
+    return model
+
+
+def act_encoder(model: nn.Module, num_hashes: int = 32, bucket_width: float = 8.0, seed: int = 0,
+                **options) -> nn.Module:
+    """Turn the encoder self-attentions of a built detrex-style detector into ACT
+    (:class:`~projects.enact.modeling.act.ActAttention`, the ENACT paper's comparator), in place, as
+    :func:`enact_encoder` does: detrex ``MultiheadAttention`` -> ``ActAttention``;
+    ``nn.MultiheadAttention`` (Anchor DETR MHSA) -> ``ActAttention`` behind
+    :class:`TorchMultiheadAttentionAdapter`.  ACT adds no parameters: every trained weight is
+    carried over; only the buffers ``hash_a`` / ``hash_b`` are new, drawn for the k-th replaced
+    attention from ``seed`` and layer index k (distinct in every layer, deterministic).
+    ``options``: ``attn_implementation``.  Returns ``model``.  Raises ``ValueError`` for an RCDA
+    encoder (ACT has no RCDA form), a model without a dense self-attention encoder, bad ACT
+    arguments, or a model already converted (to ACT or ENACT).
+    """
+    replace_encoder_attention(
+        find_encoder(model),
+        act_attention_factory(num_hashes, bucket_width, seed, **options),
+        None,
+        owner=type(getattr(model, "module", model)).__name__,
+        label="ACT",
     )
     return model
