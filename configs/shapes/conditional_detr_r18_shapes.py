@@ -1,5 +1,6 @@
-# Small Conditional DETR from scratch on the built-in shapes dataset: the same backbone, width,
-# depth, queries, data and schedule as detr_r18_shapes.py; focal loss and reference points.
+# Small Conditional DETR trained from scratch on the built-in shapes dataset, on a CPU: the
+# baseline of the demo (configs/shapes/conditional_detr_r18_shapes_enact.py).  The model:
+# configs/common/shapes_model.py; the data: configs/common/data/shapes.py.
 from detectron2.config import LazyCall as L
 
 from projects.enact.engine.schedule import step_lr_multiplier
@@ -11,5 +12,5 @@ from ..common.shapes_model import shapes_schedule, shrink_for_shapes
 from ..common.train import train
 
 shrink_for_shapes(model)
-shapes_schedule(optimizer, train, max_iter=1500, output_dir="./output/shapes/conditional_detr_r18")
-lr_multiplier = L(step_lr_multiplier)(max_iter="${train.max_iter}", drop_fraction=2 / 3)
+shapes_schedule(optimizer, train, max_iter=2000, output_dir="./output/shapes/conditional_detr_r18")
+lr_multiplier = L(step_lr_multiplier)(max_iter="${train.max_iter}", drop_fraction=0.8)

@@ -1,5 +1,5 @@
-# Demo: DETR + ENACT on the shapes dataset; differs from detr_r18_shapes.py only in the encoder
-# attention (sigma = 2: the demo's maps have ~120 tokens, a tenth of COCO's at stride 32).
+# DETR + ENACT on the shapes dataset; differs from detr_r18_shapes.py only in the encoder
+# attention (sigma = 2: the demo's maps have ~250 tokens, a fifth of COCO's at stride 32).
 from detectron2.config import LazyCall as L
 
 from projects.enact import EnactAttention
