@@ -3,7 +3,8 @@ when the extension loads (``enact_ops.ops``):
 
 * fake (meta) implementations, so that FakeTensor, torch.compile and torch.export know every
   output's shape, dtype and strides without running a kernel.  The segmentations' CSR tensors
-  have data-dependent sizes (T clustered tokens, S segments): new unbacked sizes from
+  have data-dependent sizes (T clustered tokens, S segments): the caller's ``num_tokens`` /
+  ``num_segments`` when given, else new unbacked sizes from
   ``torch.library.get_ctx().new_dynamic_size()``.
 * autograd: ``segment_softmax_pool_forward`` is differentiable in ``scores`` and ``features``
   (``torch.library.register_autograd``; the backward calls ``segment_softmax_pool_backward`` on the
@@ -36,14 +37,20 @@ def _dynamic_size(bound):
     return ctx.new_dynamic_size(max=bound) if bound is not None else ctx.new_dynamic_size()
 
 
-def _fake_segmentation(valid):
+def _fake_segmentation(valid, num_segments=None, num_tokens=None):
     """(cluster_ids (B, N), num_clusters (B,), tokens (T,), token_segment (T,), seg_starts (S + 1,),
-    seg_batch (S,), row_offsets (B + 1,)), int64, with T, S <= B * N data-dependent."""
+    seg_batch (S,), row_offsets (B + 1,)), int64, with T, S <= B * N the given sizes or
+    data-dependent."""
     torch._check(valid.dim() == 2, lambda: f"enact_ops: valid must be (B, N), got {valid.dim()} dims")
     torch._check(valid.dtype == torch.bool, lambda: f"enact_ops: valid must be bool, got {valid.dtype}")
+    torch._check((num_segments is None) == (num_tokens is None),
+                 lambda: "enact_ops: give both num_segments and num_tokens, or neither")
     B, N = valid.shape
-    bound = _size_bound(B, N)
-    num_tokens, num_segments = _dynamic_size(bound), _dynamic_size(bound)
+    if num_segments is not None:
+        torch._check(num_segments >= 0 and num_tokens >= 0, lambda: "enact_ops: sizes must be >= 0")
+    else:
+        bound = _size_bound(B, N)
+        num_tokens, num_segments = _dynamic_size(bound), _dynamic_size(bound)
 
     def new(*shape):
         return valid.new_empty(shape, dtype=torch.int64)
@@ -93,14 +100,14 @@ def register():
     _REGISTERED = True
 
     @torch.library.register_fake("enact_ops::segment_runs")
-    def _segment_runs_fake(sign, valid):
+    def _segment_runs_fake(sign, valid, num_segments=None, num_tokens=None):
         torch._check(sign.shape == valid.shape, lambda: "enact_ops: valid must have the shape of sign")
-        return _fake_segmentation(valid)
+        return _fake_segmentation(valid, num_segments, num_tokens)
 
     @torch.library.register_fake("enact_ops::segment_uniform")
-    def _segment_uniform_fake(valid, chunk):
+    def _segment_uniform_fake(valid, chunk, num_segments=None, num_tokens=None):
         torch._check(chunk >= 1, lambda: f"enact_ops.segment_uniform: chunk must be >= 1, got {chunk}")
-        return _fake_segmentation(valid)
+        return _fake_segmentation(valid, num_segments, num_tokens)
 
     @torch.library.register_fake("enact_ops::segment_softmax_pool_forward")
     def _pool_forward_fake(scores, features, tokens, seg_starts, seg_batch, row_offsets, max_clusters):

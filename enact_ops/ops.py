@@ -9,6 +9,13 @@ in order.
 * ``segment_softmax_pool(scores, features, seg)`` -> (pooled, weights, cluster_mask):
   ``w = softmax(scores)`` inside each segment and ``pooled[b, c] = sum_{i in c} w_i x[b, i]``.
 
+Host syncs.  A segmentation's sizes (S segments, T tokens, the width M_max) are data: on a GPU
+reading them is a device-to-host sync.  Each op reads what it needs in one copy when it is not
+told; a caller that reads every row's sizes once (``read_row_sizes``, e.g. ENACT's one sync per
+layer) passes ``sizes=`` (a ``SegmentationSizes``) to the segmentations and ``max_clusters=`` to
+the pooling, and the ops read nothing (the CUDA kernels assert the sizes on the device, the CPU
+ones check them on the host).
+
 Each runs on the compiled extension (``enact_ops._C``) when it is built for the tensors' device
 and on the pure-PyTorch reference otherwise; ``backend="compiled"`` or ``"reference"`` forces one.
 Defined edge cases: a row with no valid token has 0 clusters (its pooled row is zeros and its
@@ -23,7 +30,16 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import _register, reference
-from .segmentation import Segmentation
+from .segmentation import (
+    Segmentation,
+    SegmentationSizes,
+    check_rows_have_tokens,
+    chunk_length,
+    count_runs,
+    read_row_sizes,
+    runs_sizes,
+    uniform_sizes,
+)
 
 EXTENSION_ENV = "ENACT_OPS_EXTENSION"
 
@@ -57,8 +73,15 @@ if _C is not None:
 
 __all__ = [
     "Segmentation",
+    "SegmentationSizes",
     "BACKENDS",
     "check_cluster_inputs",
+    "check_rows_have_tokens",
+    "chunk_length",
+    "count_runs",
+    "read_row_sizes",
+    "runs_sizes",
+    "uniform_sizes",
     "compiled_available",
     "segment_runs",
     "segment_uniform",
@@ -118,11 +141,15 @@ def _check_bool_2d(name: str, x, shape=None, device=None) -> None:
         raise ValueError(f"{name} has N = 0 tokens; at least one token per row is required")
 
 
-def check_cluster_inputs(key, value, key_padding_mask, extra=(), embed_dim=None):
+def check_cluster_inputs(key, value, key_padding_mask, extra=(), embed_dim=None, check_values=True):
     """The checks of ENACT's clustering inputs: key (B, N, C = embed_dim), value and every extra
     tensor (B, N, *) on key's device, key_padding_mask None or (B, N) bool (True = pad) with a
     valid token in every image.  Returns (valid, key_padding_mask), both None when nothing is
-    padded."""
+    padded.
+
+    ``check_values=False``: shapes, dtypes and devices only, no host sync -- the caller checks
+    that every image has a valid token (``check_rows_have_tokens`` on the lengths it reads anyway),
+    and a given mask is returned as is (valid = ~mask, possibly all True)."""
     width = "C" if embed_dim is None else embed_dim
     if not isinstance(key, torch.Tensor) or key.dim() != 3 or (embed_dim is not None and key.shape[-1] != embed_dim):
         got = tuple(key.shape) if isinstance(key, torch.Tensor) else type(key).__name__
@@ -147,6 +174,8 @@ def check_cluster_inputs(key, value, key_padding_mask, extra=(), embed_dim=None)
     if mask.device != key.device:
         raise ValueError(f"key_padding_mask is on {mask.device}, key on {key.device}")
     valid = ~mask
+    if not check_values:
+        return valid, mask
     empty = (~valid.any(1)).nonzero()
     if empty.numel():
         raise ValueError(f"image {int(empty[0])} of the batch has no valid token (key_padding_mask all True)")
@@ -169,44 +198,61 @@ def _segmentation(result) -> Segmentation:
 # ---------------------------------------------------------------------------------------------
 # segmentation
 # ---------------------------------------------------------------------------------------------
+def _check_sizes(sizes) -> Optional[SegmentationSizes]:
+    if sizes is None:
+        return None
+    if not isinstance(sizes, SegmentationSizes):
+        raise TypeError(f"sizes must be an enact_ops.SegmentationSizes or None, got {type(sizes).__name__}")
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in sizes):
+        raise ValueError(f"sizes must hold ints >= 0, got {tuple(sizes)}")
+    return sizes
+
+
 def segment_runs(
     sign: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None, backend: str = "auto",
+    sizes: Optional[SegmentationSizes] = None,
 ) -> Segmentation:
-    """Clusters = maximal runs of equal ``sign`` (B, N) bool over each row's valid sequence."""
+    """Clusters = maximal runs of equal ``sign`` (B, N) bool over each row's valid sequence.
+    ``sizes``: the segmentation's sizes (``runs_sizes(*read_row_sizes(...))``) if known -- then
+    nothing is read from the device; they must be right (checked on CPU, asserted on CUDA)."""
     _check_bool_2d("sign", sign)
+    sizes = _check_sizes(sizes)
     valid = _valid_from_mask(sign, key_padding_mask)
     if use_compiled(backend, sign.device):
-        return _segmentation(torch.ops.enact_ops.segment_runs(sign, valid))
-    return reference.segment_runs(sign, valid)
+        totals = () if sizes is None else (sizes.num_segments, sizes.num_tokens)
+        return _segmentation(torch.ops.enact_ops.segment_runs(sign, valid, *totals))
+    return reference.segment_runs(sign, valid, sizes)
 
 
-def segment_uniform(key_padding_mask: torch.Tensor, chunk: int, backend: str = "auto") -> Segmentation:
+def segment_uniform(
+    key_padding_mask: torch.Tensor, chunk: int, backend: str = "auto", sizes: Optional[SegmentationSizes] = None,
+) -> Segmentation:
     """Uniform mode: crop each row's valid sequence to a multiple of ``chunk`` (L) and cut it.
 
     ``(n mod L) // 2`` tokens are dropped at the start and the rest at the end; a row with
     0 < n < L is one chunk.  ``key_padding_mask`` (B, N) bool, True = pad (all False if none).
+    ``sizes``: as in ``segment_runs`` (``uniform_sizes(lengths, chunk)``).
     """
     _check_bool_2d("key_padding_mask", key_padding_mask)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    sizes = _check_sizes(sizes)
     valid = ~key_padding_mask
     if use_compiled(backend, valid.device):
-        return _segmentation(torch.ops.enact_ops.segment_uniform(valid, chunk))
-    return reference.segment_uniform(valid, chunk)
+        totals = () if sizes is None else (sizes.num_segments, sizes.num_tokens)
+        return _segmentation(torch.ops.enact_ops.segment_uniform(valid, chunk, *totals))
+    return reference.segment_uniform(valid, chunk, sizes)
 
 
 def uniform_chunk_length(runs: Segmentation) -> int:
     """L = round(mean over images of (valid length / number of runs)), Python's round.
 
     ``runs`` is the ``segment_runs`` segmentation of the batch; images without a valid token
-    are left out of the mean.
+    are left out of the mean.  Reads the runs' sizes in one copy (``chunk_length`` does the
+    arithmetic on host ints).
     """
-    lengths = (runs.cluster_ids >= 0).sum(1).double()
-    counts = runs.num_clusters.double()
-    has = counts > 0
-    if not bool(has.any()):
-        raise ValueError("uniform_chunk_length: no image of the batch has a valid token")
-    return max(1, round(float((lengths[has] / counts[has]).mean())))
+    lengths, counts = torch.stack([(runs.cluster_ids >= 0).sum(1), runs.num_clusters]).tolist()
+    return chunk_length(lengths, counts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +292,7 @@ def segment_softmax_pool(
     features: Sequence[torch.Tensor],
     seg: Segmentation,
     backend: str = "auto",
+    max_clusters: Optional[int] = None,
 ) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Fused segment softmax pooling:  w_i = softmax_{j in c}(scores_j)_i,  y_c = sum_i w_i x_i.
 
@@ -253,6 +300,8 @@ def segment_softmax_pool(
         scores: (B, N) floating.  Computed in float64 if the features are float64, else float32.
         features: one or more (B, N, C_f) floating tensors of one dtype (e.g. keys and values).
         seg: the Segmentation of the batch (``segment_runs`` or ``segment_uniform``).
+        max_clusters: M_max of ``seg`` if known (``SegmentationSizes.max_clusters``: no host
+            sync), else read from ``seg``.  It must be the segmentation's widest row.
     Returns:
         pooled: list of (B, M_max, C_f) in the features' dtype (zeros at padded clusters),
         weights: (B, N) in the compute dtype, 0 outside any cluster (not differentiable),
@@ -285,7 +334,9 @@ def segment_softmax_pool(
         dtype = x.dtype
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     scores = scores.to(compute).contiguous()
-    width = seg.max_clusters
+    if max_clusters is not None and (isinstance(max_clusters, bool) or not isinstance(max_clusters, int) or max_clusters < 0):
+        raise ValueError(f"max_clusters must be an int >= 0 or None, got {max_clusters!r}")
+    width = seg.max_clusters if max_clusters is None else max_clusters
     if use_compiled(backend, scores.device):
         features = [x if x.stride(-1) == 1 else x.contiguous() for x in features]
         out = _SegmentSoftmaxPool.apply(
@@ -293,8 +344,8 @@ def segment_softmax_pool(
         )
         pooled, weights = list(out[:-1]), out[-1]
     else:
-        pooled, weights = reference.segment_softmax_pool(scores, features, seg)
-    return pooled, weights, seg.cluster_mask()
+        pooled, weights = reference.segment_softmax_pool(scores, features, seg, width)
+    return pooled, weights, seg.cluster_mask(width)
 
 
 def segment_softmax_pool_backward_sum(

@@ -3,29 +3,41 @@
 Vectorised (cumsum / scatter, no Python loop over the batch); it is the fallback when the compiled
 extension is absent and the oracle the compiled kernels are tested against.  Inputs are assumed
 to be checked already (see ``enact_ops.ops``).
+
+No host sync when the sizes are given (``sizes`` / ``max_clusters``): every data-dependent size
+(the clustered tokens, the segments, the pooled width) comes from them -- ``nonzero_static``,
+``repeat_interleave(output_size=)`` and counts by ``index_add`` instead of ``nonzero``,
+``bincount`` and boolean indexing -- and they are checked with ``torch._assert_async`` (on a GPU,
+without waiting).  Without them, one read of the rows' sizes (``read_row_sizes``).
 """
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .segmentation import Segmentation
+from .segmentation import Segmentation, SegmentationSizes, read_row_sizes, runs_sizes, uniform_sizes
 
 __all__ = ["segment_runs", "segment_uniform", "segment_softmax_pool"]
 
 
+def _count(index: torch.Tensor, size: int, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """bincount(index, weight, minlength=size) for int64 counts, without reading the device."""
+    ones = torch.ones_like(index) if weight is None else weight.long()
+    return torch.zeros(size, dtype=torch.long, device=index.device).index_add_(0, index, ones)
+
+
 def _csr_from_tokens(
     valid_flat_index: torch.Tensor, segment_of_token: torch.Tensor, num_clusters: torch.Tensor,
-    batch: int, seq_len: int,
+    batch: int, seq_len: int, num_segments: int,
 ) -> Segmentation:
     """Build a Segmentation from the kept tokens (row-major) and their global segment ids."""
     device = num_clusters.device
     row_offsets = torch.zeros(batch + 1, dtype=torch.long, device=device)
     row_offsets[1:] = torch.cumsum(num_clusters, 0)
-    num_segments = int(row_offsets[-1])
-    seg_sizes = torch.bincount(segment_of_token, minlength=num_segments)
+    torch._assert_async(row_offsets[-1] == num_segments, "enact_ops: the given num_segments is not the segmentation's")
+    seg_sizes = _count(segment_of_token, num_segments)
     seg_starts = torch.zeros(num_segments + 1, dtype=torch.long, device=device)
     seg_starts[1:] = torch.cumsum(seg_sizes, 0)
-    seg_batch = torch.repeat_interleave(torch.arange(batch, device=device), num_clusters)
+    seg_batch = torch.repeat_interleave(torch.arange(batch, device=device), num_clusters, output_size=num_segments)
     row_of_token = valid_flat_index // seq_len if seq_len else valid_flat_index
     cluster_ids = torch.full((batch * seq_len,), -1, dtype=torch.long, device=device)
     cluster_ids[valid_flat_index] = segment_of_token - row_offsets[row_of_token]
@@ -35,31 +47,43 @@ def _csr_from_tokens(
     )
 
 
-def segment_runs(sign: torch.Tensor, valid: torch.Tensor) -> Segmentation:
+def _kept_tokens(keep: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The flat indices of the True entries of ``keep`` (B, N), row-major, (T,) for T given."""
+    torch._assert_async(keep.sum() == num_tokens, "enact_ops: the given num_tokens is not the segmentation's")
+    return torch.nonzero_static(keep.reshape(-1), size=num_tokens).squeeze(1)
+
+
+def segment_runs(sign: torch.Tensor, valid: torch.Tensor, sizes: Optional[SegmentationSizes] = None) -> Segmentation:
     """Clusters = maximal runs of equal ``sign`` over each row's valid sequence.
 
     sign, valid: (B, N) bool.  Pads (valid False) get no cluster and do not break a run.
+    ``sizes``: the segmentation's (read here when None).
     """
     batch, seq_len = sign.shape
-    tokens = valid.reshape(-1).nonzero().squeeze(1)  # (T,) row-major
+    if sizes is None:
+        sizes = runs_sizes(*read_row_sizes(sign.shape, valid, sign))
+    tokens = _kept_tokens(valid, sizes.num_tokens)  # (T,) row-major
     row = tokens // seq_len
     s = sign.reshape(-1)[tokens]
     starts_run = torch.ones_like(s)
     if tokens.numel() > 1:
         starts_run[1:] = (row[1:] != row[:-1]) | (s[1:] != s[:-1])
     segment_of_token = torch.cumsum(starts_run.long(), 0) - 1
-    num_clusters = torch.bincount(row[starts_run], minlength=batch)
-    return _csr_from_tokens(tokens, segment_of_token, num_clusters, batch, seq_len)
+    num_clusters = _count(row, batch, starts_run)
+    return _csr_from_tokens(tokens, segment_of_token, num_clusters, batch, seq_len, sizes.num_segments)
 
 
-def segment_uniform(valid: torch.Tensor, chunk: int) -> Segmentation:
+def segment_uniform(valid: torch.Tensor, chunk: int, sizes: Optional[SegmentationSizes] = None) -> Segmentation:
     """Crop-and-chunk segmentation of the ``uniform`` mode (chunk length L = ``chunk``).
 
     Each row's valid sequence of length n is cropped to a multiple of L, dropping
     ``(n mod L) // 2`` tokens at the start and the rest at the end, and cut into n // L chunks;
-    a row with 0 < n < L is a single chunk; an empty row has none.
+    a row with 0 < n < L is a single chunk; an empty row has none.  ``sizes``: the
+    segmentation's (read here when None).
     """
     batch, seq_len = valid.shape
+    if sizes is None:
+        sizes = uniform_sizes(read_row_sizes(valid.shape, valid)[0], chunk)
     n = valid.sum(1)  # (B,)
     short = n < chunk
     num_clusters = torch.where(short, (n > 0).long(), n // chunk)
@@ -67,25 +91,28 @@ def segment_uniform(valid: torch.Tensor, chunk: int) -> Segmentation:
     kept = torch.where(short, n, num_clusters * chunk)
     pos = torch.cumsum(valid.long(), 1) - 1  # position inside the valid sequence
     keep = valid & (pos >= start[:, None]) & (pos < (start + kept)[:, None])
-    tokens = keep.reshape(-1).nonzero().squeeze(1)
+    tokens = _kept_tokens(keep, sizes.num_tokens)
     row = tokens // seq_len
     local = pos.reshape(-1)[tokens] - start[row]
     slot = torch.where(short[row], torch.zeros_like(local), local // chunk)
     row_offsets = torch.cumsum(num_clusters, 0) - num_clusters
-    return _csr_from_tokens(tokens, row_offsets[row] + slot, num_clusters, batch, seq_len)
+    return _csr_from_tokens(tokens, row_offsets[row] + slot, num_clusters, batch, seq_len, sizes.num_segments)
 
 
 def segment_softmax_pool(
-    scores: torch.Tensor, features: Sequence[torch.Tensor], seg: Segmentation,
+    scores: torch.Tensor, features: Sequence[torch.Tensor], seg: Segmentation, max_clusters: Optional[int] = None,
 ) -> Tuple[List[torch.Tensor], torch.Tensor]:
     """w = softmax(scores) inside each segment; pooled[b, c] = sum_{i in c} w_i x[b, i].
 
     scores (B, N) floating, features: (B, N, C_f) tensors.  Returns the pooled tensors
     (B, M_max, C_f) (zeros at padded clusters) and the weights (B, N) (0 outside any cluster,
-    detached: gradients flow through the pooled outputs only).
+    detached: gradients flow through the pooled outputs only).  ``max_clusters``: M_max if known
+    (no host sync), else read from ``seg``.
     """
     batch, seq_len = scores.shape
-    num_segments, width = seg.num_segments, seg.max_clusters
+    num_segments = seg.num_segments
+    width = seg.max_clusters if max_clusters is None else max_clusters
+    torch._assert_async((seg.num_clusters <= width).all(), "enact_ops: max_clusters is smaller than a row's clusters")
     tok, sid = seg.tokens, seg.token_segment
     s = scores.reshape(-1)[tok]  # (T,)
     seg_max = torch.full((num_segments,), float("-inf"), dtype=s.dtype, device=s.device)

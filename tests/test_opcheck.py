@@ -49,12 +49,16 @@ def _segment_runs_cases():
     sign, mask, *_ = _inputs()
     yield sign, ~mask
     yield torch.ones(1, 1, dtype=torch.bool), torch.ones(1, 1, dtype=torch.bool)
+    sizes = enact_ops.runs_sizes(*enact_ops.read_row_sizes(sign.shape, ~mask, sign))
+    yield sign, ~mask, sizes.num_segments, sizes.num_tokens  # the sizes given: static output sizes
 
 
 def _segment_uniform_cases():
     _, mask, *_ = _inputs()
     for chunk in (1, 3, 50):
         yield ~mask, chunk
+        sizes = enact_ops.uniform_sizes(enact_ops.read_row_sizes(mask.shape, ~mask)[0], chunk)
+        yield ~mask, chunk, sizes.num_segments, sizes.num_tokens
 
 
 def _forward_cases():

@@ -95,6 +95,75 @@ def test_uniform_chunk_length_rounds_half_to_even():
     assert enact_ops.uniform_chunk_length(segment_runs(sign[:1], mask[:1])) == 2
 
 
+def _backends():
+    return ["reference"] + (["compiled"] if enact_ops.compiled_available("cpu") else [])
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("B,N,C", SHAPES)
+def test_sizes_read_once_build_the_same_segmentation(backend, B, N, C):
+    """The host-side sizes (one read of the rows' lengths and runs) are the segmentation's: given
+    to the ops, the same segmentation and pooling come out, and M_max is the pooled width."""
+    sign, mask, scores, k, v = _batch(B, N, C, pad_rows=range(0, B, 2), all_pad_rows=[B - 1] if B > 2 else [])
+    lengths, runs = enact_ops.read_row_sizes(sign.shape, ~mask, sign)
+    seg = segment_runs(sign, mask, backend=backend)
+    assert enact_ops.count_runs(sign, ~mask).tolist() == runs == seg.num_clusters.tolist()
+    assert enact_ops.count_runs(sign).tolist() == segment_runs(sign, backend=backend).num_clusters.tolist()
+    sizes = enact_ops.runs_sizes(lengths, runs)
+    assert sizes == (seg.num_segments, seg.tokens.numel(), seg.max_clusters)
+    _assert_same_segmentation(segment_runs(sign, mask, backend=backend, sizes=sizes), seg)
+    for chunk in (1, 3, 50):
+        useg = segment_uniform(mask, chunk, backend=backend)
+        usizes = enact_ops.uniform_sizes(lengths, chunk)
+        assert usizes == (useg.num_segments, useg.tokens.numel(), useg.max_clusters)
+        _assert_same_segmentation(segment_uniform(mask, chunk, backend=backend, sizes=usizes), useg)
+    if any(runs):
+        assert enact_ops.chunk_length(lengths, runs) == enact_ops.uniform_chunk_length(seg)
+    pooled, weights, cmask = segment_softmax_pool(scores, [k, v], seg, backend=backend)
+    given = segment_softmax_pool(scores, [k, v], seg, backend=backend, max_clusters=sizes.max_clusters)
+    for a, b in zip([*pooled, weights, cmask], [*given[0], given[1], given[2]]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_wrong_sizes_are_refused(backend):
+    """Sizes that are not the segmentation's are an error (CPU: checked on the host; the CUDA
+    kernels assert them on the device), and so is a pooled width below a row's clusters."""
+    sign, mask, scores, k, _ = _batch(3, 20, 4, pad_rows=[0])
+    sizes = enact_ops.runs_sizes(*enact_ops.read_row_sizes(sign.shape, ~mask, sign))
+    for wrong in (sizes._replace(num_segments=sizes.num_segments - 1), sizes._replace(num_tokens=sizes.num_tokens + 1)):
+        with pytest.raises(RuntimeError, match="not the segmentation's"):
+            segment_runs(sign, mask, backend=backend, sizes=wrong)
+    usizes = enact_ops.uniform_sizes(enact_ops.read_row_sizes(sign.shape, ~mask)[0], 3)
+    with pytest.raises(RuntimeError, match="not the segmentation's"):
+        segment_uniform(mask, 3, backend=backend, sizes=usizes._replace(num_tokens=usizes.num_tokens - 1))
+    with pytest.raises(TypeError, match="SegmentationSizes"):
+        segment_runs(sign, mask, backend=backend, sizes=(1, 2, 3))
+    with pytest.raises(ValueError, match="ints >= 0"):
+        segment_runs(sign, mask, backend=backend, sizes=sizes._replace(num_tokens=-1))
+    seg = segment_runs(sign, mask, backend=backend, sizes=sizes)
+    with pytest.raises(RuntimeError, match="max_clusters"):
+        segment_softmax_pool(scores, [k], seg, backend=backend, max_clusters=sizes.max_clusters - 1)
+    with pytest.raises(ValueError, match="max_clusters"):
+        segment_softmax_pool(scores, [k], seg, backend=backend, max_clusters=-1)
+    if backend == "compiled":  # the raw ops: both sizes or neither
+        with pytest.raises(RuntimeError, match="both"):
+            torch.ops.enact_ops.segment_runs(sign, ~mask, sizes.num_segments)
+
+
+def test_row_sizes_and_the_empty_image_check():
+    sign = torch.tensor([[1, 0, 0, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    valid = torch.tensor([[1, 1, 0, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    assert enact_ops.read_row_sizes(sign.shape, valid, sign) == ([3, 0], [3, 0])
+    assert enact_ops.read_row_sizes(sign.shape, None, sign) == ([4, 4], [3, 1])
+    assert enact_ops.read_row_sizes(sign.shape) == ([4, 4], None)  # nothing to read
+    with pytest.raises(ValueError, match="image 1 of the batch has no valid token"):
+        enact_ops.check_rows_have_tokens([3, 0])
+    assert enact_ops.uniform_sizes([7, 2, 0], 3) == (3, 8, 2)  # 2 chunks of 3 (one cropped), 1 short row
+    with pytest.raises(ValueError, match="no image of the batch has a valid token"):
+        enact_ops.chunk_length([0, 0], [0, 0])
+
+
 @needs_compiled_cpu
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("B,N,C", SHAPES)

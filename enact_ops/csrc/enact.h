@@ -7,6 +7,7 @@
 #pragma once
 #include <torch/types.h>
 
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -16,6 +17,9 @@ using SegmentationTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Ten
                                      at::Tensor, at::Tensor>;
 
 // ---- host-side checks, shared by both devices ------------------------------------------------
+// The sizes a caller may pass to the segmentation ops (S segments, T clustered tokens), so that
+// the CUDA implementation allocates its outputs without reading the device: both or neither, >= 0.
+void check_segmentation_sizes(std::optional<int64_t> num_segments, std::optional<int64_t> num_tokens);
 void check_segmentation_inputs(const at::Tensor& sign, const at::Tensor& valid);
 void check_pool_inputs(const at::Tensor& scores, at::TensorList features, const at::Tensor& tokens,
                        const at::Tensor& seg_starts, const at::Tensor& seg_batch,
@@ -33,8 +37,10 @@ std::vector<at::Tensor> checked_grad_pooled(at::TensorList grad_pooled, at::Tens
                                             const at::Tensor& row_offsets, bool summed);
 
 // ---- CPU --------------------------------------------------------------------------------------
-SegmentationTuple segment_runs_cpu(const at::Tensor& sign, const at::Tensor& valid);
-SegmentationTuple segment_uniform_cpu(const at::Tensor& valid, int64_t chunk);
+SegmentationTuple segment_runs_cpu(const at::Tensor& sign, const at::Tensor& valid,
+                                   std::optional<int64_t> num_segments, std::optional<int64_t> num_tokens);
+SegmentationTuple segment_uniform_cpu(const at::Tensor& valid, int64_t chunk,
+                                      std::optional<int64_t> num_segments, std::optional<int64_t> num_tokens);
 std::tuple<std::vector<at::Tensor>, at::Tensor> segment_softmax_pool_forward_cpu(
     const at::Tensor& scores, at::TensorList features, const at::Tensor& tokens,
     const at::Tensor& seg_starts, const at::Tensor& seg_batch, const at::Tensor& row_offsets,
@@ -50,8 +56,10 @@ std::tuple<at::Tensor, at::Tensor> segment_softmax_pool_backward_sum_cpu(
 
 #ifdef WITH_CUDA
 // ---- CUDA -------------------------------------------------------------------------------------
-SegmentationTuple segment_runs_cuda(const at::Tensor& sign, const at::Tensor& valid);
-SegmentationTuple segment_uniform_cuda(const at::Tensor& valid, int64_t chunk);
+SegmentationTuple segment_runs_cuda(const at::Tensor& sign, const at::Tensor& valid,
+                                    std::optional<int64_t> num_segments, std::optional<int64_t> num_tokens);
+SegmentationTuple segment_uniform_cuda(const at::Tensor& valid, int64_t chunk,
+                                       std::optional<int64_t> num_segments, std::optional<int64_t> num_tokens);
 std::tuple<std::vector<at::Tensor>, at::Tensor> segment_softmax_pool_forward_cuda(
     const at::Tensor& scores, at::TensorList features, const at::Tensor& tokens,
     const at::Tensor& seg_starts, const at::Tensor& seg_batch, const at::Tensor& row_offsets,

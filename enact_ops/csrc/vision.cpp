@@ -18,6 +18,14 @@ void check_segmentation_inputs(const at::Tensor& sign, const at::Tensor& valid) 
   TORCH_CHECK(valid.device() == sign.device(), "enact_ops: sign and valid must be on one device");
 }
 
+void check_segmentation_sizes(std::optional<int64_t> num_segments, std::optional<int64_t> num_tokens) {
+  TORCH_CHECK(num_segments.has_value() == num_tokens.has_value(),
+              "enact_ops: give both num_segments and num_tokens, or neither");
+  TORCH_CHECK(!num_segments.has_value() || (*num_segments >= 0 && *num_tokens >= 0),
+              "enact_ops: num_segments and num_tokens must be >= 0, got ", num_segments.value_or(0), " and ",
+              num_tokens.value_or(0));
+}
+
 void check_pool_inputs(const at::Tensor& scores, at::TensorList features, const at::Tensor& tokens,
                        const at::Tensor& seg_starts, const at::Tensor& seg_batch,
                        const at::Tensor& row_offsets) {
@@ -109,9 +117,11 @@ std::vector<at::Tensor> checked_grad_pooled(at::TensorList grad_pooled, at::Tens
 }  // namespace enact
 
 TORCH_LIBRARY(enact_ops, m) {
-  m.def("segment_runs(Tensor sign, Tensor valid) -> "
+  // num_segments / num_tokens (S, T): the output sizes when the caller knows them (no host sync
+  // on CUDA; checked against the segmentation, on the device there); None: computed here.
+  m.def("segment_runs(Tensor sign, Tensor valid, int? num_segments=None, int? num_tokens=None) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("segment_uniform(Tensor valid, int chunk) -> "
+  m.def("segment_uniform(Tensor valid, int chunk, int? num_segments=None, int? num_tokens=None) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("segment_softmax_pool_forward(Tensor scores, Tensor[] features, Tensor tokens, "
         "Tensor seg_starts, Tensor seg_batch, Tensor row_offsets, int max_clusters) -> "

@@ -10,8 +10,10 @@ namespace enact {
 namespace {
 
 // cluster_ids (B,N) with slots 0..num_clusters[b]-1 in token order, kept[b] = #tokens with a slot.
-SegmentationTuple csr_from_cluster_ids(const at::Tensor& cluster_ids,
-                                       const at::Tensor& num_clusters, const at::Tensor& kept) {
+// Sizes the caller gave (S, T) must be the segmentation's.
+SegmentationTuple csr_from_cluster_ids(const at::Tensor& cluster_ids, const at::Tensor& num_clusters,
+                                       const at::Tensor& kept, std::optional<int64_t> num_segments,
+                                       std::optional<int64_t> num_tokens) {
   const int64_t B = cluster_ids.size(0), N = cluster_ids.size(1);
   auto opts = cluster_ids.options();
   auto row_offsets = at::zeros({B + 1}, opts);
@@ -25,6 +27,9 @@ SegmentationTuple csr_from_cluster_ids(const at::Tensor& cluster_ids,
     to[b + 1] = to[b] + nk[b];
   }
   const int64_t S = ro[B], T = to[B];
+  TORCH_CHECK(!num_segments.has_value() || (*num_segments == S && *num_tokens == T),
+              "enact_ops: the given sizes (num_segments ", num_segments.value_or(-1), ", num_tokens ",
+              num_tokens.value_or(-1), ") are not the segmentation's (", S, ", ", T, ")");
   auto tokens = at::empty({T}, opts);
   auto token_segment = at::empty({T}, opts);
   auto seg_starts = at::empty({S + 1}, opts);
@@ -43,8 +48,10 @@ SegmentationTuple csr_from_cluster_ids(const at::Tensor& cluster_ids,
 
 }  // namespace
 
-SegmentationTuple segment_runs_cpu(const at::Tensor& sign_in, const at::Tensor& valid_in) {
+SegmentationTuple segment_runs_cpu(const at::Tensor& sign_in, const at::Tensor& valid_in,
+                                   std::optional<int64_t> num_segments, std::optional<int64_t> num_tokens) {
   check_segmentation_inputs(sign_in, valid_in);
+  check_segmentation_sizes(num_segments, num_tokens);
   const auto sign = sign_in.contiguous();
   const auto valid = valid_in.contiguous();
   const int64_t B = sign.size(0), N = sign.size(1);
@@ -60,11 +67,13 @@ SegmentationTuple segment_runs_cpu(const at::Tensor& sign_in, const at::Tensor& 
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) label_runs_row(sg, vd, b, N, cid, nc, nk);
   });
-  return csr_from_cluster_ids(cluster_ids, num_clusters, kept);
+  return csr_from_cluster_ids(cluster_ids, num_clusters, kept, num_segments, num_tokens);
 }
 
-SegmentationTuple segment_uniform_cpu(const at::Tensor& valid_in, int64_t chunk) {
+SegmentationTuple segment_uniform_cpu(const at::Tensor& valid_in, int64_t chunk,
+                                      std::optional<int64_t> num_segments, std::optional<int64_t> num_tokens) {
   check_segmentation_inputs(valid_in, valid_in);
+  check_segmentation_sizes(num_segments, num_tokens);
   TORCH_CHECK(chunk >= 1, "enact_ops.segment_uniform: chunk must be >= 1, got ", chunk);
   const auto valid = valid_in.contiguous();
   const int64_t B = valid.size(0), N = valid.size(1);
@@ -79,7 +88,7 @@ SegmentationTuple segment_uniform_cpu(const at::Tensor& valid_in, int64_t chunk)
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) label_uniform_row(vd, b, N, chunk, cid, nc, nk);
   });
-  return csr_from_cluster_ids(cluster_ids, num_clusters, kept);
+  return csr_from_cluster_ids(cluster_ids, num_clusters, kept, num_segments, num_tokens);
 }
 
 }  // namespace enact

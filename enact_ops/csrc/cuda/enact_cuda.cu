@@ -9,7 +9,8 @@
 // dscore_i = w_i (d_i - sum_j w_j d_j).  The fused variant (backward_sum) writes one gradient
 // w_i sum_f g_f for features that flow into one tensor (keys = src + pos and values = src) and
 // d_i = sum_f <g_f, x_f,i>.  Accumulation in float (double for double inputs).
-// Index values are checked with device-side assertions (no host sync); sizes on the host.
+// Index values are checked with device-side assertions (no host sync); sizes on the host.  Host
+// syncs: none when the caller gives the segmentation's sizes; else one copy of (S, T).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -53,25 +54,40 @@ __global__ void label_uniform_kernel(const bool* __restrict__ valid, int64_t B, 
 
 __global__ void fill_csr_kernel(const int64_t* __restrict__ cid, int64_t B, int64_t N,
                                 const int64_t* __restrict__ row_offsets,
-                                const int64_t* __restrict__ tok_offsets,
+                                const int64_t* __restrict__ tok_offsets, int64_t S, int64_t T,
                                 int64_t* __restrict__ tokens, int64_t* __restrict__ token_segment,
                                 int64_t* __restrict__ seg_starts, int64_t* __restrict__ seg_batch) {
   const int64_t b = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (b >= B) return;
+  // the outputs were sized S, T on the host (by the caller, without a sync): the row must fit,
+  // and the last row ends exactly there
+  CUDA_KERNEL_ASSERT(row_offsets[b + 1] <= S && tok_offsets[b + 1] <= T);
+  if (b == B - 1) CUDA_KERNEL_ASSERT(row_offsets[B] == S && tok_offsets[B] == T);
   fill_csr_row(cid, b, N, row_offsets, tok_offsets, tokens, token_segment, seg_starts, seg_batch);
-  if (b == B - 1) seg_starts[row_offsets[B]] = tok_offsets[B];
+  if (b == B - 1) seg_starts[S] = T;
 }
 
-SegmentationTuple csr_from_cluster_ids(const at::Tensor& cluster_ids,
-                                       const at::Tensor& num_clusters, const at::Tensor& kept) {
+// The CSR layout from the labels.  Its sizes (S segments, T tokens) are the caller's when given
+// (no host sync: the fill kernel asserts them on the device), else read from the device in one
+// copy (the only host sync of the op).
+SegmentationTuple csr_from_cluster_ids(const at::Tensor& cluster_ids, const at::Tensor& num_clusters,
+                                       const at::Tensor& kept, std::optional<int64_t> num_segments,
+                                       std::optional<int64_t> num_tokens) {
   const int64_t B = cluster_ids.size(0), N = cluster_ids.size(1);
   auto opts = cluster_ids.options();
   auto row_offsets = at::zeros({B + 1}, opts);
   auto tok_offsets = at::zeros({B + 1}, opts);
   row_offsets.narrow(0, 1, B).copy_(at::cumsum(num_clusters, 0));
   tok_offsets.narrow(0, 1, B).copy_(at::cumsum(kept, 0));
-  const int64_t S = row_offsets[B].item<int64_t>();
-  const int64_t T = tok_offsets[B].item<int64_t>();
+  int64_t S = 0, T = 0;
+  if (num_segments.has_value()) {
+    S = *num_segments;
+    T = *num_tokens;
+  } else {
+    const auto totals = at::cat({row_offsets.narrow(0, B, 1), tok_offsets.narrow(0, B, 1)}).cpu();
+    S = totals.data_ptr<int64_t>()[0];
+    T = totals.data_ptr<int64_t>()[1];
+  }
   auto tokens = at::empty({T}, opts);
   auto token_segment = at::empty({T}, opts);
   auto seg_starts = at::empty({S + 1}, opts);
@@ -80,11 +96,12 @@ SegmentationTuple csr_from_cluster_ids(const at::Tensor& cluster_ids,
     auto stream = c10::cuda::getCurrentCUDAStream();
     fill_csr_kernel<<<grid_x(blocks_for(B, 128), "segmentation"), 128, 0, stream>>>(
         cluster_ids.data_ptr<int64_t>(), B, N, row_offsets.data_ptr<int64_t>(),
-        tok_offsets.data_ptr<int64_t>(), tokens.data_ptr<int64_t>(),
+        tok_offsets.data_ptr<int64_t>(), S, T, tokens.data_ptr<int64_t>(),
         token_segment.data_ptr<int64_t>(), seg_starts.data_ptr<int64_t>(),
         seg_batch.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
+    TORCH_CHECK(S == 0 && T == 0, "enact_ops: the given sizes (", S, ", ", T, ") are not the segmentation's (0, 0)");
     seg_starts.zero_();
   }
   return {cluster_ids, num_clusters, tokens, token_segment, seg_starts, seg_batch, row_offsets};
@@ -272,18 +289,6 @@ int threads_for_channels(int64_t C) {
   return static_cast<int>(warps * kWarp);
 }
 
-void check_max_clusters(const at::Tensor& row_offsets, int64_t max_clusters) {
-  TORCH_CHECK(max_clusters >= 0, "enact_ops: max_clusters must be >= 0");
-  if (row_offsets.numel() > 1) {
-    const int64_t widest = (row_offsets.narrow(0, 1, row_offsets.numel() - 1) -
-                            row_offsets.narrow(0, 0, row_offsets.numel() - 1))
-                               .max()
-                               .item<int64_t>();
-    TORCH_CHECK(widest <= max_clusters, "enact_ops: max_clusters (", max_clusters,
-                ") is smaller than a row's number of clusters (", widest, ")");
-  }
-}
-
 // dscore_i = w_i (d_i - sum_j w_j d_j) over each segment, from the dot products d.
 at::Tensor score_backward_cuda(const at::Tensor& weights, const at::Tensor& dots,
                                const at::Tensor& tokens, const at::Tensor& seg_starts, int64_t S,
@@ -303,8 +308,10 @@ at::Tensor score_backward_cuda(const at::Tensor& weights, const at::Tensor& dots
 
 }  // namespace
 
-SegmentationTuple segment_runs_cuda(const at::Tensor& sign_in, const at::Tensor& valid_in) {
+SegmentationTuple segment_runs_cuda(const at::Tensor& sign_in, const at::Tensor& valid_in,
+                                    std::optional<int64_t> num_segments, std::optional<int64_t> num_tokens) {
   check_segmentation_inputs(sign_in, valid_in);
+  check_segmentation_sizes(num_segments, num_tokens);
   TORCH_CHECK(sign_in.is_cuda(), "enact_ops: segment_runs_cuda expects CUDA tensors");
   c10::cuda::CUDAGuard guard(sign_in.device());
   const auto sign = sign_in.contiguous();
@@ -320,11 +327,13 @@ SegmentationTuple segment_runs_cuda(const at::Tensor& sign_in, const at::Tensor&
         num_clusters.data_ptr<int64_t>(), kept.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return csr_from_cluster_ids(cluster_ids, num_clusters, kept);
+  return csr_from_cluster_ids(cluster_ids, num_clusters, kept, num_segments, num_tokens);
 }
 
-SegmentationTuple segment_uniform_cuda(const at::Tensor& valid_in, int64_t chunk) {
+SegmentationTuple segment_uniform_cuda(const at::Tensor& valid_in, int64_t chunk,
+                                       std::optional<int64_t> num_segments, std::optional<int64_t> num_tokens) {
   check_segmentation_inputs(valid_in, valid_in);
+  check_segmentation_sizes(num_segments, num_tokens);
   TORCH_CHECK(valid_in.is_cuda(), "enact_ops: segment_uniform_cuda expects CUDA tensors");
   TORCH_CHECK(chunk >= 1, "enact_ops.segment_uniform: chunk must be >= 1, got ", chunk);
   c10::cuda::CUDAGuard guard(valid_in.device());
@@ -340,7 +349,7 @@ SegmentationTuple segment_uniform_cuda(const at::Tensor& valid_in, int64_t chunk
         num_clusters.data_ptr<int64_t>(), kept.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return csr_from_cluster_ids(cluster_ids, num_clusters, kept);
+  return csr_from_cluster_ids(cluster_ids, num_clusters, kept, num_segments, num_tokens);
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> segment_softmax_pool_forward_cuda(
@@ -349,7 +358,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> segment_softmax_pool_forward_cud
     int64_t max_clusters) {
   check_pool_inputs(scores, features, tokens, seg_starts, seg_batch, row_offsets);
   TORCH_CHECK(scores.is_cuda(), "enact_ops: segment_softmax_pool_forward_cuda expects CUDA tensors");
-  check_max_clusters(row_offsets, max_clusters);
+  // a row wider than max_clusters: the device-side assertion of segment_pool_kernel (no host sync)
+  TORCH_CHECK(max_clusters >= 0, "enact_ops: max_clusters must be >= 0");
   c10::cuda::CUDAGuard guard(scores.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t B = scores.size(0), N = scores.size(1), S = seg_batch.numel();

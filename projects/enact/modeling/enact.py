@@ -18,6 +18,9 @@ sequence, as if the pads did not exist, so an image's result does not depend on 
 ``mode="uniform"`` replaces the runs by chunks of one batch-wide length L, as the authors'
 public code does; ``mode="identity"`` makes every valid token its own cluster (weights 1), so
 the layer equals standard attention (for ablations and equivalence checks).  What changes memory and speed but not values lives in :mod:`.enact_fused`.
+One host sync per call, forward only (tests/test_host_syncs.py): step 5 reads every image's valid
+length and number of runs in one copy, which sizes everything data-dependent (M_max, the
+segmentation) and checks that every image has a valid token; the ops are told those sizes.
 ``EnactClustering.register_trace_hook`` hands steps 1-5's intermediates to analysis tools
 (:mod:`projects.enact.analysis`); without a hook nothing is kept.
 See ``ENACT_SPEC.md`` for the exact conventions implemented here.
@@ -94,7 +97,8 @@ def smooth(h: torch.Tensor, kernel: torch.Tensor, lengths: torch.Tensor) -> torc
 
 def curvature_sign(smoothed: torch.Tensor) -> torch.Tensor:
     """Step 4, s = ([-1, 2, -1] * h~) > 0, on compacted rows (zeros past each row's end).  (B, N) bool"""
-    taps = torch.tensor((-1.0, 2.0, -1.0), dtype=smoothed.dtype, device=smoothed.device)
+    x = torch.arange(-1, 2, dtype=smoothed.dtype, device=smoothed.device)
+    taps = 2.0 - 3.0 * x.abs()  # (-1, 2, -1) made on the device: no blocking host-to-device copy
     return _conv_same(smoothed, taps) > 0
 
 
@@ -193,16 +197,34 @@ class EnactClustering(nn.Module):
     def segment(self, sign: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> enact_ops.Segmentation:
         """Step 5: runs of equal sign (segments), uniform chunks of the batch's mean run length,
         or one cluster per valid token (identity)."""
-        if self.mode == "identity":
-            mask = torch.zeros_like(sign) if key_padding_mask is None else key_padding_mask
-            return enact_ops.segment_uniform(mask, 1, backend=self.backend)
-        runs = enact_ops.segment_runs(sign, key_padding_mask, backend=self.backend)
+        return self.segment_with_sizes(sign, key_padding_mask)[0]
+
+    def segment_with_sizes(self, sign: torch.Tensor, key_padding_mask: Optional[torch.Tensor]):
+        """Step 5 and its sizes: (Segmentation, SegmentationSizes).  The layer's one host sync is
+        here: every image's valid length and number of runs, read in one copy, give the sizes of
+        the segmentation and of the pooled outputs (M_max), uniform mode's L, and the check that
+        every image has a valid token; the ops then read nothing from the device."""
+        valid = None if key_padding_mask is None else ~key_padding_mask
+        lengths, runs = enact_ops.read_row_sizes(sign.shape, valid, None if self.mode == "identity" else sign)
+        enact_ops.check_rows_have_tokens(lengths)
         if self.mode == "segments":
-            return runs
+            sizes = enact_ops.runs_sizes(lengths, runs)
+            return enact_ops.segment_runs(sign, key_padding_mask, backend=self.backend, sizes=sizes), sizes
+        chunk = 1 if self.mode == "identity" else enact_ops.chunk_length(lengths, runs)
+        sizes = enact_ops.uniform_sizes(lengths, chunk)
         if key_padding_mask is None:
             key_padding_mask = torch.zeros_like(sign)
-        chunk = enact_ops.uniform_chunk_length(runs)
-        return enact_ops.segment_uniform(key_padding_mask, chunk, backend=self.backend)
+        return enact_ops.segment_uniform(key_padding_mask, chunk, backend=self.backend, sizes=sizes), sizes
+
+    def _segment(self, sign: torch.Tensor, mask: Optional[torch.Tensor]):
+        """Step 5 for forward: (Segmentation, M_max).  A ``segment`` replaced on the instance or in
+        a subclass (tests force clusters so) is honoured; its M_max is then read from its result."""
+        if "segment" in vars(self) or type(self).segment is not EnactClustering.segment:
+            seg = self.segment(sign, mask)
+            enact_ops.check_rows_have_tokens((seg.cluster_ids.shape[1] - mask.sum(1)).tolist() if mask is not None else ())
+            return seg, seg.max_clusters
+        seg, sizes = self.segment_with_sizes(sign, mask)
+        return seg, sizes.max_clusters
 
     def forward(
         self,
@@ -214,12 +236,12 @@ class EnactClustering(nn.Module):
         """Steps 1-7.  key (B, N, C), value (B, N, C_v), key_padding_mask (B, N) bool (True = pad),
         extra: more (B, N, *) tensors pooled with the same weights.  Returns a ClusterOutput."""
         extra = tuple(extra)
-        valid, mask = enact_ops.check_cluster_inputs(key, value, key_padding_mask, extra, self.embed_dim)
+        valid, mask = self._check_inputs(key, value, key_padding_mask, extra)
         dtype = torch.float64 if key.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=key.device.type, enabled=False):
             h = self.information(key, valid, dtype)  # (B, N), steps 1-2
             smoothed, sign = self.smoothed_information(h, valid)  # (B, N) each, steps 3-4
-            seg = self.segment(sign, mask)  # step 5
+            seg, width = self._segment(sign, mask)  # step 5 (the one host sync)
             if self._trace_hooks:
                 self._trace(h, smoothed, sign, seg, valid)
             feats = [key, value, *extra]
@@ -227,7 +249,7 @@ class EnactClustering(nn.Module):
             for e in extra:
                 common = torch.promote_types(common, e.dtype)
             pooled, weights, cluster_mask = enact_ops.segment_softmax_pool(  # steps 6-7
-                smoothed, [f.to(common) for f in feats], seg, backend=self.backend
+                smoothed, [f.to(common) for f in feats], seg, backend=self.backend, max_clusters=width
             )
         pooled = [p.to(f.dtype) for p, f in zip(pooled, feats)]
         self._record(seg, valid)
@@ -244,7 +266,7 @@ class EnactClustering(nn.Module):
         key_pos is None), the encoder self-attention case: the same values and gradients, with
         steps 6-7 on ``enact_fused.pool_shared_key_value`` where it applies (one (B, N, C) gradient
         for ``value`` instead of three).  ``key`` must equal value + key_pos."""
-        valid, mask = enact_ops.check_cluster_inputs(key, value, key_padding_mask, (), self.embed_dim)
+        valid, mask = self._check_inputs(key, value, key_padding_mask, ())
         if not enact_fused.shared_path_applies(key, value, key_pos, self.w_prob.weight, self.backend):
             return self.forward(key, value, key_padding_mask)
         with torch.autocast(device_type=key.device.type, enabled=False):
@@ -253,14 +275,20 @@ class EnactClustering(nn.Module):
             logits.requires_grad_()  # a leaf: the fused backward differentiates logits -> h~ itself
             h = self_information(logits, valid)  # steps 1-2
             smoothed, sign = self.smoothed_information(h, valid)  # steps 3-4
-            seg = self.segment(sign, mask)  # step 5
+            seg, width = self._segment(sign, mask)  # step 5 (the one host sync)
             if self._trace_hooks:
                 self._trace(h, smoothed, sign, seg, valid)
             pooled_key, pooled_value, weights = enact_fused.pool_shared_key_value(  # steps 6-7
-                key, value, key_pos, self.w_prob, (logits, smoothed), seg
+                key, value, key_pos, self.w_prob, (logits, smoothed), seg, width
             )
         self._record(seg, valid)
-        return ClusterOutput(pooled_key, pooled_value, (), seg.cluster_mask(), seg.cluster_ids, weights)
+        return ClusterOutput(pooled_key, pooled_value, (), seg.cluster_mask(width), seg.cluster_ids, weights)
+
+    def _check_inputs(self, key, value, key_padding_mask, extra):
+        """Shapes, dtypes and devices, without a host sync: (valid, mask), None when no mask is
+        given (a given mask is kept even when nothing is padded: telling would be a sync).  That
+        every image has a valid token is checked in step 5, on the lengths it reads anyway."""
+        return enact_ops.check_cluster_inputs(key, value, key_padding_mask, extra, self.embed_dim, check_values=False)
 
     def _record(self, seg: enact_ops.Segmentation, valid: Optional[torch.Tensor]) -> None:
         self.last_num_clusters = seg.num_clusters.detach()

@@ -178,14 +178,15 @@ class _SharedKeyValuePooling(torch.autograd.Function):
     one buffer: the fused backward kernel writes w_i (dL/dK_c + dL/dV_c), and the W_prob term
     dL/dlogit_i W_prob is added in place.  ``information`` = (logits, smoothed): the (B, N) graph
     from the logits (a leaf) to the smoothed scores, recorded by the caller and differentiated
-    here.  Outputs: pooled key, pooled value (B, M_max, C), pooling weights (B, N)."""
+    here.  ``max_clusters``: M_max (the pooled width, known on the host).  Outputs: pooled key,
+    pooled value (B, M_max, C), pooling weights (B, N)."""
 
     @staticmethod
-    def forward(ctx, key, value, key_pos, weight, bias, information, seg):
+    def forward(ctx, key, value, key_pos, weight, bias, information, seg, max_clusters):
         _, smoothed = information
         pooled, weights = torch.ops.enact_ops.segment_softmax_pool_forward(
             smoothed.detach().contiguous(), [key, value], seg.tokens, seg.seg_starts, seg.seg_batch,
-            seg.row_offsets, seg.max_clusters,
+            seg.row_offsets, max_clusters,
         )
         ctx.information, ctx.seg = information, seg
         ctx.save_for_backward(key, value, weights, weight)
@@ -202,7 +203,7 @@ class _SharedKeyValuePooling(torch.autograd.Function):
         need_value, need_pos, need_weight, need_bias = ctx.needs_input_grad[1:5]
         grads = [(g, x) for g, x in ((grad_key, key), (grad_value, value)) if g is not None]
         if not grads:
-            return (None,) * 7
+            return (None,) * 8
         grad_scores, grad_sum = enact_ops.ops.segment_softmax_pool_backward_sum(
             [g for g, _ in grads], [x for _, x in grads], weights, seg
         )
@@ -220,15 +221,19 @@ class _SharedKeyValuePooling(torch.autograd.Function):
                 grad_pos = term[0] * term[1]
         if need_value:
             grad_sum.addcmul_(*term)
-        return None, (grad_sum if need_value else None), grad_pos, grad_w, grad_b, None, None
+        return None, (grad_sum if need_value else None), grad_pos, grad_w, grad_b, None, None, None
 
 
-def pool_shared_key_value(key, value, key_pos, w_prob: nn.Linear, information, seg):
+def pool_shared_key_value(key, value, key_pos, w_prob: nn.Linear, information, seg, max_clusters=None):
     """Steps 6-7 (K_cl, V_cl and the weights w) for key = value + key_pos, with the gradients of
     the keys and of the W_prob logits (``information`` = (logits leaf, smoothed)) sent to
     ``value`` / ``key_pos`` / ``w_prob`` in one (B, N, C) buffer.  Same values and gradients as
-    ``enact_ops.segment_softmax_pool(smoothed, [key, value], seg)``."""
-    return _SharedKeyValuePooling.apply(key.detach(), value, key_pos, w_prob.weight, w_prob.bias, information, seg)
+    ``enact_ops.segment_softmax_pool(smoothed, [key, value], seg, max_clusters=max_clusters)``;
+    ``max_clusters`` (M_max) read from ``seg`` when None (a host sync on GPUs)."""
+    width = seg.max_clusters if max_clusters is None else max_clusters
+    return _SharedKeyValuePooling.apply(
+        key.detach(), value, key_pos, w_prob.weight, w_prob.bias, information, seg, width
+    )
 
 
 # ---------------------------------------------------------------- step 8, lean layout
