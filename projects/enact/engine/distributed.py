@@ -103,6 +103,9 @@ def _distributed_worker(local_rank, main_func, world_size, num_processes, machin
     comm.synchronize()
     try:
         main_func(*args)
+        # every process done before the groups go: a gloo peer torn down while another still
+        # talks to it aborts that one ("terminate called without an active exception")
+        comm.synchronize()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
