@@ -59,3 +59,31 @@ def padded_images(seed: int = 0):
         {"image": torch.randint(0, 256, (3, 96, 128), generator=g).float(), "height": 96, "width": 128},
         {"image": torch.randint(0, 256, (3, 128, 80), generator=g).float(), "height": 128, "width": 80},
     ]
+
+
+def prediction_diff(original, model, images) -> float:
+    """Largest difference of the two models' eval predictions on ``images``: scores, and boxes
+    relative to the image size; the predicted classes must be equal."""
+    with torch.no_grad():
+        ref, out = original(images), model(images)
+    diff = 0.0
+    for r, o, img in zip(ref, out, images):
+        r, o = r["instances"], o["instances"]
+        assert torch.equal(r.pred_classes, o.pred_classes)
+        size = torch.tensor([img["width"], img["height"]] * 2, dtype=torch.float32)
+        diff = max(diff, (r.scores - o.scores).abs().max().item(),
+                   ((r.pred_boxes.tensor - o.pred_boxes.tensor) / size).abs().max().item())
+    return diff
+
+
+def flat_config(node, prefix: str = "") -> dict:
+    """A (Lazy)config tree as {"a.b.c": value}."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict) or OmegaConf.is_dict(value):
+            out.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

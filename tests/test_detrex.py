@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from detrex_helpers import DETREX_MODELS, padded_images, perturb_heads, shrink_detrex_model
+from detrex_helpers import DETREX_MODELS, padded_images, perturb_heads, prediction_diff, shrink_detrex_model
 
 pytestmark = [pytest.mark.detrex, pytest.mark.usefixtures("single_thread")]
 
@@ -79,15 +79,7 @@ def test_identity_enact_equals_detrex(name, capsys):
     assert set(model.state_dict()) - set(original.state_dict()) == set(result.missing_keys)
 
     images = padded_images()
-    with torch.no_grad():
-        ref, out = original(images), model(images)
-    diff = 0.0
-    for r, o, img in zip(ref, out, images):
-        r, o = r["instances"], o["instances"]
-        assert torch.equal(r.pred_classes, o.pred_classes)
-        size = torch.tensor([img["width"], img["height"]] * 2, dtype=torch.float32)
-        diff = max(diff, (r.scores - o.scores).abs().max().item(),
-                   ((r.pred_boxes.tensor - o.pred_boxes.tensor) / size).abs().max().item())
+    diff = prediction_diff(original, model, images)
     with capsys.disabled():
         print(f"\n{name}: identity ENACT vs detrex, max abs diff (scores, boxes / image size) {diff:.2e}")
     assert diff < 1e-4

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from detrex_helpers import DETREX_MODELS, padded_images, perturb_heads, shrink_detrex_model
+from detrex_helpers import (
+    DETREX_MODELS, flat_config, padded_images, perturb_heads, prediction_diff, shrink_detrex_model,
+)
 from test_detrex import build, encoder_self_attentions, no_dropout, training_step, with_targets
 
 pytestmark = [pytest.mark.detrex, pytest.mark.usefixtures("single_thread")]
@@ -69,15 +71,7 @@ def test_act_encoder_replaces_exactly_the_encoder_and_equals_detrex(name, capsys
     fresh.load_state_dict(model.state_dict(), strict=True)
 
     images = padded_images()
-    with torch.no_grad():
-        ref, out = original(images), model(images)
-    diff = 0.0
-    for r, o, img in zip(ref, out, images):
-        r, o = r["instances"], o["instances"]
-        assert torch.equal(r.pred_classes, o.pred_classes)
-        size = torch.tensor([img["width"], img["height"]] * 2, dtype=torch.float32)
-        diff = max(diff, (r.scores - o.scores).abs().max().item(),
-                   ((r.pred_boxes.tensor - o.pred_boxes.tensor) / size).abs().max().item())
+    diff = prediction_diff(original, model, images)
     stats = first.statistics()
     assert stats["compression"] == 1.0  # every query its own cluster
     with capsys.disabled():
@@ -215,16 +209,7 @@ def test_act_config_is_detrex_with_an_act_encoder(config):
     cfg = LazyConfig.load(str(ROOT / "configs" / "detrex" / f"{config}.py"))
     base = detrex_config(DETREX_MODELS[name][0])
 
-    def flat(node, prefix=""):
-        out = {}
-        for key, value in node.items():
-            if isinstance(value, dict) or OmegaConf.is_dict(value):
-                out.update(flat(value, f"{prefix}{key}."))
-            else:
-                out[f"{prefix}{key}"] = value
-        return out
-
-    ours, theirs = flat(cfg.model), flat(base.model)
+    ours, theirs = flat_config(cfg.model), flat_config(base.model)
     assert set(theirs) <= set(ours)
     changed = {k for k in ours if k not in theirs or ours[k] != theirs[k]}
     enc = "transformer.encoder"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from detrex_helpers import shrink_detrex_model
+from detrex_helpers import flat_config, shrink_detrex_model
 
 pytestmark = [pytest.mark.detrex, pytest.mark.usefixtures("single_thread")]
 
@@ -34,16 +34,6 @@ def load(name):
     return LazyConfig.load(str(ROOT / "configs" / "detrex" / f"{name}.py"))
 
 
-def flat(node, prefix=""):
-    out = {}
-    for key, value in node.items():
-        if isinstance(value, dict) or OmegaConf.is_dict(value):
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_config_is_detrex_with_an_enact_encoder(name):
     from detectron2.config import instantiate
@@ -51,7 +41,7 @@ def test_config_is_detrex_with_an_enact_encoder(name):
 
     path, where, sigma, others = CONFIGS[name]
     cfg, base = load(name), detrex_config(path)
-    ours, theirs = flat(cfg.model), flat(base.model)
+    ours, theirs = flat_config(cfg.model), flat_config(base.model)
     changed = {k for k in ours if k not in theirs or ours[k] != theirs[k]}
     assert set(theirs) <= set(ours)  # every model.* key where detrex has it
     assert changed == {f"{where}._target_", f"{where}.sigma", *others}
@@ -162,7 +152,7 @@ def test_baseline_twin_is_detrex_config(name):
     from projects.enact.detrex_support import detrex_config
 
     path, _, _, others = CONFIGS[name]
-    ours, theirs = flat(load(name.replace("_enact", "")).model), flat(detrex_config(path).model)
+    ours, theirs = flat_config(load(name.replace("_enact", "")).model), flat_config(detrex_config(path).model)
     assert ours == {**theirs, **others}
 
 
