@@ -5,9 +5,9 @@ smoothing, valid tokens only) inside the ground-truth boxes against the share of
 inside them (a token is inside when its cell centre, in input pixels after the test-time resize,
 lies in a box) -- a number for the paper's claim that self-information tracks objects.
 
-    python tools/enact_stats.py --config-file configs/shapes/detr_r18_shapes_enact.py \\
-        --checkpoint output/shapes/detr_r18_enact/model_final.pth --split val \\
-        --output output/shapes/detr_r18_enact/enact_stats
+    python tools/enact_stats.py --config-file configs/shapes/conditional_detr_r18_shapes_enact.py \\
+        --checkpoint output/shapes/conditional_detr_r18_enact/model_final.pth --split val \\
+        --output output/shapes/conditional_detr_r18_enact/enact_stats
 
 writes ``<output>/enact_stats.json`` (summary per layer + per-image values) and
 ``<output>/enact_stats.png``.  CPU, eval mode, the config's test-time input size unless
@@ -74,7 +74,7 @@ def main(argv=None):
                 "as the mapper resizes" if resize is None else f"shortest edge {resize[0]}, max size {resize[1]}")
 
     t0 = time.perf_counter()
-    progress = Progress(len(dicts))
+    progress = Progress(len(dicts), min_interval=5.0)
     records = runner.run_images(model, mapper, dicts, args.batch_size, progress=lambda n, name: progress.update(1, name))
     names, per_image, layer_names = collect(records)
     progress.close()

@@ -9,9 +9,9 @@
     <output>/<image>/overview.png        detections + every layer's map and clusters in one figure
     <output>/index.html                  all of them
 
-    python tools/visualize_enact.py --config-file configs/shapes/detr_r18_shapes_enact.py \\
-        --checkpoint output/shapes/detr_r18_enact/model_final.pth --split val --num-images 4 \\
-        --output output/shapes/detr_r18_enact/enact_vis
+    python tools/visualize_enact.py --config-file configs/shapes/conditional_detr_r18_shapes_enact.py \\
+        --checkpoint output/shapes/conditional_detr_r18_enact/model_final.pth --split val --num-images 4 \\
+        --output output/shapes/conditional_detr_r18_enact/enact_vis
     python tools/visualize_enact.py --config-file CFG --checkpoint PTH --images a.png b.jpg --output DIR
 
 Runs on the CPU in eval mode.  The maps need a feature grid of at least 16 tokens per side: when

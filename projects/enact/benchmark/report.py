@@ -17,10 +17,12 @@ def hms(seconds):
 
 
 class Progress:
-    """A tqdm bar on a terminal, else one line per event; both with an ETA (costs are estimates)."""
+    """A tqdm bar on a terminal, else one line per event (at most one per ``min_interval`` seconds,
+    and the last); both with an ETA (costs are estimates)."""
 
-    def __init__(self, total, quiet=False):
+    def __init__(self, total, quiet=False, min_interval=0.0):
         self.total, self.done, self.t0, self.quiet = total, 0.0, time.perf_counter(), quiet
+        self.min_interval, self.last_line = min_interval, float("-inf")
         self.bar = None
         if not quiet and sys.stderr.isatty():
             try:
@@ -41,6 +43,9 @@ class Progress:
             self.bar.update(round(cost, 1))
             return
         elapsed = time.perf_counter() - self.t0
+        if elapsed - self.last_line < self.min_interval and self.done < self.total:
+            return
+        self.last_line = elapsed
         eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
         print(f"[{100 * self.done / self.total:5.1f}%] {what}   elapsed {hms(elapsed)}  ETA {hms(eta)}",
               file=sys.stderr, flush=True)
