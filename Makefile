@@ -6,7 +6,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-CSRC := $(wildcard enact_ops/csrc/*.cpp enact_ops/csrc/*.h enact_ops/csrc/cpu/*.cpp enact_ops/csrc/cuda/*.cu)
+CSRC := $(wildcard enact_ops/csrc/*.cpp enact_ops/csrc/*.h enact_ops/csrc/cpu/*.cpp enact_ops/csrc/cuda/*.cu enact_ops/csrc/cuda/*.cuh)
 CUDA_HOME ?= /usr/local/cuda
 TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 

@@ -18,24 +18,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/macros/Macros.h>
 
-#include <limits>
-
 #include "../enact.h"
 #include "../segment_rows.h"
+#include "block_reduce.cuh"
 
 namespace enact {
 namespace {
-
-constexpr int kWarp = 32;
-
-inline int64_t blocks_for(int64_t n, int threads) { return (n + threads - 1) / threads; }
-
-// A grid of `blocks` blocks along x: CUDA's limit is 2^31 - 1.
-inline unsigned int grid_x(int64_t blocks, const char* what) {
-  TORCH_CHECK(blocks >= 0 && blocks <= std::numeric_limits<int32_t>::max(), "enact_ops: ", what,
-              " needs ", blocks, " blocks, more than CUDA's grid limit (2^31 - 1)");
-  return static_cast<unsigned int>(blocks);
-}
 
 __global__ void label_runs_kernel(const bool* __restrict__ sign, const bool* __restrict__ valid,
                                   int64_t B, int64_t N, int64_t* __restrict__ cid,
@@ -105,37 +93,6 @@ SegmentationTuple csr_from_cluster_ids(const at::Tensor& cluster_ids, const at::
     seg_starts.zero_();
   }
   return {cluster_ids, num_clusters, tokens, token_segment, seg_starts, seg_batch, row_offsets};
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-  for (int off = kWarp / 2; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
-  return v;
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_max(T v) {
-  for (int off = kWarp / 2; off > 0; off /= 2) v = max(v, __shfl_down_sync(0xffffffffu, v, off));
-  return v;
-}
-
-// Block-wide reduction of one value per thread; every thread gets the result.
-template <typename T, bool IsMax>
-__device__ T block_reduce(T v, T* shared) {
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int warps = (blockDim.x + kWarp - 1) / kWarp;
-  v = IsMax ? warp_max(v) : warp_sum(v);
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    T r = lane < warps ? shared[lane] : (IsMax ? -INFINITY : T(0));
-    r = IsMax ? warp_max(r) : warp_sum(r);
-    if (lane == 0) shared[0] = r;
-  }
-  __syncthreads();
-  const T out = shared[0];
-  __syncthreads();
-  return out;
 }
 
 template <typename acc_t>
