@@ -1,6 +1,7 @@
 """ENACT clustering operators (compiled CPU/CUDA kernels with a pure-PyTorch fallback)."""
 from .ops import (
     BACKENDS,
+    Information,
     Segmentation,
     SegmentationSizes,
     check_cluster_inputs,
@@ -14,12 +15,14 @@ from .ops import (
     segment_runs,
     segment_softmax_pool,
     segment_uniform,
+    smoothed_information,
     uniform_chunk_length,
     use_compiled,
 )
 
 __all__ = [
     "BACKENDS",
+    "Information",
     "Segmentation",
     "SegmentationSizes",
     "check_cluster_inputs",
@@ -33,6 +36,7 @@ __all__ = [
     "segment_runs",
     "segment_uniform",
     "segment_softmax_pool",
+    "smoothed_information",
     "uniform_chunk_length",
     "use_compiled",
 ]

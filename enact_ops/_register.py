@@ -12,6 +12,9 @@ when the extension loads (``enact_ops.ops``):
   feature gets no gradient); the two backward operators are first-order only: their autograd
   formula raises (a clear error instead of torch's silent "no autograd kernel" fallback).
   ``segment_runs`` / ``segment_uniform`` take bool / int inputs and are not differentiable.
+  ``smoothed_information`` is differentiable in ``logits`` through its smoothed output (the
+  backward calls ``smoothed_information_backward`` with the saved softmax); its other outputs
+  are not differentiable.
 
 Every operator passes ``torch.library.opcheck`` (tests/test_opcheck.py).
 """
@@ -135,7 +138,41 @@ def register():
             grad_sum = x.new_empty(x.shape)
         return weights.new_empty(weights.shape), grad_sum
 
+    @torch.library.register_fake("enact_ops::smoothed_information")
+    def _information_fake(logits, valid, taps):
+        torch._check(logits.dim() == 2, lambda: "enact_ops.smoothed_information: logits must be (B, N)")
+        torch._check(valid is None or valid.shape == logits.shape,
+                     lambda: "enact_ops.smoothed_information: valid must have the logits' shape")
+        torch._check(taps.dim() == 1, lambda: "enact_ops.smoothed_information: taps must be 1-D")
+        B = logits.shape[0]
+        rows = logits.new_empty(logits.shape)
+        return (rows, logits.new_empty(logits.shape, dtype=torch.bool), torch.empty_like(rows),
+                logits.new_empty((B,), dtype=torch.int64), logits.new_empty((B,), dtype=torch.int64))
+
+    @torch.library.register_fake("enact_ops::smoothed_information_backward")
+    def _information_backward_fake(grad_smoothed, probs, valid, taps):
+        torch._check(grad_smoothed.shape == probs.shape,
+                     lambda: "enact_ops.smoothed_information_backward: grad_smoothed must be shaped like probs")
+        return probs.new_empty(probs.shape)
+
     # -- autograd --------------------------------------------------------------------------------
+    def _information_setup_context(ctx, inputs, output):
+        _, valid, taps = inputs
+        _, sign, probs, lengths, runs = output
+        ctx.save_for_backward(probs, valid, taps)
+        ctx.mark_non_differentiable(sign, probs, lengths, runs)
+        ctx.set_materialize_grads(False)
+
+    def _information_backward(ctx, grad_smoothed, *_):
+        probs, valid, taps = ctx.saved_tensors
+        if grad_smoothed is None or not ctx.needs_input_grad[0]:
+            return None, None, None
+        grad = torch.ops.enact_ops.smoothed_information_backward(grad_smoothed.contiguous(), probs, valid, taps)
+        return grad, None, None
+
+    torch.library.register_autograd("enact_ops::smoothed_information", _information_backward,
+                                    setup_context=_information_setup_context)
+
     def _pool_setup_context(ctx, inputs, output):
         scores, features, tokens, seg_starts, seg_batch, row_offsets, _ = inputs
         _, weights = output
@@ -157,7 +194,7 @@ def register():
 
     def _first_order_only(name):
         def backward(ctx, *grads):
-            raise RuntimeError(f"enact_ops.{name} is a first-order backward: the pooling is not twice "
+            raise RuntimeError(f"enact_ops.{name} is a first-order backward: its forward is not twice "
                                "differentiable (no create_graph / double backward)")
 
         def setup_context(ctx, inputs, output):
@@ -167,3 +204,4 @@ def register():
 
     _first_order_only("segment_softmax_pool_backward")
     _first_order_only("segment_softmax_pool_backward_sum")
+    _first_order_only("smoothed_information_backward")

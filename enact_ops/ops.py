@@ -8,6 +8,9 @@ in order.
 * ``segment_uniform(key_padding_mask, chunk)`` -> Segmentation: crop-and-chunk of length L.
 * ``segment_softmax_pool(scores, features, seg)`` -> (pooled, weights, cluster_mask):
   ``w = softmax(scores)`` inside each segment and ``pooled[b, c] = sum_{i in c} w_i x[b, i]``.
+* ``smoothed_information(logits, taps, key_padding_mask)`` -> Information: ENACT's steps 1-4
+  (self-information, Gaussian smoothing, curvature sign) and each row's valid length and number
+  of runs, in one kernel per direction.
 
 Host syncs.  A segmentation's sizes (S segments, T tokens, the width M_max) are data: on a GPU
 reading them is a device-to-host sync.  Each op reads what it needs in one copy when it is not
@@ -24,7 +27,7 @@ cluster mask all True); N = 0 is an error.
 import importlib.util
 import os
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -88,6 +91,8 @@ __all__ = [
     "uniform_chunk_length",
     "segment_softmax_pool",
     "segment_softmax_pool_backward_sum",
+    "Information",
+    "smoothed_information",
     "use_compiled",
 ]
 
@@ -365,3 +370,52 @@ def segment_softmax_pool_backward_sum(
     features = [x if x.stride(-1) == 1 else x.contiguous() for x in features]
     args = (weights, seg.tokens, seg.seg_starts, seg.seg_batch, seg.row_offsets)
     return torch.ops.enact_ops.segment_softmax_pool_backward_sum(list(grad_pooled), features, *args)
+
+
+# ---------------------------------------------------------------------------------------------
+# steps 1-4
+# ---------------------------------------------------------------------------------------------
+class Information(NamedTuple):
+    """Steps 1-4 of a batch (``smoothed_information``)."""
+
+    smoothed: torch.Tensor  # (B, N) h~, 0 at pads; differentiable in the logits
+    sign: torch.Tensor  # (B, N) bool, s = ([-1, 2, -1] * h~) > 0, False at pads
+    lengths: torch.Tensor  # (B,) int64, valid tokens per row
+    runs: torch.Tensor  # (B,) int64, maximal runs of equal sign per row (0 for an empty row)
+
+
+def smoothed_information(
+    logits: torch.Tensor, taps: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None, backend: str = "auto",
+) -> Information:
+    """ENACT's steps 1-4 on each row's valid sequence (pads removed, order kept):
+
+        q = softmax(logits),  h = -p log2 p (p = q + 1e-8),  h~ = taps * h,  s = ([-1, 2, -1] * h~) > 0
+
+    with both correlations zero-padded at the sequence's two ends, plus what sizes a segmentation
+    (each row's valid length and number of runs of equal s) -- without a host sync.
+
+    Args:
+        logits: (B, N) float32 or float64, W_prob's logits of the keys.
+        taps: (K,) odd K, the Gaussian's samples, in the logits' dtype and on their device.
+        key_padding_mask: (B, N) bool, True = pad, or None.
+    The compiled op is one kernel forward (one block per row on CUDA) and one backward;
+    ``smoothed`` is differentiable in ``logits`` (float64 gradcheck in tests/test_information.py).
+    """
+    _check_tensor("logits", logits, 2, "of shape (B, N)")
+    if logits.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"logits must be float32 or float64, got {logits.dtype}")
+    _check_tensor("taps", taps, 1, "of shape (K,)")
+    if taps.numel() % 2 != 1:
+        raise ValueError(f"taps must have an odd length, got {taps.numel()}")
+    if taps.dtype != logits.dtype or taps.device != logits.device:
+        raise TypeError(f"taps must be {logits.dtype} on {logits.device} like logits, got {taps.dtype} on {taps.device}")
+    valid = None
+    if key_padding_mask is not None:
+        _check_bool_2d("key_padding_mask", key_padding_mask, logits.shape, logits.device)
+        valid = ~key_padding_mask
+    if use_compiled(backend, logits.device):
+        smoothed, sign, _, lengths, runs = torch.ops.enact_ops.smoothed_information(
+            logits.contiguous(), valid, taps.contiguous()
+        )
+        return Information(smoothed, sign, lengths, runs)
+    return Information(*reference.smoothed_information(logits, valid, taps))

@@ -16,7 +16,7 @@ import torch
 
 from .segmentation import Segmentation, SegmentationSizes, read_row_sizes, runs_sizes, uniform_sizes
 
-__all__ = ["segment_runs", "segment_uniform", "segment_softmax_pool"]
+__all__ = ["segment_runs", "segment_uniform", "segment_softmax_pool", "smoothed_information"]
 
 
 def _count(index: torch.Tensor, size: int, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -134,3 +134,39 @@ def segment_softmax_pool(
         out = out.index_copy(0, dest, summed).view(batch, width, channels)
         pooled.append(out.to(x.dtype))
     return pooled, weights
+
+
+def _correlate_rows(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """Cross-correlation of each row of x (B, L) with taps (odd length), zero padding, same length
+    (a window view times the taps: exact in float32, unlike cuDNN's TF32 conv1d)."""
+    r = taps.numel() // 2
+    return (torch.nn.functional.pad(x, (r, r)).unfold(1, taps.numel(), 1) * taps).sum(-1)
+
+
+def smoothed_information(
+    logits: torch.Tensor, valid: Optional[torch.Tensor], taps: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 1-4 of ENACT on each row's valid sequence: q = softmax(logits), h = -p log2 p with
+    p = q + 1e-8, h~ = taps * h, s = ([-1, 2, -1] * h~) > 0.  Rows are gathered into a (B, L_max)
+    block with each row's valid tokens first (so both correlations see only them, zero-padded at
+    the row's two ends), processed, and put back.  Returns smoothed (B, N) (0 at pads, autograd
+    to ``logits``), sign (B, N) bool (False at pads), lengths (B,) and runs (B,) int64 (maximal runs
+    of equal sign per valid sequence, 0 for an empty row)."""
+    B, N = logits.shape
+    if valid is None:
+        valid = torch.ones(B, N, dtype=torch.bool, device=logits.device)
+    lengths = valid.sum(1)
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # valid tokens first, in order
+    inside = torch.arange(N, device=logits.device)[None, :] < lengths[:, None]  # (B, N) in sorted order
+    sorted_logits = torch.gather(logits, 1, order).masked_fill(~inside, float("-inf"))
+    q = torch.softmax(sorted_logits, dim=1).nan_to_num(0.0)  # an empty row: all 0
+    p = q + 1e-8
+    h = (-p * torch.log2(p)) * inside
+    smoothed_sorted = _correlate_rows(h, taps) * inside
+    curvature = _correlate_rows(smoothed_sorted.detach(), torch.tensor([-1.0, 2.0, -1.0], dtype=taps.dtype, device=taps.device))
+    sign_sorted = (curvature > 0) & inside
+    changes = (sign_sorted[:, 1:] != sign_sorted[:, :-1]) & inside[:, 1:]
+    runs = (lengths > 0).long() + changes.sum(1)
+    smoothed = torch.zeros_like(smoothed_sorted).scatter(1, order, smoothed_sorted)
+    sign = torch.zeros_like(sign_sorted).scatter(1, order, sign_sorted)
+    return smoothed, sign, lengths, runs

@@ -534,17 +534,23 @@ def test_encoder_self_attention_takes_the_fused_path(monkeypatch):
     pooling (enact_fused.pool_shared_key_value), not a silent fallback to the reference path."""
     from projects.enact.modeling import enact_fused
 
-    calls = []
+    calls, steps = [], []
     fused = enact_fused.pool_shared_key_value
     monkeypatch.setattr(enact_fused, "pool_shared_key_value", lambda *a: calls.append(1) or fused(*a))
+    information = enact_ops.smoothed_information
+    monkeypatch.setattr(enact_ops, "smoothed_information", lambda *a, **k: steps.append(k) or information(*a, **k))
     torch.manual_seed(0)
     m = EnactAttention(16, 4)
     x = torch.randn(30, 2, 16)
     m(x, query_pos=torch.randn_like(x)).sum().backward()
     assert len(calls) == 1
-    with torch.no_grad():  # inference: nothing to fuse, the plain path
+    assert steps == [{"backend": "compiled"}]  # steps 1-4: the fused operator
+    with torch.no_grad():  # inference: no fused pooling, but steps 1-4 still fused
         m(x, query_pos=torch.randn_like(x))
-    assert len(calls) == 1
+    assert len(calls) == 1 and len(steps) == 2
+    m.clustering.register_trace_hook(lambda *_: None)  # a trace wants h: the readable steps 1-4
+    m(x, query_pos=torch.randn_like(x))
+    assert len(steps) == 2
 
 
 def test_torch_compile_equals_eager():

@@ -89,7 +89,27 @@ def _backward_sum_cases():
     yield [torch.randn_like(pk[:, :, :2])], [k[:, :, :2]], weights, *_csr(seg)  # non-dense: contiguous output
 
 
+def _taps(dtype, radius=2):
+    x = torch.arange(-radius, radius + 1, dtype=dtype)
+    return torch.exp(-(x**2) / 2.0)
+
+
+def _information_cases():
+    _, mask, scores, *_ = _inputs()
+    yield scores.clone().requires_grad_(), ~mask, _taps(torch.float64)  # a row without a valid token
+    yield scores.float(), None, _taps(torch.float32, radius=0)  # nothing padded, one tap
+    yield scores[:, :2].contiguous(), ~mask[:, :2], _taps(torch.float64, radius=5)  # taps wider than a row
+
+
+def _information_backward_cases():
+    _, mask, scores, *_ = _inputs()
+    _, _, probs, _, _ = torch.ops.enact_ops.smoothed_information(scores, ~mask, _taps(torch.float64))
+    yield torch.randn_like(scores), probs, ~mask, _taps(torch.float64)
+
+
 CASES = {
+    "smoothed_information": _information_cases,
+    "smoothed_information_backward": _information_backward_cases,
     "segment_runs": _segment_runs_cases,
     "segment_uniform": _segment_uniform_cases,
     "segment_softmax_pool_forward": _forward_cases,
@@ -105,6 +125,13 @@ def test_opcheck(name):
     assert cases
     for args in cases:
         _check(op, args)
+
+
+def test_information_backward_is_first_order():
+    grad, probs, valid, taps = next(_information_backward_cases())
+    out = torch.ops.enact_ops.smoothed_information_backward(grad.requires_grad_(), probs, valid, taps)
+    with pytest.raises(RuntimeError, match="first-order backward"):
+        out.sum().backward()
 
 
 @pytest.mark.parametrize("name", ["segment_softmax_pool_backward", "segment_softmax_pool_backward_sum"])

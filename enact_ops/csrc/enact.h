@@ -15,6 +15,8 @@ namespace enact {
 
 using SegmentationTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                      at::Tensor, at::Tensor>;
+// Steps 1-4 of one batch: (smoothed (B,N), sign (B,N) bool, probs (B,N), lengths (B,), runs (B,))
+using InformationTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // ---- host-side checks, shared by both devices ------------------------------------------------
 // The sizes a caller may pass to the segmentation ops (S segments, T clustered tokens), so that
@@ -35,8 +37,19 @@ void check_grad_slots(const at::Tensor& grad, const at::Tensor& row_offsets, con
 // kernels assert it on the device); summed (the _sum backward): features of one width and dtype.
 std::vector<at::Tensor> checked_grad_pooled(at::TensorList grad_pooled, at::TensorList features,
                                             const at::Tensor& row_offsets, bool summed);
+// logits (B, N) float32 / float64, valid (B, N) bool or none, taps (K,) of odd K in the logits' dtype,
+// all on one device.
+void check_information_inputs(const at::Tensor& logits, const std::optional<at::Tensor>& valid,
+                              const at::Tensor& taps);
+// The same for the backward, whose grad_smoothed must be shaped and typed like probs.
+void check_information_backward_inputs(const at::Tensor& grad_smoothed, const at::Tensor& probs,
+                                       const std::optional<at::Tensor>& valid, const at::Tensor& taps);
 
 // ---- CPU --------------------------------------------------------------------------------------
+InformationTuple smoothed_information_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& valid,
+                                          const at::Tensor& taps);
+at::Tensor smoothed_information_backward_cpu(const at::Tensor& grad_smoothed, const at::Tensor& probs,
+                                             const std::optional<at::Tensor>& valid, const at::Tensor& taps);
 SegmentationTuple segment_runs_cpu(const at::Tensor& sign, const at::Tensor& valid,
                                    std::optional<int64_t> num_segments, std::optional<int64_t> num_tokens);
 SegmentationTuple segment_uniform_cpu(const at::Tensor& valid, int64_t chunk,
@@ -56,6 +69,10 @@ std::tuple<at::Tensor, at::Tensor> segment_softmax_pool_backward_sum_cpu(
 
 #ifdef WITH_CUDA
 // ---- CUDA -------------------------------------------------------------------------------------
+InformationTuple smoothed_information_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& valid,
+                                          const at::Tensor& taps);
+at::Tensor smoothed_information_backward_cuda(const at::Tensor& grad_smoothed, const at::Tensor& probs,
+                                             const std::optional<at::Tensor>& valid, const at::Tensor& taps);
 SegmentationTuple segment_runs_cuda(const at::Tensor& sign, const at::Tensor& valid,
                                     std::optional<int64_t> num_segments, std::optional<int64_t> num_tokens);
 SegmentationTuple segment_uniform_cuda(const at::Tensor& valid, int64_t chunk,

@@ -114,9 +114,43 @@ std::vector<at::Tensor> checked_grad_pooled(at::TensorList grad_pooled, at::Tens
   return grads;
 }
 
+void check_information_inputs(const at::Tensor& logits, const std::optional<at::Tensor>& valid,
+                              const at::Tensor& taps) {
+  TORCH_CHECK(logits.dim() == 2, "enact_ops.smoothed_information: logits must be (B, N), got ", logits.sizes());
+  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
+              "enact_ops.smoothed_information: logits must be float32 or float64, got ", logits.scalar_type());
+  if (valid.has_value()) {
+    TORCH_CHECK(valid->sizes() == logits.sizes() && valid->scalar_type() == at::kBool,
+                "enact_ops.smoothed_information: valid must be a bool tensor of the logits' shape ", logits.sizes(),
+                ", got ", valid->scalar_type(), " ", valid->sizes());
+    TORCH_CHECK(valid->device() == logits.device(), "enact_ops.smoothed_information: valid is on ",
+                valid->device(), ", logits on ", logits.device());
+  }
+  TORCH_CHECK(taps.dim() == 1 && taps.numel() % 2 == 1,
+              "enact_ops.smoothed_information: taps must be 1-D of odd length, got ", taps.sizes());
+  TORCH_CHECK(taps.scalar_type() == logits.scalar_type() && taps.device() == logits.device(),
+              "enact_ops.smoothed_information: taps must be ", logits.scalar_type(), " on ", logits.device(),
+              " like the logits, got ", taps.scalar_type(), " on ", taps.device());
+}
+
+void check_information_backward_inputs(const at::Tensor& grad_smoothed, const at::Tensor& probs,
+                                       const std::optional<at::Tensor>& valid, const at::Tensor& taps) {
+  check_information_inputs(probs, valid, taps);
+  TORCH_CHECK(grad_smoothed.sizes() == probs.sizes() && grad_smoothed.scalar_type() == probs.scalar_type() &&
+                  grad_smoothed.device() == probs.device(),
+              "enact_ops.smoothed_information_backward: grad_smoothed must be ", probs.scalar_type(), " ",
+              probs.sizes(), " on ", probs.device(), " like probs, got ", grad_smoothed.scalar_type(), " ",
+              grad_smoothed.sizes(), " on ", grad_smoothed.device());
+}
+
 }  // namespace enact
 
 TORCH_LIBRARY(enact_ops, m) {
+  // Steps 1-4 of ENACT on each row's valid sequence (enact_ops/csrc/information_row.h):
+  // (smoothed, sign, probs, lengths, runs); probs is what the backward needs.
+  m.def("smoothed_information(Tensor logits, Tensor? valid, Tensor taps) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("smoothed_information_backward(Tensor grad_smoothed, Tensor probs, Tensor? valid, Tensor taps) -> Tensor");
   // num_segments / num_tokens (S, T): the output sizes when the caller knows them (no host sync
   // on CUDA; checked against the segmentation, on the device there); None: computed here.
   m.def("segment_runs(Tensor sign, Tensor valid, int? num_segments=None, int? num_tokens=None) -> "
@@ -135,6 +169,8 @@ TORCH_LIBRARY(enact_ops, m) {
 }
 
 TORCH_LIBRARY_IMPL(enact_ops, CPU, m) {
+  m.impl("smoothed_information", &enact::smoothed_information_cpu);
+  m.impl("smoothed_information_backward", &enact::smoothed_information_backward_cpu);
   m.impl("segment_runs", &enact::segment_runs_cpu);
   m.impl("segment_uniform", &enact::segment_uniform_cpu);
   m.impl("segment_softmax_pool_forward", &enact::segment_softmax_pool_forward_cpu);
@@ -144,6 +180,8 @@ TORCH_LIBRARY_IMPL(enact_ops, CPU, m) {
 
 #ifdef WITH_CUDA
 TORCH_LIBRARY_IMPL(enact_ops, CUDA, m) {
+  m.impl("smoothed_information", &enact::smoothed_information_cuda);
+  m.impl("smoothed_information_backward", &enact::smoothed_information_backward_cuda);
   m.impl("segment_runs", &enact::segment_runs_cuda);
   m.impl("segment_uniform", &enact::segment_uniform_cuda);
   m.impl("segment_softmax_pool_forward", &enact::segment_softmax_pool_forward_cuda);

@@ -13,7 +13,10 @@ For one image with valid key tokens k_1..k_n (row-major, pads removed) and value
 
 This module is the readable path, in that order: the functions below are steps 1-4,
 ``EnactClustering`` runs steps 1-7 (5-7 on the ``enact_ops`` operators) and ``EnactAttention``
-adds step 8.  Steps 1-6 run in float32 (float64 for float64 inputs) on each image's valid
+adds step 8.  Where the compiled kernels run, steps 1-4 are one fused operator
+(``enact_ops.smoothed_information``: the same values, one kernel forward and one backward, and
+each row's valid length and number of runs for step 5 without another pass); these functions
+are then its reference (tests/test_information.py).  Steps 1-6 run in float32 (float64 for float64 inputs) on each image's valid
 sequence, as if the pads did not exist, so an image's result does not depend on its batch.
 ``mode="uniform"`` replaces the runs by chunks of one batch-wide length L, as the authors'
 public code does; ``mode="identity"`` makes every valid token its own cluster (weights 1), so
@@ -199,13 +202,17 @@ class EnactClustering(nn.Module):
         or one cluster per valid token (identity)."""
         return self.segment_with_sizes(sign, key_padding_mask)[0]
 
-    def segment_with_sizes(self, sign: torch.Tensor, key_padding_mask: Optional[torch.Tensor]):
+    def segment_with_sizes(self, sign: torch.Tensor, key_padding_mask: Optional[torch.Tensor], row_sizes=None):
         """Step 5 and its sizes: (Segmentation, SegmentationSizes).  The layer's one host sync is
         here: every image's valid length and number of runs, read in one copy, give the sizes of
         the segmentation and of the pooled outputs (M_max), uniform mode's L, and the check that
-        every image has a valid token; the ops then read nothing from the device."""
-        valid = None if key_padding_mask is None else ~key_padding_mask
-        lengths, runs = enact_ops.read_row_sizes(sign.shape, valid, None if self.mode == "identity" else sign)
+        every image has a valid token; the ops then read nothing from the device.  ``row_sizes``:
+        those (lengths, runs) as (B,) device tensors when steps 1-4 computed them, else counted here."""
+        if row_sizes is not None:
+            lengths, runs = torch.stack(row_sizes).tolist()
+        else:
+            valid = None if key_padding_mask is None else ~key_padding_mask
+            lengths, runs = enact_ops.read_row_sizes(sign.shape, valid, None if self.mode == "identity" else sign)
         enact_ops.check_rows_have_tokens(lengths)
         if self.mode == "segments":
             sizes = enact_ops.runs_sizes(lengths, runs)
@@ -216,15 +223,33 @@ class EnactClustering(nn.Module):
             key_padding_mask = torch.zeros_like(sign)
         return enact_ops.segment_uniform(key_padding_mask, chunk, backend=self.backend, sizes=sizes), sizes
 
-    def _segment(self, sign: torch.Tensor, mask: Optional[torch.Tensor]):
+    def _segment(self, sign: torch.Tensor, mask: Optional[torch.Tensor], row_sizes=None):
         """Step 5 for forward: (Segmentation, M_max).  A ``segment`` replaced on the instance or in
         a subclass (tests force clusters so) is honoured; its M_max is then read from its result."""
-        if "segment" in vars(self) or type(self).segment is not EnactClustering.segment:
+        if self._overridden("segment"):
             seg = self.segment(sign, mask)
             enact_ops.check_rows_have_tokens((seg.cluster_ids.shape[1] - mask.sum(1)).tolist() if mask is not None else ())
             return seg, seg.max_clusters
-        seg, sizes = self.segment_with_sizes(sign, mask)
+        seg, sizes = self.segment_with_sizes(sign, mask, row_sizes)
         return seg, sizes.max_clusters
+
+    def _overridden(self, name: str) -> bool:
+        """Whether method ``name`` is replaced on this instance or in a subclass."""
+        return name in vars(self) or getattr(type(self), name) is not getattr(EnactClustering, name)
+
+    def _steps_1_to_4(self, logits: torch.Tensor, valid: Optional[torch.Tensor], mask: Optional[torch.Tensor]):
+        """Steps 1-4 from W_prob's logits (B, N): (h or None, h~, s, row sizes or None).  The fused
+        operator where the compiled kernels run and no trace hook wants h (it also gives each row's
+        valid length and number of runs, (B,) tensors, for step 5); else the functions above (also
+        when ``smoothed_information`` is replaced on the instance or in a subclass)."""
+        fused = not self._trace_hooks and not self._overridden("smoothed_information")
+        if fused and enact_ops.use_compiled(self.backend, logits.device):
+            taps = gaussian_kernel(self.sigma, self.radius, logits.dtype, logits.device)
+            info = enact_ops.smoothed_information(logits, taps, mask, backend="compiled")
+            return None, info.smoothed, info.sign, (info.lengths, info.runs)
+        h = self_information(logits, valid)
+        smoothed, sign = self.smoothed_information(h, valid)
+        return h, smoothed, sign, None
 
     def forward(
         self,
@@ -239,9 +264,10 @@ class EnactClustering(nn.Module):
         valid, mask = self._check_inputs(key, value, key_padding_mask, extra)
         dtype = torch.float64 if key.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=key.device.type, enabled=False):
-            h = self.information(key, valid, dtype)  # (B, N), steps 1-2
-            smoothed, sign = self.smoothed_information(h, valid)  # (B, N) each, steps 3-4
-            seg, width = self._segment(sign, mask)  # step 5 (the one host sync)
+            w, b = self.w_prob.weight.to(dtype), self.w_prob.bias.to(dtype)
+            logits = enact_fused.token_logits(key.to(dtype), w, b)  # (B, N)
+            h, smoothed, sign, row_sizes = self._steps_1_to_4(logits, valid, mask)  # (B, N) each
+            seg, width = self._segment(sign, mask, row_sizes)  # step 5 (the one host sync)
             if self._trace_hooks:
                 self._trace(h, smoothed, sign, seg, valid)
             feats = [key, value, *extra]
@@ -273,9 +299,8 @@ class EnactClustering(nn.Module):
             with torch.no_grad():
                 logits = enact_fused.token_logits(key, self.w_prob.weight, self.w_prob.bias)
             logits.requires_grad_()  # a leaf: the fused backward differentiates logits -> h~ itself
-            h = self_information(logits, valid)  # steps 1-2
-            smoothed, sign = self.smoothed_information(h, valid)  # steps 3-4
-            seg, width = self._segment(sign, mask)  # step 5 (the one host sync)
+            h, smoothed, sign, row_sizes = self._steps_1_to_4(logits, valid, mask)  # steps 1-4
+            seg, width = self._segment(sign, mask, row_sizes)  # step 5 (the one host sync)
             if self._trace_hooks:
                 self._trace(h, smoothed, sign, seg, valid)
             pooled_key, pooled_value, weights = enact_fused.pool_shared_key_value(  # steps 6-7
