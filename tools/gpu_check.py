@@ -599,7 +599,7 @@ def child_checks(args):
         if not compiled:
             raise Skip(f"enact_ops is not built for {device} ({ext})")
 
-    shapes = [(1, 1, 4), (2, 7, 3), (3, 33, 8), (4, 129, 16), (2, 1000, 5)] + ([] if quick else [(8, 3400, 32)])
+    shapes = [(1, 1, 4), (2, 7, 3), (3, 33, 8), (4, 129, 16), (2, 1000, 5)] + ([] if quick else [(8, 3400, 32), (2, 20000, 4)])
 
     def segmentation():
         need_compiled()
@@ -649,6 +649,45 @@ def child_checks(args):
                                                  f"(B, N, C) = ({B}, {N}, {C}), mode {mode}")
             return dict(max_abs_diff=worst, tolerance=tol)
         return check
+
+    def information():
+        """enact_ops.smoothed_information (steps 1-4, one kernel per direction) against the
+        module's readable functions on the same device: float64 to 1e-9 with equal signs and row
+        sizes; float32 with at most 2 signs per row differing (at near-zero curvature); gradients."""
+        need_compiled()
+        from projects.enact.modeling.enact import gaussian_kernel, self_information, smoothed_information
+
+        worst = {}
+        sizes = [(2, 7), (3, 129), (4, 1000)] + ([] if quick else [(8, 3400), (2, 20000)])
+        for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-5)):
+            for B, N in sizes:
+                g = torch.Generator().manual_seed(N)
+                logits = torch.randn(B, N, generator=g, dtype=dtype).to(device)
+                mask = torch.zeros(B, N, dtype=torch.bool)
+                mask[0, int(N * 0.8):] = True  # right / bottom padding
+                mask[-1, ::7] = True  # scattered pads
+                mask = mask.to(device)
+                valid = ~mask
+                taps = gaussian_kernel(5, 15, dtype, device)
+                grad = torch.randn(B, N, generator=g, dtype=dtype).to(device)
+                l1, l2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+                got = enact_ops.smoothed_information(l1, taps, mask, backend="compiled")
+                ref_smoothed, ref_sign = smoothed_information(self_information(l2, valid), valid, taps)
+                (g1,) = torch.autograd.grad(got.smoothed, l1, grad)
+                (g2,) = torch.autograd.grad(ref_smoothed, l2, grad)
+                for key, x, y in (("smoothed", got.smoothed, ref_smoothed), ("grad_logits", g1, g2)):
+                    d = _max_diff(x, y) / max(float(y.abs().max()), 1e-30)
+                    worst[f"{key}_{str(dtype)[6:]}_rel"] = max(worst.get(f"{key}_{str(dtype)[6:]}_rel", 0.0), d)
+                    if d > tol:
+                        raise AssertionError(f"{key} differs by {d:.3g} relative at (B, N) = ({B}, {N}), {dtype}")
+                differ = int((got.sign != ref_sign).sum(1).max())
+                if differ > (0 if dtype == torch.float64 else 2):
+                    raise AssertionError(f"{differ} curvature signs differ in a row at (B, N) = ({B}, {N}), {dtype}")
+                if got.lengths.tolist() != valid.sum(1).tolist():
+                    raise AssertionError(f"row lengths differ at (B, N) = ({B}, {N})")
+                if dtype == torch.float64 and got.runs.tolist() != enact_ops.count_runs(ref_sign, valid).tolist():
+                    raise AssertionError(f"run counts differ at (B, N) = ({B}, {N})")
+        return dict(max_rel_diff=worst, sizes=sizes)
 
     def backward_sum():
         need_compiled()
@@ -778,19 +817,22 @@ def child_checks(args):
         from projects.enact import EnactAttention
         from projects.enact.modeling import enact_fused
 
-        calls = []
-        fused = enact_fused.pool_shared_key_value
+        calls, steps = [], []
+        fused, information = enact_fused.pool_shared_key_value, enact_ops.smoothed_information
         enact_fused.pool_shared_key_value = lambda *a: calls.append(1) or fused(*a)
+        enact_ops.smoothed_information = lambda *a, **k: steps.append(1) or information(*a, **k)
         try:
             torch.manual_seed(0)
             m = EnactAttention(16, 4).to(device)
             x = torch.randn(30, 2, 16, device=device)
             m(x, query_pos=torch.randn_like(x)).sum().backward()
         finally:
-            enact_fused.pool_shared_key_value = fused
-        if len(calls) != 1:
-            raise AssertionError(f"the fused key/value pooling ran {len(calls)} times in a training step (expected 1)")
-        return dict(detail="EnactAttention's training step runs enact_fused.pool_shared_key_value")
+            enact_fused.pool_shared_key_value, enact_ops.smoothed_information = fused, information
+        if len(calls) != 1 or len(steps) != 1:
+            raise AssertionError(f"in a training step the fused key/value pooling ran {len(calls)} times and the "
+                                 f"fused steps 1-4 {len(steps)} times (expected 1 each)")
+        return dict(detail="EnactAttention's training step runs enact_ops.smoothed_information and "
+                           "enact_fused.pool_shared_key_value")
 
     def tf32():
         if device.type != "cuda":
@@ -813,6 +855,7 @@ def child_checks(args):
     log.run("pool_float64_vs_reference", pool(torch.float64, 1e-9))
     log.run("pool_float32_vs_reference", pool(torch.float32, 1e-5))
     log.run("pool_bfloat16_vs_float32_reference", pool(torch.bfloat16, 3e-2))
+    log.run("steps_1_4_vs_readable_path", information)
     log.run("backward_sum_vs_reference", backward_sum)
     log.run("gradcheck_float64", gradcheck)
     log.run("bound_errors", bound_errors)
