@@ -14,6 +14,8 @@ DETR papers quote).  Handles added for ops fvcore does not know, in that convent
   ENACT segment softmax pooling        B*N*C per pooled feature tensor (weighted sum); the
                                        softmax is element-wise and ignored like detectron2's
   enact_ops::segment_runs / _uniform   0 (a discrete segmentation, no arithmetic)
+  enact_ops::smoothed_information      B*N*(K + 3)   (steps 1-4: the Gaussian's K taps and the
+                                       3 of the curvature per token; softmax and log element-wise)
 
 ACT (``X_act.py``, paired with ``X.py`` like ``X_enact.py``): its hashing einsum is counted by
 fvcore, its discrete clustering (unique, sorts, bincount) is unsupported and counts as zero.
@@ -47,6 +49,7 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
 SDPA_OP = "aten::scaled_dot_product_attention"
 POOL_OPS = ("prim::PythonOp._SegmentSoftmaxPool", "enact_ops::segment_softmax_pool_forward")
 ZERO_OPS = ("enact_ops::segment_runs", "enact_ops::segment_uniform")
+INFORMATION_OP = "enact_ops::smoothed_information"
 
 
 def _shapes(values):
@@ -84,6 +87,13 @@ def pool_flop_jit(inputs, outputs):
     return sum(s[0] * s[1] * s[2] for s in _shapes(inputs) if len(s) == 3)
 
 
+def information_flop_jit(inputs, outputs):
+    """Steps 1-4 on logits (B, N) with K taps: the two correlations, K + 3 multiply-adds per token."""
+    shapes = _shapes(inputs)
+    logits, taps = shapes[0], shapes[-1]
+    return logits[0] * logits[1] * (taps[0] + 3)
+
+
 def analyze(path, args, device):
     from detectron2.config import instantiate
     from detectron2.utils.analysis import FlopCountAnalysis
@@ -99,7 +109,7 @@ def analyze(path, args, device):
                "height": h, "width": w} for _ in range(args.batch)]
     flops = FlopCountAnalysis(model, inputs)
     flops.set_op_handle(SDPA_OP, sdpa_flop_jit, **{op: pool_flop_jit for op in POOL_OPS},
-                        **{op: None for op in ZERO_OPS})
+                        **{op: None for op in ZERO_OPS}, **{INFORMATION_OP: information_flop_jit})
     flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     with torch.no_grad():
         total = flops.total()
@@ -119,7 +129,7 @@ def analyze(path, args, device):
         "encoder_share": enc_flops / total if total else 0.0,
         "flops_by_operator": {k: int(v) for k, v in sorted(by_operator.items(), key=lambda kv: -kv[1])},
         # by_operator() drops the namespace ("aten::", "prim::")
-        "custom_op_flops": {k: int(by_operator[k.split("::", 1)[-1]]) for k in (SDPA_OP, *POOL_OPS)
+        "custom_op_flops": {k: int(by_operator[k.split("::", 1)[-1]]) for k in (SDPA_OP, *POOL_OPS, INFORMATION_OP)
                             if k.split("::", 1)[-1] in by_operator},
         "unsupported_ops": dict(flops.unsupported_ops()),
         "batch": args.batch, "size": list(args.size),

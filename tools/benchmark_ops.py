@@ -2,8 +2,9 @@
 """Benchmark the enact_ops operators: compiled kernels vs the pure-PyTorch reference.
 
 For each sequence length N it times (median of interleaved repeats, both backends in one
-process) the segmentation (``segment_runs``) and the fused pooling of keys and values, forward +
-backward (``segment_softmax_pool``), and measures the peak memory of the pooling:
+process) ENACT's steps 1-4 forward + backward (``smoothed_information``, sigma = 5), the
+segmentation (``segment_runs``) and the fused pooling of keys and values, forward + backward
+(``segment_softmax_pool``), and measures the peak memory of the pooling:
 on CUDA ``torch.cuda.max_memory_allocated`` above the inputs; on CPU the peak-RSS increase over
 the process's state just before the measured calls, one fresh process per (backend, N).
 
@@ -22,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import enact_ops  # noqa: E402
 from projects.enact.benchmark.utils import peak_memory_increase, timed, write_result  # noqa: E402
+from projects.enact.modeling.enact import gaussian_kernel  # noqa: E402
 
 BACKENDS = ("compiled", "reference")
 
@@ -49,15 +51,24 @@ def pool_step(backend, sign, mask, scores, k, v, seg=None):
     (pooled[0].float().sum() + pooled[1].float().sum()).backward()
 
 
+def steps_step(backend, logits, mask, taps):
+    """Steps 1-4 forward + backward from W_prob's logits."""
+    logits = logits.detach().requires_grad_()
+    enact_ops.smoothed_information(logits, taps, mask, backend=backend).smoothed.sum().backward()
+
+
 def time_case(args, seq_len, device):
     inputs = make_inputs(args.batch, seq_len, args.channels, args.mean_run, device, args.dtype)
-    sign, mask = inputs[:2]
+    sign, mask, scores = inputs[:3]
+    taps = gaussian_kernel(5, 15, torch.float32, device)  # DETR's sigma
     segs = {b: enact_ops.segment_runs(sign, mask, backend=b) for b in BACKENDS}
-    times = {f"{op}/{b}": [] for op in ("segment", "pool") for b in BACKENDS}
+    times = {f"{op}/{b}": [] for op in ("steps", "segment", "pool") for b in BACKENDS}
     for b in BACKENDS:  # warm-up
         pool_step(b, *inputs, seg=segs[b])
+        steps_step(b, scores, mask, taps)
     for _ in range(args.repeats):
         for b in BACKENDS:  # interleaved
+            times[f"steps/{b}"].append(timed(lambda: steps_step(b, scores, mask, taps), device))
             times[f"segment/{b}"].append(timed(lambda: enact_ops.segment_runs(sign, mask, backend=b), device))
             times[f"pool/{b}"].append(timed(lambda: pool_step(b, *inputs, seg=segs[b]), device))
     return {key: statistics.median(v) for key, v in times.items()}, segs["compiled"].max_clusters
@@ -102,7 +113,8 @@ def main():
     if not enact_ops.compiled_available(device):
         sys.exit(f"benchmark_ops: the compiled extension is not available for {device}; run `pip install -e .`")
     rows = []
-    header = (f"{'N':>6} {'M_max':>6} | {'segment ms (ext / ref)':>24} | {'pool fwd+bwd ms (ext / ref)':>28} |"
+    header = (f"{'N':>6} {'M_max':>6} | {'steps 1-4 fwd+bwd ms (ext / ref)':>33} | {'segment ms (ext / ref)':>24} |"
+              f" {'pool fwd+bwd ms (ext / ref)':>28} |"
               f" {'speed-up':>8} | {'peak MiB (ext / ref)':>21} | {'mem ratio':>9}")
     print(f"enact_ops benchmark: B={args.batch} C={args.channels} dtype={args.dtype} device={device} "
           f"threads={torch.get_num_threads()} repeats={args.repeats}")
@@ -112,12 +124,13 @@ def main():
         print(f"[{i + 1}/{len(args.seq_lens)}] N={n} ...", file=sys.stderr, flush=True)
         times, width = time_case(args, n, device)
         mem = {b: measure_memory(args, n, b) for b in BACKENDS}
-        ext_total = times["segment/compiled"] + times["pool/compiled"]
-        ref_total = times["segment/reference"] + times["pool/reference"]
+        ext_total = times["steps/compiled"] + times["segment/compiled"] + times["pool/compiled"]
+        ref_total = times["steps/reference"] + times["segment/reference"] + times["pool/reference"]
         row = dict(N=n, M_max=width, times_s=times, peak_bytes=mem,
                    speedup=ref_total / ext_total, memory_ratio=mem["compiled"] / max(mem["reference"], 1))
         rows.append(row)
-        print(f"{n:>6} {width:>6} | {times['segment/compiled'] * 1e3:>10.2f} / {times['segment/reference'] * 1e3:>10.2f}"
+        print(f"{n:>6} {width:>6} | {times['steps/compiled'] * 1e3:>15.2f} / {times['steps/reference'] * 1e3:>15.2f}"
+              f" | {times['segment/compiled'] * 1e3:>10.2f} / {times['segment/reference'] * 1e3:>10.2f}"
               f"  | {times['pool/compiled'] * 1e3:>12.2f} / {times['pool/reference'] * 1e3:>12.2f}  |"
               f" {row['speedup']:>7.2f}x | {mem['compiled'] / 2**20:>9.1f} / {mem['reference'] / 2**20:>9.1f} |"
               f" {row['memory_ratio']:>8.2f}x")

@@ -1,5 +1,5 @@
 // CPU kernels of steps 1-4 (smoothed self-information and curvature sign) and their backward:
-// one row per task (at::parallel_for), the row's valid sequence compacted into a scratch
+// rows in parallel (at::parallel_for), the row's valid sequence compacted into a scratch
 // buffer, the per-element formulas of information_row.h.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -12,6 +12,12 @@
 
 namespace enact {
 namespace {
+
+// Rows per task: at least ATen's grain of work (N K multiply-adds per row), so small batches
+// stay on one thread instead of paying a parallel region per call.
+int64_t rows_per_task(int64_t N, int64_t K) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, N * K));
+}
 
 template <typename T>
 void information_forward_row(const T* logits, const bool* valid, const T* taps, int64_t K, int64_t N,
@@ -106,7 +112,7 @@ InformationTuple smoothed_information_cpu(const at::Tensor& logits_in, const std
     scalar_t* pr = probs.data_ptr<scalar_t>();
     int64_t* ln = lengths.data_ptr<int64_t>();
     int64_t* rn = runs.data_ptr<int64_t>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, B, rows_per_task(N, K), [&](int64_t b0, int64_t b1) {
       std::vector<scalar_t> h, s;
       for (int64_t b = b0; b < b1; ++b)
         information_forward_row(l + b * N, vd ? vd + b * N : nullptr, tp, K, N, sm + b * N, sg + b * N,
@@ -131,7 +137,7 @@ at::Tensor smoothed_information_backward_cpu(const at::Tensor& grad_smoothed, co
     const bool* vd = valid.defined() ? valid.data_ptr<bool>() : nullptr;
     const scalar_t* tp = taps.data_ptr<scalar_t>();
     scalar_t* gl = grad_logits.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, B, rows_per_task(N, K), [&](int64_t b0, int64_t b1) {
       std::vector<scalar_t> compact, adjoint;
       for (int64_t b = b0; b < b1; ++b)
         information_backward_row(g + b * N, q + b * N, vd ? vd + b * N : nullptr, tp, K, N, gl + b * N, compact,
