@@ -16,8 +16,8 @@ with a TorchDispatchMode, which sees every ATen op the Python side dispatches:
 The mode does not see inside a compiled op's kernel (its nested calls run with the mode off), so
 the syncs of the ``enact_ops`` CUDA implementations are counted from their schema arguments, by
 ``CUDA_OP_SYNCS`` below, and ``test_cuda_sources_read_nothing_but_the_fallback_sizes`` pins the
-model to ``enact_cuda.cu``: without the sizes, a segmentation reads (S, T) in one copy; with them,
-and in every other op, nothing.
+model to the CUDA sources (``csrc/cuda/*.cu``): without the sizes, a segmentation reads (S, T) in
+one copy (``segment_cuda.cu``); with them, and in every other op, nothing.
 """
 import collections
 import pathlib
@@ -41,7 +41,7 @@ SEGMENTATION_OPS = {"segment_runs": 2, "segment_uniform": 2}  # op: number of ar
 
 def cuda_op_syncs(name, args, kwargs) -> int:
     """Host syncs inside the CUDA implementation of ``torch.ops.enact_ops.<name>`` for these
-    arguments (see enact_cuda.cu): a segmentation without its sizes reads (S, T) in one copy."""
+    arguments (see segment_cuda.cu): a segmentation without its sizes reads (S, T) in one copy."""
     if name in SEGMENTATION_OPS:
         given = args[SEGMENTATION_OPS[name]] if len(args) > SEGMENTATION_OPS[name] else kwargs.get("num_segments")
         return 0 if given is not None else 1
@@ -232,14 +232,16 @@ def test_cuda_sources_read_nothing_but_the_fallback_sizes():
     device-to-host copy only, the (S, T) read of a segmentation called without its sizes."""
     csrc = ROOT / "enact_ops" / "csrc"
     for path in csrc.rglob("*"):
-        if path.suffix in (".cpp", ".cu", ".h"):
+        if path.suffix in (".cpp", ".cu", ".cuh", ".h"):
             text = path.read_text()
             assert not re.search(r"\.item\s*<|\.item\s*\(", text), path
             assert "_local_scalar_dense" not in text, path
-    cuda = (csrc / "cuda" / "enact_cuda.cu").read_text()
-    reads = re.findall(r"\.cpu\(\)|\.to\(\s*(?:at::)?kCPU|cudaMemcpy(?!Async\b)|cudaStreamSynchronize|"
-                       r"cudaDeviceSynchronize", cuda)
-    assert reads == [".cpu()"], reads
-    fallback = cuda[cuda.index("SegmentationTuple csr_from_cluster_ids"):]
+    sources = {path.name: path.read_text() for path in sorted((csrc / "cuda").glob("*.cu"))}
+    assert {"enact_cuda.cu", "segment_cuda.cu"} <= set(sources), sorted(sources)
+    reads = {name: re.findall(r"\.cpu\(\)|\.to\(\s*(?:at::)?kCPU|cudaMemcpy(?!Async\b)|cudaStreamSynchronize|"
+                              r"cudaDeviceSynchronize", text) for name, text in sources.items()}
+    assert {name: r for name, r in reads.items() if r} == {"segment_cuda.cu": [".cpu()"]}, reads
+    cuda = sources["segment_cuda.cu"]
+    fallback = cuda[cuda.index("Csr csr_layout("):]
     fallback = fallback[: fallback.index("\n}\n")]
     assert ".cpu()" in fallback and "if (num_segments.has_value())" in fallback

@@ -53,36 +53,65 @@ __device__ T block_reduce(T v, T* shared) {
   return out;
 }
 
-// Block-wide exclusive prefix sum of one value per thread, in thread order: thread t gets
-// v_0 + ... + v_{t-1}; every thread's *total (optional) gets the sum over the block.
-// shared: kWarp + 1 entries of T.
-template <typename T>
-__device__ T block_exclusive_sum(T v, T* shared, T* total = nullptr) {
+struct SumOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+
+struct MaxOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return a < b ? b : a; }
+};
+
+// Block-wide exclusive scan of one value per thread with the associative `op` (identity
+// `identity`), in thread order: thread t gets op(v_0, ..., v_{t-1}), thread 0 `identity`;
+// every thread's *total (optional) gets op over the block.  T: a type __shfl_up_sync moves
+// (32- or 64-bit integers, float, double).  shared: kWarp + 1 entries of T.
+template <typename T, typename Op>
+__device__ T block_exclusive_scan(T v, T identity, Op op, T* shared, T* total = nullptr) {
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int warps = (blockDim.x + kWarp - 1) / kWarp;
   T inclusive = v;  // inclusive scan within the warp
   for (int off = 1; off < kWarp; off *= 2) {
     const T up = __shfl_up_sync(0xffffffffu, inclusive, off);
-    if (lane >= off) inclusive += up;
+    if (lane >= off) inclusive = op(up, inclusive);
   }
+  T exclusive = __shfl_up_sync(0xffffffffu, inclusive, 1);
+  if (lane == 0) exclusive = identity;
   if (lane == kWarp - 1) shared[warp] = inclusive;
   __syncthreads();
-  if (warp == 0) {  // scan of the warps' totals
-    const T w = lane < warps ? shared[lane] : T(0);
+  if (warp == 0) {  // exclusive scan of the warps' totals
+    const T w = lane < warps ? shared[lane] : identity;
     T acc = w;
     for (int off = 1; off < kWarp; off *= 2) {
       const T up = __shfl_up_sync(0xffffffffu, acc, off);
-      if (lane >= off) acc += up;
+      if (lane >= off) acc = op(up, acc);
     }
+    T before = __shfl_up_sync(0xffffffffu, acc, 1);
+    if (lane == 0) before = identity;
     __syncwarp();
-    if (lane < warps) shared[lane] = acc - w;  // exclusive offset of warp `lane`
+    if (lane < warps) shared[lane] = before;   // what the warps before warp `lane` hold
     if (lane == kWarp - 1) shared[kWarp] = acc;  // the block's total
   }
   __syncthreads();
-  const T out = shared[warp] + inclusive - v;
+  const T out = op(shared[warp], exclusive);
   if (total != nullptr) *total = shared[kWarp];
   __syncthreads();
   return out;
+}
+
+// Block-wide exclusive prefix sum of one value per thread, in thread order: thread t gets
+// v_0 + ... + v_{t-1}; every thread's *total (optional) gets the sum over the block.
+// shared: kWarp + 1 entries of T.
+template <typename T>
+__device__ T block_exclusive_sum(T v, T* shared, T* total = nullptr) {
+  return block_exclusive_scan(v, T(0), SumOp(), shared, total);
+}
+
+// Block-wide exclusive max: thread t gets max(lowest, v_0, ..., v_{t-1}).
+template <typename T>
+__device__ T block_exclusive_max(T v, T lowest, T* shared, T* total = nullptr) {
+  return block_exclusive_scan(v, lowest, MaxOp(), shared, total);
 }
 
 }  // namespace enact

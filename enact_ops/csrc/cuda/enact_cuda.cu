@@ -1,7 +1,5 @@
-// CUDA kernels of the enact_ops operators (one translation unit to keep compile time low).
+// CUDA kernels of the enact_ops pooling operators (the segmentations are in segment_cuda.cu).
 //
-// Segmentation: one thread per row labels the row's tokens (a sequential scan: rows are few and
-// the work is O(N)), a cumsum over rows gives the CSR offsets, a second pass fills the CSR.
 // Pooling forward: one block per segment; the block reduces the segment's max and sum of exps,
 // writes the weights, then every thread owns channels and accumulates w_i x_i over the members.
 // Pooling backward: one block per segment, one warp per member: the warp writes
@@ -9,8 +7,8 @@
 // dscore_i = w_i (d_i - sum_j w_j d_j).  The fused variant (backward_sum) writes one gradient
 // w_i sum_f g_f for features that flow into one tensor (keys = src + pos and values = src) and
 // d_i = sum_f <g_f, x_f,i>.  Accumulation in float (double for double inputs).
-// Index values are checked with device-side assertions (no host sync); sizes on the host.  Host
-// syncs: none when the caller gives the segmentation's sizes; else one copy of (S, T).
+// Index values are checked with device-side assertions (no host sync); sizes on the host.  No
+// host syncs.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -19,81 +17,10 @@
 #include <c10/macros/Macros.h>
 
 #include "../enact.h"
-#include "../segment_rows.h"
 #include "block_reduce.cuh"
 
 namespace enact {
 namespace {
-
-__global__ void label_runs_kernel(const bool* __restrict__ sign, const bool* __restrict__ valid,
-                                  int64_t B, int64_t N, int64_t* __restrict__ cid,
-                                  int64_t* __restrict__ num_clusters, int64_t* __restrict__ kept) {
-  const int64_t b = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (b < B) label_runs_row(sign, valid, b, N, cid, num_clusters, kept);
-}
-
-__global__ void label_uniform_kernel(const bool* __restrict__ valid, int64_t B, int64_t N,
-                                     int64_t chunk, int64_t* __restrict__ cid,
-                                     int64_t* __restrict__ num_clusters,
-                                     int64_t* __restrict__ kept) {
-  const int64_t b = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (b < B) label_uniform_row(valid, b, N, chunk, cid, num_clusters, kept);
-}
-
-__global__ void fill_csr_kernel(const int64_t* __restrict__ cid, int64_t B, int64_t N,
-                                const int64_t* __restrict__ row_offsets,
-                                const int64_t* __restrict__ tok_offsets, int64_t S, int64_t T,
-                                int64_t* __restrict__ tokens, int64_t* __restrict__ token_segment,
-                                int64_t* __restrict__ seg_starts, int64_t* __restrict__ seg_batch) {
-  const int64_t b = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (b >= B) return;
-  // the outputs were sized S, T on the host (by the caller, without a sync): the row must fit,
-  // and the last row ends exactly there
-  CUDA_KERNEL_ASSERT(row_offsets[b + 1] <= S && tok_offsets[b + 1] <= T);
-  if (b == B - 1) CUDA_KERNEL_ASSERT(row_offsets[B] == S && tok_offsets[B] == T);
-  fill_csr_row(cid, b, N, row_offsets, tok_offsets, tokens, token_segment, seg_starts, seg_batch);
-  if (b == B - 1) seg_starts[S] = T;
-}
-
-// The CSR layout from the labels.  Its sizes (S segments, T tokens) are the caller's when given
-// (no host sync: the fill kernel asserts them on the device), else read from the device in one
-// copy (the only host sync of the op).
-SegmentationTuple csr_from_cluster_ids(const at::Tensor& cluster_ids, const at::Tensor& num_clusters,
-                                       const at::Tensor& kept, std::optional<int64_t> num_segments,
-                                       std::optional<int64_t> num_tokens) {
-  const int64_t B = cluster_ids.size(0), N = cluster_ids.size(1);
-  auto opts = cluster_ids.options();
-  auto row_offsets = at::zeros({B + 1}, opts);
-  auto tok_offsets = at::zeros({B + 1}, opts);
-  row_offsets.narrow(0, 1, B).copy_(at::cumsum(num_clusters, 0));
-  tok_offsets.narrow(0, 1, B).copy_(at::cumsum(kept, 0));
-  int64_t S = 0, T = 0;
-  if (num_segments.has_value()) {
-    S = *num_segments;
-    T = *num_tokens;
-  } else {
-    const auto totals = at::cat({row_offsets.narrow(0, B, 1), tok_offsets.narrow(0, B, 1)}).cpu();
-    S = totals.data_ptr<int64_t>()[0];
-    T = totals.data_ptr<int64_t>()[1];
-  }
-  auto tokens = at::empty({T}, opts);
-  auto token_segment = at::empty({T}, opts);
-  auto seg_starts = at::empty({S + 1}, opts);
-  auto seg_batch = at::empty({S}, opts);
-  if (B > 0) {
-    auto stream = c10::cuda::getCurrentCUDAStream();
-    fill_csr_kernel<<<grid_x(blocks_for(B, 128), "segmentation"), 128, 0, stream>>>(
-        cluster_ids.data_ptr<int64_t>(), B, N, row_offsets.data_ptr<int64_t>(),
-        tok_offsets.data_ptr<int64_t>(), S, T, tokens.data_ptr<int64_t>(),
-        token_segment.data_ptr<int64_t>(), seg_starts.data_ptr<int64_t>(),
-        seg_batch.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  } else {
-    TORCH_CHECK(S == 0 && T == 0, "enact_ops: the given sizes (", S, ", ", T, ") are not the segmentation's (0, 0)");
-    seg_starts.zero_();
-  }
-  return {cluster_ids, num_clusters, tokens, token_segment, seg_starts, seg_batch, row_offsets};
-}
 
 template <typename acc_t>
 __global__ void segment_weights_kernel(const acc_t* __restrict__ scores,
@@ -264,50 +191,6 @@ at::Tensor score_backward_cuda(const at::Tensor& weights, const at::Tensor& dots
 }
 
 }  // namespace
-
-SegmentationTuple segment_runs_cuda(const at::Tensor& sign_in, const at::Tensor& valid_in,
-                                    std::optional<int64_t> num_segments, std::optional<int64_t> num_tokens) {
-  check_segmentation_inputs(sign_in, valid_in);
-  check_segmentation_sizes(num_segments, num_tokens);
-  TORCH_CHECK(sign_in.is_cuda(), "enact_ops: segment_runs_cuda expects CUDA tensors");
-  c10::cuda::CUDAGuard guard(sign_in.device());
-  const auto sign = sign_in.contiguous();
-  const auto valid = valid_in.contiguous();
-  const int64_t B = sign.size(0), N = sign.size(1);
-  auto opts = sign.options().dtype(at::kLong);
-  auto cluster_ids = at::empty({B, N}, opts);
-  auto num_clusters = at::empty({B}, opts);
-  auto kept = at::empty({B}, opts);
-  if (B > 0) {
-    label_runs_kernel<<<grid_x(blocks_for(B, 128), "segment_runs"), 128, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        sign.data_ptr<bool>(), valid.data_ptr<bool>(), B, N, cluster_ids.data_ptr<int64_t>(),
-        num_clusters.data_ptr<int64_t>(), kept.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  return csr_from_cluster_ids(cluster_ids, num_clusters, kept, num_segments, num_tokens);
-}
-
-SegmentationTuple segment_uniform_cuda(const at::Tensor& valid_in, int64_t chunk,
-                                       std::optional<int64_t> num_segments, std::optional<int64_t> num_tokens) {
-  check_segmentation_inputs(valid_in, valid_in);
-  check_segmentation_sizes(num_segments, num_tokens);
-  TORCH_CHECK(valid_in.is_cuda(), "enact_ops: segment_uniform_cuda expects CUDA tensors");
-  TORCH_CHECK(chunk >= 1, "enact_ops.segment_uniform: chunk must be >= 1, got ", chunk);
-  c10::cuda::CUDAGuard guard(valid_in.device());
-  const auto valid = valid_in.contiguous();
-  const int64_t B = valid.size(0), N = valid.size(1);
-  auto opts = valid.options().dtype(at::kLong);
-  auto cluster_ids = at::empty({B, N}, opts);
-  auto num_clusters = at::empty({B}, opts);
-  auto kept = at::empty({B}, opts);
-  if (B > 0) {
-    label_uniform_kernel<<<grid_x(blocks_for(B, 128), "segment_uniform"), 128, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        valid.data_ptr<bool>(), B, N, chunk, cluster_ids.data_ptr<int64_t>(),
-        num_clusters.data_ptr<int64_t>(), kept.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  return csr_from_cluster_ids(cluster_ids, num_clusters, kept, num_segments, num_tokens);
-}
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> segment_softmax_pool_forward_cuda(
     const at::Tensor& scores, at::TensorList features, const at::Tensor& tokens,
