@@ -548,9 +548,10 @@ def test_encoder_self_attention_takes_the_fused_path(monkeypatch):
     with torch.no_grad():  # inference: no fused pooling, but steps 1-4 still fused
         m(x, query_pos=torch.randn_like(x))
     assert len(calls) == 1 and len(steps) == 2
-    m.clustering.register_trace_hook(lambda *_: None)  # a trace wants h: the readable steps 1-4
+    traces = []
+    m.clustering.register_trace_hook(lambda _, trace: traces.append(trace))  # h computed apart for it
     m(x, query_pos=torch.randn_like(x))
-    assert len(steps) == 2
+    assert len(steps) == 3 and traces[0].information.shape == (2, 30)
 
 
 def test_torch_compile_equals_eager():

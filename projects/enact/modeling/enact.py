@@ -16,7 +16,7 @@ This module is the readable path, in that order: the functions below are steps 1
 adds step 8.  Where the compiled kernels run, steps 1-4 are one fused operator
 (``enact_ops.smoothed_information``: the same values, one kernel forward and one backward, and
 each row's valid length and number of runs for step 5 without another pass); these functions
-are then its reference (tests/test_information.py).  Steps 1-6 run in float32 (float64 for float64 inputs) on each image's valid
+are its reference (tests/test_information.py).  Steps 1-6 run in float32 (float64 for float64 inputs) on each image's valid
 sequence, as if the pads did not exist, so an image's result does not depend on its batch.
 ``mode="uniform"`` replaces the runs by chunks of one batch-wide length L, as the authors'
 public code does; ``mode="identity"`` makes every valid token its own cluster (weights 1), so
@@ -238,15 +238,16 @@ class EnactClustering(nn.Module):
         return name in vars(self) or getattr(type(self), name) is not getattr(EnactClustering, name)
 
     def _steps_1_to_4(self, logits: torch.Tensor, valid: Optional[torch.Tensor], mask: Optional[torch.Tensor]):
-        """Steps 1-4 from W_prob's logits (B, N): (h or None, h~, s, row sizes or None).  The fused
-        operator where the compiled kernels run and no trace hook wants h (it also gives each row's
-        valid length and number of runs, (B,) tensors, for step 5); else the functions above (also
-        when ``smoothed_information`` is replaced on the instance or in a subclass)."""
-        fused = not self._trace_hooks and not self._overridden("smoothed_information")
-        if fused and enact_ops.use_compiled(self.backend, logits.device):
+        """Steps 1-4 from W_prob's logits (B, N): (h, h~, s, row sizes or None).  The fused operator
+        where the compiled kernels run (it also gives each row's valid length and number of runs,
+        (B,) tensors, for step 5; h, which it does not return, is computed apart only for a trace
+        hook, else None); the functions above otherwise (also when ``smoothed_information`` is
+        replaced on the instance or in a subclass)."""
+        if not self._overridden("smoothed_information") and enact_ops.use_compiled(self.backend, logits.device):
             taps = gaussian_kernel(self.sigma, self.radius, logits.dtype, logits.device)
             info = enact_ops.smoothed_information(logits, taps, mask, backend="compiled")
-            return None, info.smoothed, info.sign, (info.lengths, info.runs)
+            h = self_information(logits.detach(), valid) if self._trace_hooks else None
+            return h, info.smoothed, info.sign, (info.lengths, info.runs)
         h = self_information(logits, valid)
         smoothed, sign = self.smoothed_information(h, valid)
         return h, smoothed, sign, None
