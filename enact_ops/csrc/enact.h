@@ -17,6 +17,12 @@ using SegmentationTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Ten
                                      at::Tensor, at::Tensor>;
 // Steps 1-4 of one batch: (smoothed (B,N), sign (B,N) bool, probs (B,N), lengths (B,), runs (B,))
 using InformationTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// Those outputs allocated (uninitialised) for logits (B, N), on their device.
+struct InformationOutputs {
+  at::Tensor smoothed, sign, probs, lengths, runs;
+  explicit InformationOutputs(const at::Tensor& logits);
+  InformationTuple tuple() const { return {smoothed, sign, probs, lengths, runs}; }
+};
 
 // ---- host-side checks, shared by both devices ------------------------------------------------
 // The sizes a caller may pass to the segmentation ops (S segments, T clustered tokens), so that

@@ -38,6 +38,17 @@ ENACT_HOST_DEVICE T information_grad_of(T q) {
   return -(log2_of(p) + T(1.4426950408889634));  // 1 / ln 2
 }
 
+// Backward of steps 1-2 at a valid token with softmax q and dL/dh = grad_h: its term of
+// sum_j q_j dL/dq_j, then dL/dl = q (dL/dq - that sum).
+template <typename T>
+ENACT_HOST_DEVICE T information_dot_term(T q, T grad_h) {
+  return q * grad_h * information_grad_of(q);
+}
+template <typename T>
+ENACT_HOST_DEVICE T logit_grad_of(T q, T grad_h, T dot) {
+  return q * (grad_h * information_grad_of(q) - dot);
+}
+
 // Cross-correlation of x[0..len) with taps[0..K) (K odd, centre r = K / 2) at j, zero outside.
 template <typename T>
 ENACT_HOST_DEVICE T correlate_at(const T* x, int64_t len, const T* taps, int64_t K, int64_t j) {

@@ -133,6 +133,13 @@ void check_information_inputs(const at::Tensor& logits, const std::optional<at::
               " like the logits, got ", taps.scalar_type(), " on ", taps.device());
 }
 
+InformationOutputs::InformationOutputs(const at::Tensor& logits)
+    : smoothed(at::empty_like(logits)),
+      sign(at::empty(logits.sizes(), logits.options().dtype(at::kBool))),
+      probs(at::empty_like(logits)),
+      lengths(at::empty({logits.size(0)}, logits.options().dtype(at::kLong))),
+      runs(at::empty({logits.size(0)}, logits.options().dtype(at::kLong))) {}
+
 void check_information_backward_inputs(const at::Tensor& grad_smoothed, const at::Tensor& probs,
                                        const std::optional<at::Tensor>& valid, const at::Tensor& taps) {
   check_information_inputs(probs, valid, taps);

@@ -78,15 +78,9 @@ void information_backward_row(const T* grad, const T* probs, const bool* valid, 
   for (int64_t k = 0; k < len; ++k) gh[k] = correlate_adjoint_at(g.data(), len, taps, K, k);
   T dot = 0;  // sum_j q_j dL/dq_j
   for (int64_t n = 0, j = 0; n < N; ++n)
-    if (valid == nullptr || valid[n]) dot += probs[n] * gh[j++] * information_grad_of(probs[n]);
-  for (int64_t n = 0, j = 0; n < N; ++n) {
-    if (valid != nullptr && !valid[n]) {
-      grad_logits[n] = T(0);
-      continue;
-    }
-    const T gq = gh[j++] * information_grad_of(probs[n]);
-    grad_logits[n] = probs[n] * (gq - dot);
-  }
+    if (valid == nullptr || valid[n]) dot += information_dot_term(probs[n], gh[j++]);
+  for (int64_t n = 0, j = 0; n < N; ++n)
+    grad_logits[n] = (valid == nullptr || valid[n]) ? logit_grad_of(probs[n], gh[j++], dot) : T(0);
 }
 
 }  // namespace
@@ -98,20 +92,16 @@ InformationTuple smoothed_information_cpu(const at::Tensor& logits_in, const std
   const auto taps = taps_in.contiguous();
   const auto valid = valid_in.has_value() ? valid_in->contiguous() : at::Tensor();
   const int64_t B = logits.size(0), N = logits.size(1), K = taps.numel();
-  auto smoothed = at::empty_like(logits);
-  auto sign = at::empty(logits.sizes(), logits.options().dtype(at::kBool));
-  auto probs = at::empty_like(logits);
-  auto lengths = at::empty({B}, logits.options().dtype(at::kLong));
-  auto runs = at::empty({B}, logits.options().dtype(at::kLong));
+  const InformationOutputs out(logits);
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "smoothed_information_cpu", [&] {
     const scalar_t* l = logits.data_ptr<scalar_t>();
     const bool* vd = valid.defined() ? valid.data_ptr<bool>() : nullptr;
     const scalar_t* tp = taps.data_ptr<scalar_t>();
-    scalar_t* sm = smoothed.data_ptr<scalar_t>();
-    bool* sg = sign.data_ptr<bool>();
-    scalar_t* pr = probs.data_ptr<scalar_t>();
-    int64_t* ln = lengths.data_ptr<int64_t>();
-    int64_t* rn = runs.data_ptr<int64_t>();
+    scalar_t* sm = out.smoothed.data_ptr<scalar_t>();
+    bool* sg = out.sign.data_ptr<bool>();
+    scalar_t* pr = out.probs.data_ptr<scalar_t>();
+    int64_t* ln = out.lengths.data_ptr<int64_t>();
+    int64_t* rn = out.runs.data_ptr<int64_t>();
     at::parallel_for(0, B, rows_per_task(N, K), [&](int64_t b0, int64_t b1) {
       std::vector<scalar_t> h, s;
       for (int64_t b = b0; b < b1; ++b)
@@ -119,7 +109,7 @@ InformationTuple smoothed_information_cpu(const at::Tensor& logits_in, const std
                                 pr + b * N, ln + b, rn + b, h, s);
     });
   });
-  return {smoothed, sign, probs, lengths, runs};
+  return out.tuple();
 }
 
 at::Tensor smoothed_information_backward_cpu(const at::Tensor& grad_smoothed, const at::Tensor& probs_in,

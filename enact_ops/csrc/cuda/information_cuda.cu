@@ -118,16 +118,10 @@ __global__ void smoothed_information_backward_kernel(const T* __restrict__ grad,
   __syncthreads();
   T dot = 0;  // sum_j q_j dL/dq_j
   for (int64_t n = beg, j = offset; n < end; ++n)
-    if (is_valid(valid, n)) dot += probs[n] * adjoint[j++] * information_grad_of(probs[n]);
+    if (is_valid(valid, n)) dot += information_dot_term(probs[n], adjoint[j++]);
   dot = block_reduce<T, false>(dot, shared);
-  for (int64_t n = beg, j = offset; n < end; ++n) {
-    if (!is_valid(valid, n)) {
-      grad_logits[n] = T(0);
-      continue;
-    }
-    const T gq = adjoint[j++] * information_grad_of(probs[n]);
-    grad_logits[n] = probs[n] * (gq - dot);
-  }
+  for (int64_t n = beg, j = offset; n < end; ++n)
+    grad_logits[n] = is_valid(valid, n) ? logit_grad_of(probs[n], adjoint[j++], dot) : T(0);
 }
 
 }  // namespace
@@ -141,24 +135,20 @@ InformationTuple smoothed_information_cuda(const at::Tensor& logits_in, const st
   const auto taps = taps_in.contiguous();
   const auto valid = valid_in.has_value() ? valid_in->contiguous() : at::Tensor();
   const int64_t B = logits.size(0), N = logits.size(1), K = taps.numel();
-  auto smoothed = at::empty_like(logits);
-  auto sign = at::empty(logits.sizes(), logits.options().dtype(at::kBool));
-  auto probs = at::empty_like(logits);
-  auto lengths = at::empty({B}, logits.options().dtype(at::kLong));
-  auto runs = at::empty({B}, logits.options().dtype(at::kLong));
+  const InformationOutputs out(logits);
   if (B > 0) {
     auto scratch = at::empty({2, B, N}, logits.options());
     AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "smoothed_information_cuda", [&] {
       smoothed_information_kernel<scalar_t><<<grid_x(B, "smoothed_information"), kRowThreads, 0,
                                               c10::cuda::getCurrentCUDAStream()>>>(
           logits.data_ptr<scalar_t>(), valid.defined() ? valid.data_ptr<bool>() : nullptr,
-          taps.data_ptr<scalar_t>(), K, N, smoothed.data_ptr<scalar_t>(), sign.data_ptr<bool>(),
-          probs.data_ptr<scalar_t>(), lengths.data_ptr<int64_t>(), runs.data_ptr<int64_t>(),
+          taps.data_ptr<scalar_t>(), K, N, out.smoothed.data_ptr<scalar_t>(), out.sign.data_ptr<bool>(),
+          out.probs.data_ptr<scalar_t>(), out.lengths.data_ptr<int64_t>(), out.runs.data_ptr<int64_t>(),
           scratch[0].data_ptr<scalar_t>(), scratch[1].data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  return {smoothed, sign, probs, lengths, runs};
+  return out.tuple();
 }
 
 at::Tensor smoothed_information_backward_cuda(const at::Tensor& grad_smoothed, const at::Tensor& probs_in,

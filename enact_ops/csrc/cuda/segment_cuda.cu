@@ -48,18 +48,26 @@ __device__ __forceinline__ void check_row_fits(int64_t b, int64_t B, const int64
   }
 }
 
+// What a pass of a segmentation kernel reads and writes besides its input: sizes pass (kFill
+// false) the rows' num_clusters and kept; fill pass the CSR layout (offsets, sizes S, T) and out.
+struct SegmentPass {
+  int64_t B, N;
+  int64_t* num_clusters;
+  int64_t* kept;
+  const int64_t* row_offsets;
+  const int64_t* tok_offsets;
+  int64_t S, T;
+  SegmentOut out;
+};
+
 // Runs of equal sign, block b = row b.  kFill false: num_clusters[b] and kept[b] (runs and
 // valid tokens).  kFill true: cluster_ids and the CSR entries of the row.  Each thread
 // summarises its chunk; exclusive scans give its carry: the valid tokens (sum) and the last
 // valid token (max of 2 n + sign) before it, then the runs started before it (sum).
 template <bool kFill>
-__global__ void segment_runs_kernel(const bool* __restrict__ sign, const bool* __restrict__ valid,
-                                    int64_t B, int64_t N, int64_t* __restrict__ num_clusters,
-                                    int64_t* __restrict__ kept, const int64_t* __restrict__ row_offsets,
-                                    const int64_t* __restrict__ tok_offsets, int64_t S, int64_t T,
-                                    SegmentOut out) {
+__global__ void segment_runs_kernel(const bool* __restrict__ sign, const bool* __restrict__ valid, SegmentPass p) {
   __shared__ int64_t shared[kWarp + 1];
-  const int64_t b = blockIdx.x;
+  const int64_t b = blockIdx.x, N = p.N;
   int64_t n0, n1;
   thread_chunk(N, &n0, &n1);
   const RunsSummary s = summarise_runs_chunk(sign, valid, b, N, n0, n1);
@@ -70,26 +78,22 @@ __global__ void segment_runs_kernel(const bool* __restrict__ sign, const bool* _
   carry.runs = block_exclusive_sum<int64_t>(runs_started(s, carry.last), shared, &total_runs);
   if (!kFill) {
     if (threadIdx.x == 0) {
-      num_clusters[b] = total_runs;
-      kept[b] = total_kept;
+      p.num_clusters[b] = total_runs;
+      p.kept[b] = total_kept;
     }
     return;
   }
-  check_row_fits(b, B, row_offsets, tok_offsets, S, T, out);
-  fill_runs_chunk(sign, valid, b, N, n0, n1, carry, {row_offsets[b], tok_offsets[b]}, out);
+  check_row_fits(b, p.B, p.row_offsets, p.tok_offsets, p.S, p.T, p.out);
+  fill_runs_chunk(sign, valid, b, N, n0, n1, carry, {p.row_offsets[b], p.tok_offsets[b]}, p.out);
 }
 
 // Uniform chunks of length L, block b = row b.  kFill false: num_clusters[b] and kept[b] from
 // the row's valid tokens (a block-wide sum).  kFill true: cluster_ids and the CSR entries of the
 // row, each thread's position among the valid tokens from an exclusive sum.
 template <bool kFill>
-__global__ void segment_uniform_kernel(const bool* __restrict__ valid, int64_t B, int64_t N, int64_t L,
-                                       int64_t* __restrict__ num_clusters, int64_t* __restrict__ kept,
-                                       const int64_t* __restrict__ row_offsets,
-                                       const int64_t* __restrict__ tok_offsets, int64_t S, int64_t T,
-                                       SegmentOut out) {
+__global__ void segment_uniform_kernel(const bool* __restrict__ valid, int64_t L, SegmentPass p) {
   __shared__ int64_t shared[kWarp + 1];
-  const int64_t b = blockIdx.x;
+  const int64_t b = blockIdx.x, N = p.N;
   int64_t n0, n1;
   thread_chunk(N, &n0, &n1);
   int64_t n_valid;
@@ -97,13 +101,13 @@ __global__ void segment_uniform_kernel(const bool* __restrict__ valid, int64_t B
   const UniformRow shape = uniform_row(n_valid, L);
   if (!kFill) {
     if (threadIdx.x == 0) {
-      num_clusters[b] = shape.clusters;
-      kept[b] = shape.kept;
+      p.num_clusters[b] = shape.clusters;
+      p.kept[b] = shape.kept;
     }
     return;
   }
-  check_row_fits(b, B, row_offsets, tok_offsets, S, T, out);
-  fill_uniform_chunk(valid, b, N, n0, n1, before, shape, L, {row_offsets[b], tok_offsets[b]}, out);
+  check_row_fits(b, p.B, p.row_offsets, p.tok_offsets, p.S, p.T, p.out);
+  fill_uniform_chunk(valid, b, N, n0, n1, before, shape, L, {p.row_offsets[b], p.tok_offsets[b]}, p.out);
 }
 
 // The CSR layout of a segmentation whose row b has num_clusters[b] clusters of kept[b] tokens:
@@ -149,6 +153,24 @@ SegmentOut outputs(const at::Tensor& cluster_ids, const Csr& csr) {
           csr.seg_starts.data_ptr<int64_t>(), csr.seg_batch.data_ptr<int64_t>()};
 }
 
+// The two passes of a segmentation: launch(false, pass) writes every row's num_clusters and kept,
+// the CSR layout follows (csr_layout), launch(true, pass) labels the tokens and fills it.
+template <typename Launch>
+SegmentationTuple two_pass_segmentation(const at::Tensor& like, std::optional<int64_t> num_segments,
+                                        std::optional<int64_t> num_tokens, Launch launch) {
+  const int64_t B = like.size(0), N = like.size(1);
+  auto opts = like.options().dtype(at::kLong);
+  auto cluster_ids = at::empty({B, N}, opts);
+  auto num_clusters = at::empty({B}, opts);
+  auto kept = at::empty({B}, opts);
+  if (B > 0) launch(false, SegmentPass{B, N, num_clusters.data_ptr<int64_t>(), kept.data_ptr<int64_t>()});
+  const Csr csr = csr_layout(num_clusters, kept, num_segments, num_tokens);
+  if (B > 0)
+    launch(true, SegmentPass{B, N, nullptr, nullptr, csr.row_offsets.data_ptr<int64_t>(),
+                             csr.tok_offsets.data_ptr<int64_t>(), csr.S, csr.T, outputs(cluster_ids, csr)});
+  return {cluster_ids, num_clusters, csr.tokens, csr.token_segment, csr.seg_starts, csr.seg_batch, csr.row_offsets};
+}
+
 }  // namespace
 
 SegmentationTuple segment_runs_cuda(const at::Tensor& sign_in, const at::Tensor& valid_in,
@@ -160,27 +182,13 @@ SegmentationTuple segment_runs_cuda(const at::Tensor& sign_in, const at::Tensor&
   auto stream = c10::cuda::getCurrentCUDAStream();
   const auto sign = sign_in.contiguous();
   const auto valid = valid_in.contiguous();
-  const int64_t B = sign.size(0), N = sign.size(1);
-  auto opts = sign.options().dtype(at::kLong);
-  auto cluster_ids = at::empty({B, N}, opts);
-  auto num_clusters = at::empty({B}, opts);
-  auto kept = at::empty({B}, opts);
-  const int threads = segment_threads(N);
-  if (B > 0) {
-    segment_runs_kernel<false><<<grid_x(B, "segment_runs"), threads, 0, stream>>>(
-        sign.data_ptr<bool>(), valid.data_ptr<bool>(), B, N, num_clusters.data_ptr<int64_t>(),
-        kept.data_ptr<int64_t>(), nullptr, nullptr, 0, 0, SegmentOut{});
+  const unsigned int blocks = grid_x(sign.size(0), "segment_runs");
+  const int threads = segment_threads(sign.size(1));
+  return two_pass_segmentation(sign, num_segments, num_tokens, [&](bool fill, const SegmentPass& pass) {
+    auto kernel = fill ? segment_runs_kernel<true> : segment_runs_kernel<false>;
+    kernel<<<blocks, threads, 0, stream>>>(sign.data_ptr<bool>(), valid.data_ptr<bool>(), pass);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  const Csr csr = csr_layout(num_clusters, kept, num_segments, num_tokens);
-  if (B > 0) {
-    segment_runs_kernel<true><<<grid_x(B, "segment_runs"), threads, 0, stream>>>(
-        sign.data_ptr<bool>(), valid.data_ptr<bool>(), B, N, nullptr, nullptr,
-        csr.row_offsets.data_ptr<int64_t>(), csr.tok_offsets.data_ptr<int64_t>(), csr.S, csr.T,
-        outputs(cluster_ids, csr));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  return {cluster_ids, num_clusters, csr.tokens, csr.token_segment, csr.seg_starts, csr.seg_batch, csr.row_offsets};
+  });
 }
 
 SegmentationTuple segment_uniform_cuda(const at::Tensor& valid_in, int64_t chunk,
@@ -192,26 +200,13 @@ SegmentationTuple segment_uniform_cuda(const at::Tensor& valid_in, int64_t chunk
   c10::cuda::CUDAGuard guard(valid_in.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const auto valid = valid_in.contiguous();
-  const int64_t B = valid.size(0), N = valid.size(1);
-  auto opts = valid.options().dtype(at::kLong);
-  auto cluster_ids = at::empty({B, N}, opts);
-  auto num_clusters = at::empty({B}, opts);
-  auto kept = at::empty({B}, opts);
-  const int threads = segment_threads(N);
-  if (B > 0) {
-    segment_uniform_kernel<false><<<grid_x(B, "segment_uniform"), threads, 0, stream>>>(
-        valid.data_ptr<bool>(), B, N, chunk, num_clusters.data_ptr<int64_t>(), kept.data_ptr<int64_t>(),
-        nullptr, nullptr, 0, 0, SegmentOut{});
+  const unsigned int blocks = grid_x(valid.size(0), "segment_uniform");
+  const int threads = segment_threads(valid.size(1));
+  return two_pass_segmentation(valid, num_segments, num_tokens, [&](bool fill, const SegmentPass& pass) {
+    auto kernel = fill ? segment_uniform_kernel<true> : segment_uniform_kernel<false>;
+    kernel<<<blocks, threads, 0, stream>>>(valid.data_ptr<bool>(), chunk, pass);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  const Csr csr = csr_layout(num_clusters, kept, num_segments, num_tokens);
-  if (B > 0) {
-    segment_uniform_kernel<true><<<grid_x(B, "segment_uniform"), threads, 0, stream>>>(
-        valid.data_ptr<bool>(), B, N, chunk, nullptr, nullptr, csr.row_offsets.data_ptr<int64_t>(),
-        csr.tok_offsets.data_ptr<int64_t>(), csr.S, csr.T, outputs(cluster_ids, csr));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  return {cluster_ids, num_clusters, csr.tokens, csr.token_segment, csr.seg_starts, csr.seg_batch, csr.row_offsets};
+  });
 }
 
 }  // namespace enact
