@@ -219,7 +219,8 @@ def segment_runs(
 ) -> Segmentation:
     """Clusters = maximal runs of equal ``sign`` (B, N) bool over each row's valid sequence.
     ``sizes``: the segmentation's sizes (``runs_sizes(*read_row_sizes(...))``) if known -- then
-    nothing is read from the device; they must be right (checked on CPU, asserted on CUDA)."""
+    nothing is read from the device; they must be right (checked on CPU, asserted on CUDA, where
+    a failed device-side assertion ends the CUDA context like any other)."""
     _check_bool_2d("sign", sign)
     sizes = _check_sizes(sizes)
     valid = _valid_from_mask(sign, key_padding_mask)

@@ -33,17 +33,24 @@ __device__ __forceinline__ T warp_max(T v) {
   return v;
 }
 
+// The identity of max: -infinity for floating types, the lowest value for integers.
+template <typename T>
+__device__ __forceinline__ T lowest_of() {
+  return std::numeric_limits<T>::has_infinity ? -std::numeric_limits<T>::infinity() : std::numeric_limits<T>::lowest();
+}
+
 // Block-wide reduction of one value per thread; every thread gets the result.
 // shared: kWarp entries of T.
 template <typename T, bool IsMax>
 __device__ T block_reduce(T v, T* shared) {
+  CUDA_KERNEL_ASSERT(blockDim.x % kWarp == 0);  // full warps: the shuffles' masks are all lanes
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int warps = (blockDim.x + kWarp - 1) / kWarp;
   v = IsMax ? warp_max(v) : warp_sum(v);
   if (lane == 0) shared[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    T r = lane < warps ? shared[lane] : (IsMax ? -INFINITY : T(0));
+    T r = lane < warps ? shared[lane] : (IsMax ? lowest_of<T>() : T(0));
     r = IsMax ? warp_max(r) : warp_sum(r);
     if (lane == 0) shared[0] = r;
   }
@@ -69,6 +76,7 @@ struct MaxOp {
 // (32- or 64-bit integers, float, double).  shared: kWarp + 1 entries of T.
 template <typename T, typename Op>
 __device__ T block_exclusive_scan(T v, T identity, Op op, T* shared, T* total = nullptr) {
+  CUDA_KERNEL_ASSERT(blockDim.x % kWarp == 0);  // full warps: the shuffles' masks are all lanes
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int warps = (blockDim.x + kWarp - 1) / kWarp;
   T inclusive = v;  // inclusive scan within the warp

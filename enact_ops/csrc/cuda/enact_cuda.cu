@@ -22,18 +22,36 @@
 namespace enact {
 namespace {
 
+// Segment s of a CSR segmentation of B rows and T clustered tokens: its row b, its slot in the
+// row and its token range [beg, end), each index checked by a device-side assertion before it is
+// used (the op is public: no host sync, no read out of bounds).
+struct SegmentView {
+  int64_t b, slot, beg, end;
+};
+
+__device__ __forceinline__ SegmentView segment_at(int64_t s, const int64_t* __restrict__ seg_starts,
+                                                  const int64_t* __restrict__ seg_batch,
+                                                  const int64_t* __restrict__ row_offsets, int64_t B, int64_t T) {
+  const int64_t b = seg_batch[s];
+  CUDA_KERNEL_ASSERT(b >= 0 && b < B);
+  const int64_t beg = seg_starts[s], end = seg_starts[s + 1];
+  CUDA_KERNEL_ASSERT(beg >= 0 && beg <= end && end <= T);
+  return {b, s - row_offsets[b], beg, end};
+}
+
 template <typename acc_t>
 __global__ void segment_weights_kernel(const acc_t* __restrict__ scores,
                                        const int64_t* __restrict__ tokens,
-                                       const int64_t* __restrict__ seg_starts, int64_t T,
-                                       int64_t BN, acc_t* __restrict__ weights) {
+                                       const int64_t* __restrict__ seg_starts,
+                                       const int64_t* __restrict__ seg_batch,
+                                       const int64_t* __restrict__ row_offsets, int64_t B, int64_t N,
+                                       int64_t T, int64_t M, acc_t* __restrict__ weights) {
   __shared__ acc_t shared[kWarp];
-  const int64_t s = blockIdx.x;
-  const int64_t beg = seg_starts[s], end = seg_starts[s + 1];
-  CUDA_KERNEL_ASSERT(beg >= 0 && beg <= end && end <= T);
+  const auto [b, slot, beg, end] = segment_at(blockIdx.x, seg_starts, seg_batch, row_offsets, B, T);
+  CUDA_KERNEL_ASSERT(slot >= 0 && slot < M);  // max_clusters covers the row
   acc_t mx = -INFINITY;
   for (int64_t t = beg + threadIdx.x; t < end; t += blockDim.x) {
-    CUDA_KERNEL_ASSERT(tokens[t] >= 0 && tokens[t] < BN);
+    CUDA_KERNEL_ASSERT(tokens[t] >= b * N && tokens[t] < (b + 1) * N);
     mx = max(mx, scores[tokens[t]]);
   }
   mx = block_reduce<acc_t, true>(mx, shared);
@@ -53,12 +71,10 @@ __global__ void segment_pool_kernel(const acc_t* __restrict__ weights,
                                     const int64_t* __restrict__ tokens,
                                     const int64_t* __restrict__ seg_starts,
                                     const int64_t* __restrict__ seg_batch,
-                                    const int64_t* __restrict__ row_offsets, int64_t M,
-                                    scalar_t* __restrict__ out) {
-  const int64_t s = blockIdx.x;
-  const int64_t b = seg_batch[s], slot = s - row_offsets[b];
-  const int64_t beg = seg_starts[s], end = seg_starts[s + 1];
-  CUDA_KERNEL_ASSERT(slot >= 0 && slot < M && beg <= end);
+                                    const int64_t* __restrict__ row_offsets, int64_t B, int64_t T,
+                                    int64_t M, scalar_t* __restrict__ out) {
+  const auto [b, slot, beg, end] = segment_at(blockIdx.x, seg_starts, seg_batch, row_offsets, B, T);
+  CUDA_KERNEL_ASSERT(slot >= 0 && slot < M);
   scalar_t* dst = out + (b * M + slot) * C;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
     acc_t acc = 0;
@@ -76,12 +92,10 @@ __global__ void segment_pool_backward_kernel(
     const acc_t* __restrict__ weights, const scalar_t* __restrict__ x, int64_t N, int64_t C,
     int64_t stride_b, int64_t stride_n, const scalar_t* __restrict__ grad_out, int64_t M,
     const int64_t* __restrict__ tokens, const int64_t* __restrict__ seg_starts,
-    const int64_t* __restrict__ seg_batch, const int64_t* __restrict__ row_offsets,
+    const int64_t* __restrict__ seg_batch, const int64_t* __restrict__ row_offsets, int64_t B, int64_t T,
     scalar_t* __restrict__ grad_x, acc_t* __restrict__ dots) {
-  const int64_t s = blockIdx.x;
-  const int64_t b = seg_batch[s], slot = s - row_offsets[b];
-  const int64_t beg = seg_starts[s], end = seg_starts[s + 1];
-  CUDA_KERNEL_ASSERT(slot >= 0 && slot < M && beg <= end);  // grad_out's M covers the row
+  const auto [b, slot, beg, end] = segment_at(blockIdx.x, seg_starts, seg_batch, row_offsets, B, T);
+  CUDA_KERNEL_ASSERT(slot >= 0 && slot < M);  // grad_out's M covers the row
   const scalar_t* g = grad_out + (b * M + slot) * C;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int warps = blockDim.x / kWarp;
@@ -107,11 +121,12 @@ __global__ void segment_score_backward_kernel(const acc_t* __restrict__ weights,
                                               const acc_t* __restrict__ dots,
                                               const int64_t* __restrict__ tokens,
                                               const int64_t* __restrict__ seg_starts, int64_t S,
-                                              acc_t* __restrict__ grad_scores) {
+                                              int64_t T, acc_t* __restrict__ grad_scores) {
   const int lane = threadIdx.x % kWarp;
   const int64_t s = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / kWarp;
   if (s >= S) return;  // whole warps exit together
   const int64_t beg = seg_starts[s], end = seg_starts[s + 1];
+  CUDA_KERNEL_ASSERT(beg >= 0 && beg <= end && end <= T);
   acc_t wd = 0;
   for (int64_t t = beg + lane; t < end; t += kWarp) wd += weights[tokens[t]] * dots[t];
   wd = warp_sum(wd);
@@ -139,11 +154,9 @@ template <typename scalar_t, typename acc_t>
 __global__ void segment_pool_backward_sum_kernel(
     const acc_t* __restrict__ weights, SummedFeatures<scalar_t> feats, int64_t N, int64_t C,
     const int64_t* __restrict__ tokens, const int64_t* __restrict__ seg_starts,
-    const int64_t* __restrict__ seg_batch, const int64_t* __restrict__ row_offsets,
+    const int64_t* __restrict__ seg_batch, const int64_t* __restrict__ row_offsets, int64_t B, int64_t T,
     scalar_t* __restrict__ grad_sum, int64_t out_b, int64_t out_n, acc_t* __restrict__ dots) {
-  const int64_t s = blockIdx.x;
-  const int64_t b = seg_batch[s], slot = s - row_offsets[b];
-  const int64_t beg = seg_starts[s], end = seg_starts[s + 1];
+  const auto [b, slot, beg, end] = segment_at(blockIdx.x, seg_starts, seg_batch, row_offsets, B, T);
   for (int f = 0; f < feats.count; ++f) CUDA_KERNEL_ASSERT(slot >= 0 && slot < feats.M[f]);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int warps = blockDim.x / kWarp;
@@ -183,7 +196,7 @@ at::Tensor score_backward_cuda(const at::Tensor& weights, const at::Tensor& dots
       const int threads = 256, per_block = threads / kWarp;
       segment_score_backward_kernel<scalar_t><<<grid_x(blocks_for(S, per_block), "score backward"), threads, 0, stream>>>(
           weights.data_ptr<scalar_t>(), dots.data_ptr<scalar_t>(), tokens.data_ptr<int64_t>(),
-          seg_starts.data_ptr<int64_t>(), S, grad_scores.data_ptr<scalar_t>());
+          seg_starts.data_ptr<int64_t>(), S, tokens.numel(), grad_scores.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -208,7 +221,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> segment_softmax_pool_forward_cud
     AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "segment_weights_cuda", [&] {
       segment_weights_kernel<scalar_t><<<grid_x(S, "pooling"), 128, 0, stream>>>(
           scores.data_ptr<scalar_t>(), tokens.data_ptr<int64_t>(), seg_starts.data_ptr<int64_t>(),
-          tokens.numel(), B * N, weights.data_ptr<scalar_t>());
+          seg_batch.data_ptr<int64_t>(), row_offsets.data_ptr<int64_t>(), B, N, tokens.numel(), max_clusters,
+          weights.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -222,7 +236,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> segment_softmax_pool_forward_cud
         segment_pool_kernel<scalar_t, acc_t><<<grid_x(S, "pooling"), threads_for_channels(C), 0, stream>>>(
             weights.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), N, C, x.stride(0), x.stride(1),
             tokens.data_ptr<int64_t>(), seg_starts.data_ptr<int64_t>(),
-            seg_batch.data_ptr<int64_t>(), row_offsets.data_ptr<int64_t>(), max_clusters,
+            seg_batch.data_ptr<int64_t>(), row_offsets.data_ptr<int64_t>(), B, tokens.numel(), max_clusters,
             out.data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -256,7 +270,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> segment_softmax_pool_backward_cu
             weights.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), N, C, x.stride(0), x.stride(1),
             g.data_ptr<scalar_t>(), g.size(1), tokens.data_ptr<int64_t>(),
             seg_starts.data_ptr<int64_t>(), seg_batch.data_ptr<int64_t>(),
-            row_offsets.data_ptr<int64_t>(), gx.data_ptr<scalar_t>(), dots.data_ptr<acc_t>());
+            row_offsets.data_ptr<int64_t>(), weights.size(0), T, gx.data_ptr<scalar_t>(), dots.data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     }
@@ -297,7 +311,7 @@ std::tuple<at::Tensor, at::Tensor> segment_softmax_pool_backward_sum_cuda(
       segment_pool_backward_sum_kernel<scalar_t, acc_t><<<grid_x(S, "pooling backward"), 256, 0, stream>>>(
           weights.data_ptr<acc_t>(), feats, N, C, tokens.data_ptr<int64_t>(),
           seg_starts.data_ptr<int64_t>(), seg_batch.data_ptr<int64_t>(),
-          row_offsets.data_ptr<int64_t>(), grad_sum.data_ptr<scalar_t>(), grad_sum.stride(0),
+          row_offsets.data_ptr<int64_t>(), weights.size(0), T, grad_sum.data_ptr<scalar_t>(), grad_sum.stride(0),
           grad_sum.stride(1), dots.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
