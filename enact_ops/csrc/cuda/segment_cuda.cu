@@ -119,15 +119,42 @@ struct Csr {
   int64_t S = 0, T = 0;
 };
 
+// Row and token offsets, the exclusive cumsums of num_clusters and kept over the rows (B + 1
+// entries each), in one launch: one block scanning the rows blockDim.x at a time.
+__global__ void csr_offsets_kernel(const int64_t* __restrict__ num_clusters, const int64_t* __restrict__ kept,
+                                   int64_t B, int64_t* __restrict__ row_offsets,
+                                   int64_t* __restrict__ tok_offsets) {
+  __shared__ int64_t shared[kWarp + 1];
+  int64_t rows = 0, tokens = 0;  // the rows' totals before this chunk of rows
+  for (int64_t b0 = 0; b0 < B; b0 += blockDim.x) {
+    const int64_t b = b0 + threadIdx.x;
+    int64_t chunk_rows, chunk_tokens;
+    const int64_t row_before = block_exclusive_sum<int64_t>(b < B ? num_clusters[b] : 0, shared, &chunk_rows);
+    const int64_t tok_before = block_exclusive_sum<int64_t>(b < B ? kept[b] : 0, shared, &chunk_tokens);
+    if (b < B) {
+      row_offsets[b] = rows + row_before;
+      tok_offsets[b] = tokens + tok_before;
+    }
+    rows += chunk_rows;
+    tokens += chunk_tokens;
+  }
+  if (threadIdx.x == 0) {
+    row_offsets[B] = rows;
+    tok_offsets[B] = tokens;
+  }
+}
+
 Csr csr_layout(const at::Tensor& num_clusters, const at::Tensor& kept, std::optional<int64_t> num_segments,
                std::optional<int64_t> num_tokens) {
   const int64_t B = num_clusters.size(0);
   auto opts = num_clusters.options();
   Csr csr;
-  csr.row_offsets = at::zeros({B + 1}, opts);
-  csr.tok_offsets = at::zeros({B + 1}, opts);
-  csr.row_offsets.narrow(0, 1, B).copy_(at::cumsum(num_clusters, 0));
-  csr.tok_offsets.narrow(0, 1, B).copy_(at::cumsum(kept, 0));
+  csr.row_offsets = at::empty({B + 1}, opts);
+  csr.tok_offsets = at::empty({B + 1}, opts);
+  csr_offsets_kernel<<<1, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      num_clusters.data_ptr<int64_t>(), kept.data_ptr<int64_t>(), B, csr.row_offsets.data_ptr<int64_t>(),
+      csr.tok_offsets.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (num_segments.has_value()) {
     csr.S = *num_segments;
     csr.T = *num_tokens;
