@@ -171,6 +171,7 @@ class EnactClustering(nn.Module):
         self.last_num_clusters: Optional[torch.Tensor] = None  # (B,) of the last call
         self.last_num_tokens: Optional[torch.Tensor] = None  # (B,) valid tokens of the last call
         self._trace_hooks: Dict[int, Callable] = OrderedDict()  # see register_trace_hook
+        self._taps: Dict[tuple, torch.Tensor] = {}  # see taps
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, sigma={self.sigma}, mode={self.mode!r}, backend={self.backend!r}"
@@ -195,7 +196,15 @@ class EnactClustering(nn.Module):
 
     def smoothed_information(self, h: torch.Tensor, valid: Optional[torch.Tensor]):
         """Steps 3-4 with this module's kernel: h~ (B, N), s (B, N) bool."""
-        return smoothed_information(h, valid, gaussian_kernel(self.sigma, self.radius, h.dtype, h.device))
+        return smoothed_information(h, valid, self.taps(h.dtype, h.device))
+
+    def taps(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The Gaussian's samples of step 3, made once per dtype and device (not on every call:
+        on a GPU that would be five small kernel launches per layer)."""
+        key = (self.sigma, self.radius, dtype, torch.device(device))
+        if key not in self._taps:
+            self._taps[key] = gaussian_kernel(self.sigma, self.radius, dtype, device)
+        return self._taps[key]
 
     def segment(self, sign: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> enact_ops.Segmentation:
         """Step 5: runs of equal sign (segments), uniform chunks of the batch's mean run length,
@@ -244,7 +253,7 @@ class EnactClustering(nn.Module):
         hook, else None); the functions above otherwise (also when ``smoothed_information`` is
         replaced on the instance or in a subclass)."""
         if not self._overridden("smoothed_information") and enact_ops.use_compiled(self.backend, logits.device):
-            taps = gaussian_kernel(self.sigma, self.radius, logits.dtype, logits.device)
+            taps = self.taps(logits.dtype, logits.device)
             info = enact_ops.smoothed_information(logits, taps, mask, backend="compiled")
             h = self_information(logits.detach(), valid) if self._trace_hooks else None
             return h, info.smoothed, info.sign, (info.lengths, info.runs)
