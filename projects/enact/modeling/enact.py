@@ -16,8 +16,9 @@ This module is the readable path, in that order: the functions below are steps 1
 adds step 8.  Where the compiled kernels run, steps 1-4 are one fused operator
 (``enact_ops.smoothed_information``: the same values, one kernel forward and one backward, and
 each row's valid length and number of runs for step 5 without another pass); these functions
-are its reference (tests/test_information.py).  Steps 1-6 run in float32 (float64 for float64 inputs) on each image's valid
-sequence, as if the pads did not exist, so an image's result does not depend on its batch.
+are its reference (tests/test_information.py).  Steps 1-6 run in float32 (float64 for float64
+inputs) on each image's valid sequence, as if the pads did not exist, so an image's result does
+not depend on its batch.
 ``mode="uniform"`` replaces the runs by chunks of one batch-wide length L, as the authors'
 public code does; ``mode="identity"`` makes every valid token its own cluster (weights 1), so
 the layer equals standard attention (for ablations and equivalence checks).  What changes memory and speed but not values lives in :mod:`.enact_fused`.
@@ -189,10 +190,14 @@ class EnactClustering(nn.Module):
         for hook in tuple(self._trace_hooks.values()):
             hook(self, trace)
 
+    def logits_of(self, key: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """W_prob's logits W_prob k of the keys (B, N, C), in ``dtype``.  (B, N)"""
+        w, b = self.w_prob.weight.to(dtype), self.w_prob.bias.to(dtype)
+        return enact_fused.token_logits(key.to(dtype), w, b)
+
     def information(self, key: torch.Tensor, valid: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """Steps 1-2: h = -p log2 p, p = softmax(W_prob k) over the valid tokens.  (B, N)"""
-        w, b = self.w_prob.weight.to(dtype), self.w_prob.bias.to(dtype)
-        return self_information(enact_fused.token_logits(key.to(dtype), w, b), valid)
+        return self_information(self.logits_of(key, dtype), valid)
 
     def smoothed_information(self, h: torch.Tensor, valid: Optional[torch.Tensor]):
         """Steps 3-4 with this module's kernel: h~ (B, N), s (B, N) bool."""
@@ -274,8 +279,7 @@ class EnactClustering(nn.Module):
         valid, mask = self._check_inputs(key, value, key_padding_mask, extra)
         dtype = torch.float64 if key.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=key.device.type, enabled=False):
-            w, b = self.w_prob.weight.to(dtype), self.w_prob.bias.to(dtype)
-            logits = enact_fused.token_logits(key.to(dtype), w, b)  # (B, N)
+            logits = self.logits_of(key, dtype)  # (B, N)
             h, smoothed, sign, row_sizes = self._steps_1_to_4(logits, valid, mask)  # (B, N) each
             seg, width = self._segment(sign, mask, row_sizes)  # step 5 (the one host sync)
             if self._trace_hooks:
