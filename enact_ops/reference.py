@@ -16,7 +16,9 @@ import torch
 
 from .segmentation import Segmentation, SegmentationSizes, read_row_sizes, runs_sizes, uniform_sizes
 
-__all__ = ["segment_runs", "segment_uniform", "segment_softmax_pool", "smoothed_information"]
+__all__ = [
+    "correlate_rows", "curvature_taps", "segment_runs", "segment_uniform", "segment_softmax_pool", "smoothed_information",
+]
 
 
 def _count(index: torch.Tensor, size: int, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -136,11 +138,18 @@ def segment_softmax_pool(
     return pooled, weights
 
 
-def _correlate_rows(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
-    """Cross-correlation of each row of x (B, L) with taps (odd length), zero padding, same length
-    (a window view times the taps: exact in float32, unlike cuDNN's TF32 conv1d)."""
+def correlate_rows(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """Cross-correlation of each row of x (B, L) with taps (odd length), zero padding, same length.
+    Exact float32 on every device: a multiply-and-sum over a (B, L, taps) window view, not
+    F.conv1d, which cuDNN runs in TF32 by default (sign flips near zero curvature)."""
     r = taps.numel() // 2
     return (torch.nn.functional.pad(x, (r, r)).unfold(1, taps.numel(), 1) * taps).sum(-1)
+
+
+def curvature_taps(dtype: torch.dtype, device) -> torch.Tensor:
+    """(-1, 2, -1), the second difference of step 4, made on the device (no blocking copy)."""
+    x = torch.arange(-1, 2, dtype=dtype, device=device)
+    return 2.0 - 3.0 * x.abs()
 
 
 def smoothed_information(
@@ -162,8 +171,8 @@ def smoothed_information(
     q = torch.softmax(sorted_logits, dim=1).nan_to_num(0.0)  # an empty row: all 0
     p = q + 1e-8
     h = (-p * torch.log2(p)) * inside
-    smoothed_sorted = _correlate_rows(h, taps) * inside
-    curvature = _correlate_rows(smoothed_sorted.detach(), torch.tensor([-1.0, 2.0, -1.0], dtype=taps.dtype, device=taps.device))
+    smoothed_sorted = correlate_rows(h, taps) * inside
+    curvature = correlate_rows(smoothed_sorted.detach(), curvature_taps(taps.dtype, taps.device))
     sign_sorted = (curvature > 0) & inside
     changes = (sign_sorted[:, 1:] != sign_sorted[:, :-1]) & inside[:, 1:]
     runs = (lengths > 0).long() + changes.sum(1)

@@ -492,7 +492,6 @@ def test_former_attention_keyword_still_works_with_a_warning(cls):
 def test_steps_1_4_primitives_equal_linear_and_conv1d(seq_first):
     """token_logits (a gemv, no TF32 mode) equals F.linear, and the window-sum smoothing equals
     F.conv1d (which cuDNN runs in TF32), in float64 and for DETR's sequence-first layout."""
-    from projects.enact.modeling import enact as enact_module
     from projects.enact.modeling.enact_fused import token_logits
 
     torch.manual_seed(0)
@@ -503,7 +502,7 @@ def test_steps_1_4_primitives_equal_linear_and_conv1d(seq_first):
     h = torch.randn(3, 40, dtype=torch.float64)
     taps = gaussian_kernel(3, 9, torch.float64)
     expected = torch.nn.functional.conv1d(h[:, None], taps.view(1, 1, -1), padding=9)[:, 0]
-    torch.testing.assert_close(enact_module._conv_same(h, taps), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(enact_ops.reference.correlate_rows(h, taps), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 exists on CUDA only")

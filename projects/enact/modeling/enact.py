@@ -34,12 +34,12 @@ from collections import OrderedDict
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 from torch.utils.hooks import RemovableHandle
 
 import enact_ops
+from enact_ops.reference import correlate_rows, curvature_taps
 
 from . import enact_fused
 from .attention import MultiheadAttention
@@ -84,26 +84,16 @@ def gaussian_kernel(sigma: int, radius: int, dtype=torch.float32, device=None) -
     return torch.exp(-(x**2) / (2.0 * sigma**2)) / (sigma * math.sqrt(2.0 * math.pi))
 
 
-def _conv_same(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
-    """Cross-correlation of each row of x (B, N) with taps (odd length), zero padding, same length.
-    Exact float32 on every device: a multiply-and-sum over a (B, N, taps) window view, not
-    F.conv1d, which cuDNN runs in TF32 by default (sign flips near zero curvature)."""
-    r = taps.numel() // 2
-    return (F.pad(x, (r, r)).unfold(1, taps.numel(), 1) * taps).sum(-1)
-
-
 def smooth(h: torch.Tensor, kernel: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Step 3, h~ = g_sigma * h, on compacted rows: h (B, N) holds each row's valid sequence at its
     start (lengths (B,)) and zeros after; the result is zero past each row's length."""
     inside = torch.arange(h.shape[1], device=h.device)[None, :] < lengths[:, None]
-    return _conv_same(h, kernel) * inside
+    return correlate_rows(h, kernel) * inside  # exact float32 (no TF32 conv1d)
 
 
 def curvature_sign(smoothed: torch.Tensor) -> torch.Tensor:
     """Step 4, s = ([-1, 2, -1] * h~) > 0, on compacted rows (zeros past each row's end).  (B, N) bool"""
-    x = torch.arange(-1, 2, dtype=smoothed.dtype, device=smoothed.device)
-    taps = 2.0 - 3.0 * x.abs()  # (-1, 2, -1) made on the device: no blocking host-to-device copy
-    return _conv_same(smoothed, taps) > 0
+    return correlate_rows(smoothed, curvature_taps(smoothed.dtype, smoothed.device)) > 0
 
 
 def smoothed_information(h: torch.Tensor, valid: Optional[torch.Tensor], kernel: torch.Tensor):
