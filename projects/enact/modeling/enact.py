@@ -282,7 +282,7 @@ class EnactClustering(nn.Module):
                 smoothed, [f.to(common) for f in feats], seg, backend=self.backend, max_clusters=width
             )
         pooled = [p.to(f.dtype) for p, f in zip(pooled, feats)]
-        self._record(seg, valid)
+        self._record(seg, valid, row_sizes)
         return ClusterOutput(pooled[0], pooled[1], tuple(pooled[2:]), cluster_mask, seg.cluster_ids, weights)
 
     def forward_shared(
@@ -310,7 +310,7 @@ class EnactClustering(nn.Module):
             pooled_key, pooled_value, weights = enact_fused.pool_shared_key_value(  # steps 6-7
                 key, value, key_pos, self.w_prob, (logits, smoothed), seg, width
             )
-        self._record(seg, valid)
+        self._record(seg, valid, row_sizes)
         return ClusterOutput(pooled_key, pooled_value, (), seg.cluster_mask(width), seg.cluster_ids, weights)
 
     def _check_inputs(self, key, value, key_padding_mask, extra):
@@ -319,10 +319,16 @@ class EnactClustering(nn.Module):
         every image has a valid token is checked in step 5, on the lengths it reads anyway."""
         return enact_ops.check_cluster_inputs(key, value, key_padding_mask, extra, self.embed_dim, check_values=False)
 
-    def _record(self, seg: enact_ops.Segmentation, valid: Optional[torch.Tensor]) -> None:
+    def _record(self, seg: enact_ops.Segmentation, valid: Optional[torch.Tensor], row_sizes=None) -> None:
+        """Keeps the call's clusters and valid tokens per image (the latter from steps 1-4's row
+        sizes when the fused operator gave them, else counted)."""
         self.last_num_clusters = seg.num_clusters.detach()
-        n = seg.cluster_ids.shape[1]
-        self.last_num_tokens = torch.full_like(seg.num_clusters, n) if valid is None else valid.sum(1)
+        if row_sizes is not None:
+            self.last_num_tokens = row_sizes[0]
+        elif valid is None:
+            self.last_num_tokens = torch.full_like(seg.num_clusters, seg.cluster_ids.shape[1])
+        else:
+            self.last_num_tokens = valid.sum(1)
 
     def statistics(self) -> dict:
         """Clusters per image and compression N / M of the last call (floats; syncs on GPU)."""
