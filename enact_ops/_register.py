@@ -16,6 +16,9 @@ when the extension loads (``enact_ops.ops``):
   backward calls ``smoothed_information_backward`` with the saved softmax); its other outputs
   are not differentiable.
 
+``pool_shared_key_value`` (``shared_pooling.py``) is defined here in Python on top of the
+compiled kernels, with its own fake implementation and autograd formula.
+
 Every operator passes ``torch.library.opcheck`` (tests/test_opcheck.py).
 """
 import torch
@@ -201,6 +204,10 @@ def register():
             pass
 
         torch.library.register_autograd(f"enact_ops::{name}", backward, setup_context=setup_context)
+
+    from . import shared_pooling
+
+    shared_pooling.define()  # enact_ops::pool_shared_key_value (steps 6-7 of encoder self-attention)
 
     _first_order_only("segment_softmax_pool_backward")
     _first_order_only("segment_softmax_pool_backward_sum")

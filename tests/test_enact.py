@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import enact_ops
 from projects.enact import EnactAttention, EnactClustering, MultiheadAttention
@@ -527,30 +528,50 @@ def test_tf32_settings_do_not_change_the_clusters():
     torch.testing.assert_close(exact.key, tf32.key, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.skipif(not enact_ops.compiled_available("cpu"), reason="enact_ops._C is not built")
-def test_encoder_self_attention_takes_the_fused_path(monkeypatch):
-    """With the extension built, EnactAttention in a training step runs the fused key/value
-    pooling (enact_fused.pool_shared_key_value), not a silent fallback to the reference path."""
-    from projects.enact.modeling import enact_fused
+class _OpNames(TorchDispatchMode):
+    """The enact_ops operators a region runs, by name (what dispatch sees; the kernels an operator
+    calls inside itself are not listed)."""
 
-    calls, steps = [], []
-    fused = enact_fused.pool_shared_key_value
-    monkeypatch.setattr(enact_fused, "pool_shared_key_value", lambda *a: calls.append(1) or fused(*a))
-    information = enact_ops.smoothed_information
-    monkeypatch.setattr(enact_ops, "smoothed_information", lambda *a, **k: steps.append(k) or information(*a, **k))
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name.startswith("enact_ops."):
+            self.names.append(name.split(".", 1)[1])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(not enact_ops.compiled_available("cpu"), reason="enact_ops._C is not built")
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_encoder_self_attention_takes_the_fused_path(amp):
+    """With the extension built, EnactAttention in encoder self-attention runs steps 1-4 and 6-7 on
+    the registered operators (smoothed_information, pool_shared_key_value; backward: its formula's
+    two kernels), in training and inference, float32 and under bf16
+    autocast: not a silent fallback to the reference path or the plain pooling."""
     torch.manual_seed(0)
     m = EnactAttention(16, 4)
-    x = torch.randn(30, 2, 16)
-    m(x, query_pos=torch.randn_like(x)).sum().backward()
-    assert len(calls) == 1
-    assert steps == [{"backend": "compiled"}]  # steps 1-4: the fused operator
-    with torch.no_grad():  # inference: no fused pooling, but steps 1-4 still fused
-        m(x, query_pos=torch.randn_like(x))
-    assert len(calls) == 1 and len(steps) == 2
+    x = torch.randn(30, 2, 16, requires_grad=True)
+    pos = torch.randn_like(x)
+    fused = ["smoothed_information", "segment_runs", "pool_shared_key_value"]
+    with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+        with _OpNames() as ops:
+            out = m(x, query_pos=pos)
+    assert ops.names == fused
+    with _OpNames() as ops:
+        out.float().sum().backward()
+    # the operator's autograd formula: the two backward kernels, once each (no autograd.grad)
+    assert ops.names == ["segment_softmax_pool_backward_sum", "smoothed_information_backward"]
+    assert m.clustering.w_prob.weight.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+    with torch.no_grad(), _OpNames() as ops:  # inference: the same operators
+        m(x, query_pos=pos)
+    assert ops.names == fused
     traces = []
     m.clustering.register_trace_hook(lambda _, trace: traces.append(trace))  # h computed apart for it
-    m(x, query_pos=torch.randn_like(x))
-    assert len(steps) == 3 and traces[0].information.shape == (2, 30)
+    with _OpNames() as ops:
+        m(x, query_pos=pos)
+    assert ops.names == fused and traces[0].information.shape == (2, 30)
 
 
 def test_torch_compile_equals_eager():

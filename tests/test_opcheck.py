@@ -107,7 +107,34 @@ def _information_backward_cases():
     yield torch.randn_like(scores), probs, ~mask, _taps(torch.float64)
 
 
+def _shared_pool_cases():
+    """Encoder self-attention's steps 6-7 (key = value + key_pos) in every dtype the operator takes:
+    the features in float64 / float32 / bfloat16 / float16, steps 1-4 in float64 / float32."""
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        g = torch.Generator().manual_seed(1)
+        _, mask, *_ = _inputs()
+        value = torch.randn(B, N, C, generator=g, dtype=torch.float64)
+        pos = torch.randn(B, N, C, generator=g, dtype=torch.float64)
+        weight = torch.randn(1, C, generator=g, dtype=torch.float64).to(compute)
+        bias = torch.randn(1, generator=g, dtype=torch.float64).to(compute)
+        key = (value + pos).to(dtype)
+        logits = (key.to(compute) @ weight[0] + bias).contiguous()
+        taps = _taps(compute)
+        smoothed, sign, probs, _, _ = torch.ops.enact_ops.smoothed_information(logits, ~mask, taps)
+        seg = segment_runs(sign, mask)
+        grad = lambda t: t.clone().requires_grad_()  # noqa: E731
+        yield (key, grad(value.to(dtype)), grad(pos.to(compute)), grad(weight), grad(bias), smoothed, probs, ~mask,
+               taps, *_csr(seg), seg.max_clusters)
+        if dtype == torch.float32:  # no key_pos, no bias, nothing padded
+            smoothed, sign, probs, _, _ = torch.ops.enact_ops.smoothed_information(logits, None, taps)
+            seg = segment_runs(sign)
+            yield (value.to(dtype), grad(value.to(dtype)), None, grad(weight), None, smoothed, probs, None, taps,
+                   *_csr(seg), seg.max_clusters)
+
+
 CASES = {
+    "pool_shared_key_value": _shared_pool_cases,
     "smoothed_information": _information_cases,
     "smoothed_information_backward": _information_backward_cases,
     "segment_runs": _segment_runs_cases,

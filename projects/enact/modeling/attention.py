@@ -175,7 +175,9 @@ class MultiheadAttention(nn.Module):
             # q = k = src + pos in encoder self-attention: add once, keep one tensor alive
             key = query if self_attention else key + key_pos
         if not self.batch_first:  # (L, B, C) -> (B, L, C): views, no copy
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+            same = key is query  # self-attention stays one tensor (``key is query`` after the views too)
+            query, value = query.transpose(0, 1), value.transpose(0, 1)
+            key = query if same else key.transpose(0, 1)
         return query, key, value, identity
 
     def _attend(self, query, key, value, key_padding_mask=None, attn_mask=None):

@@ -291,26 +291,36 @@ class EnactClustering(nn.Module):
         value: torch.Tensor,
         key_pos: Optional[torch.Tensor] = None,
         key_padding_mask: Optional[torch.Tensor] = None,
+        key_features: Optional[torch.Tensor] = None,
     ) -> ClusterOutput:
         """``forward(key, value, key_padding_mask)`` for key = value + key_pos (key = value if
         key_pos is None), the encoder self-attention case: the same values and gradients, with
-        steps 6-7 on ``enact_fused.pool_shared_key_value`` where it applies (one (B, N, C) gradient
-        for ``value`` instead of three).  ``key`` must equal value + key_pos."""
+        steps 6-7 on one registered operator where the compiled kernels run
+        (``enact_fused.pool_shared_key_value``: one (B, N, C) gradient for ``value`` instead of
+        three).  ``key`` must equal value + key_pos.  Steps 1-5 read ``key`` in float32 (float64
+        for float64).  ``key_features``: the key in the dtype steps 6-7 run in (default ``key``),
+        e.g. its autocast cast that the query projection shares; ``value`` is cast to its dtype
+        and the pooled outputs come in it."""
         valid, mask = self._check_inputs(key, value, key_padding_mask, ())
-        if not enact_fused.shared_path_applies(key, value, key_pos, self.w_prob.weight, self.backend):
+        features = key if key_features is None else key_features
+        if self._overridden("smoothed_information") or not enact_fused.shared_path_applies(
+            features, value, key_pos, self.backend
+        ):
             return self.forward(key, value, key_padding_mask)
+        dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=key.device.type, enabled=False):
-            with torch.no_grad():
-                logits = enact_fused.token_logits(key, self.w_prob.weight, self.w_prob.bias)
-            logits.requires_grad_()  # a leaf: the fused backward differentiates logits -> h~ itself
-            h, smoothed, sign, row_sizes = self._steps_1_to_4(logits, valid, mask)  # steps 1-4
-            seg, width = self._segment(sign, mask, row_sizes)  # step 5 (the one host sync)
+            with torch.no_grad():  # steps 1-4; their backward runs inside the pooling operator's
+                logits = self.logits_of(key, dtype).contiguous()  # (B, N)
+                taps = self.taps(dtype, key.device)
+                smoothed, sign, probs, lengths, runs = torch.ops.enact_ops.smoothed_information(logits, valid, taps)
+                h = self_information(logits, valid) if self._trace_hooks else None
+            seg, width = self._segment(sign, mask, (lengths, runs))  # step 5 (the one host sync)
             if self._trace_hooks:
                 self._trace(h, smoothed, sign, seg, valid)
             pooled_key, pooled_value, weights = enact_fused.pool_shared_key_value(  # steps 6-7
-                key, value, key_pos, self.w_prob, (logits, smoothed), seg, width
+                features, value.to(features.dtype), key_pos, self.w_prob, (smoothed, probs, valid, taps), seg, width
             )
-        self._record(seg, valid, row_sizes)
+        self._record(seg, valid, (lengths, runs))
         return ClusterOutput(pooled_key, pooled_value, (), seg.cluster_mask(width), seg.cluster_ids, weights)
 
     def _check_inputs(self, key, value, key_padding_mask, extra):
@@ -392,7 +402,12 @@ class EnactAttention(MultiheadAttention):
             if shared:
                 if key_pos is not None and not self.batch_first:
                     key_pos = key_pos.transpose(0, 1)
-                clustered = self.clustering.forward_shared(key, value, key_pos, key_padding_mask)
+                # steps 6-8 in autocast's dtype under mixed precision: the key cast once, shared by
+                # the pooling and (in self-attention, where query is key) the query projection
+                features = key.to(enact_fused.attention_dtype(key))
+                clustered = self.clustering.forward_shared(key, value, key_pos, key_padding_mask, features)
+                query = features if query is key else query
+                del key  # under autocast the float32 key is not needed past steps 1-5: free it now
             else:
                 clustered = self.clustering(key, value, key_padding_mask)  # (B, M_max, C) each
         with record_function("enact::attend_clusters"):

@@ -7,14 +7,21 @@ and kept for backward:
 * ``project(x, W, b, identity)``  y = identity + x W^T + b without a layout copy of x: DETR's
   sequence-first (N, B, C) tensors are projected in place, and the residual ``identity`` is
   fused into the output projection (one GEMM, no separate projection output).
-* ``pool_shared_key_value``  steps 6-7 for encoder self-attention, where key = value + key_pos:
-  one (B, N, C) input-gradient for everything that flows into ``value`` (pooled keys, pooled
-  values and the W_prob logits) instead of three.
+* ``pool_shared_key_value``  steps 6-7 for encoder self-attention, where key = value + key_pos,
+  on one registered operator: one (B, N, C) input-gradient for everything that flows into
+  ``value`` (pooled keys, pooled values and the W_prob logits) instead of three.
 * ``attend_clusters``  step 8 with the queries' projections, the attention output and the
   output projection laid out like the query.
 
-The small interface ``EnactClustering`` / ``EnactAttention`` use: ``shared_path_applies``,
-``pool_shared_key_value``, ``project``, ``linear``, ``token_logits`` and ``attend_clusters``.
+The small interface ``EnactClustering`` / ``EnactAttention`` use: ``attention_dtype``,
+``shared_path_applies``, ``pool_shared_key_value``, ``project``, ``linear``, ``token_logits`` and
+``attend_clusters``.
+
+Mixed precision (autocast bf16 / fp16, or a detector that hands the encoder bf16 tokens): steps
+1-5 run in float32 (W_prob's logits read the key as given, float32 under autocast, upcast from a
+bf16 key); steps 6-8 run in ``attention_dtype`` (autocast's dtype): the key (= the query in
+encoder self-attention) and the value are cast once, the pooling kernels accumulate in float32,
+the projections keep their low-precision input for backward, as ``F.linear`` under autocast does.
 """
 from typing import Optional, Tuple
 
@@ -28,7 +35,8 @@ import enact_ops
 from .attention import attend_heads, key_padding_bias
 
 __all__ = [
-    "attend_clusters", "linear", "pool_shared_key_value", "project", "shared_path_applies", "token_logits",
+    "attend_clusters", "attention_dtype", "linear", "pool_shared_key_value", "project", "shared_path_applies",
+    "token_logits",
 ]
 
 
@@ -82,13 +90,25 @@ def _view_like_rows(out: torch.Tensor, batch_major: bool, B: int, N: int) -> tor
     return out.view(B, N, -1) if batch_major else out.view(N, B, -1).transpose(0, 1)
 
 
+def _add_in_blocks(identity: torch.Tensor, y: torch.Tensor, block: int = 1 << 20) -> torch.Tensor:
+    """identity + y (B, N, C) for a y of a narrower dtype (bf16 / fp16 under mixed precision),
+    laid out like identity, in blocks of tokens: on a CPU a mixed-dtype add first upcasts all of
+    y into a temporary as large as the output; here only a block of it at a time."""
+    out = torch.empty_like(identity)
+    step = max(1, block // max(1, identity.shape[0] * identity.shape[2]))
+    for i in range(0, identity.shape[1], step):
+        torch.add(identity[:, i:i + step], y[:, i:i + step], out=out[:, i:i + step])
+    return out
+
+
 class _Projection(torch.autograd.Function):
     """y = x W^T (+ b) (+ identity) for x (B, N, C_in) contiguous or the (B, N, C) view of a
     contiguous (N, B, C) tensor, with no copy of x made or kept:
 
     * without ``identity``: y is laid out like x (one GEMM over x's rows);
     * with ``identity`` (B, N, C_out): y = identity + x W^T + b laid out like identity, in one GEMM
-      with no separate projection output when identity lies in x's memory order.
+      with no separate projection output when identity lies in x's memory order; an identity of
+      a wider dtype than x (mixed precision) is added in blocks, y in identity's dtype.
 
     Backward: dx is contiguous (B, N, C_in) (what SDPA's backward wants), from a dy of either
     order without a copy (an expanded dy is made contiguous); d identity = dy; dW as in
@@ -99,7 +119,10 @@ class _Projection(torch.autograd.Function):
         rows, batch_major = _rows(x)
         B, N = x.shape[:2]
         id_rows, id_order = _rows(identity) if identity is not None else (None, None)
-        if id_rows is not None and id_order == batch_major:
+        if identity is not None and identity.dtype != x.dtype:  # mixed precision: a wider residual
+            out = torch.addmm(bias, rows, weight.t()) if bias is not None else rows.mm(weight.t())
+            y = _add_in_blocks(identity, _view_like_rows(out, batch_major, B, N))
+        elif id_rows is not None and id_order == batch_major:
             out = id_rows + bias if bias is not None else id_rows.clone()
             out.addmm_(rows, weight.t())  # identity + b + x W^T: one pass and one GEMM
             y = _view_like_rows(out, batch_major, B, N)
@@ -117,7 +140,7 @@ class _Projection(torch.autograd.Function):
     def backward(ctx, gy):
         x, weight = ctx.saved_tensors
         gx = gw = gb = None
-        g = gy
+        g = gy if gy.dtype == x.dtype else gy.to(x.dtype)  # a wider residual's gradient, cast once
         if _rows(g)[0] is None or 0 in g.stride():
             g = g.contiguous()
         if ctx.needs_input_grad[0]:
@@ -135,104 +158,67 @@ class _Projection(torch.autograd.Function):
 
 def project(x, weight, bias=None, identity=None):
     """identity + x W^T + b (identity optional), x (B, N, C_in) -> (B, N, C_out): ``_Projection``
-    where it applies (autograd on, no autocast, one dtype, layouts it takes), else plain
-    traceable ops (``linear``, still without a layout copy of x)."""
+    where it applies (autograd on, layouts it takes), else plain traceable ops (``linear``, still
+    without a layout copy of x).  Under autocast an ``x`` in autocast's dtype runs with W and b
+    cast to it (what ``F.linear`` does); a residual of another dtype is then added to the
+    projection (identity + y in the promoted dtype, as ``identity + out_proj(out)`` gives)."""
     rows, _ = _rows(x)
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.dtype == torch.get_autocast_dtype(device):
+        weight = weight.to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
     lean = (
         rows is not None
         and torch.is_grad_enabled()
-        and not torch.is_autocast_enabled(x.device.type)
         and x.dtype == weight.dtype
         and (bias is None or bias.dtype == x.dtype)
-        and (identity is None or (identity.dtype == x.dtype and _rows(identity)[0] is not None))
+        and (identity is None or _rows(identity)[0] is not None)
     )
     if lean:
-        return _Projection.apply(x, weight, bias, identity)
+        with torch.autocast(device, enabled=False):
+            return _Projection.apply(x, weight, bias, identity)
     y = linear(x, weight, bias)
     return y if identity is None else identity + y
 
 
-# ---------------------------------------------------------------- steps 6-7, fused backward
-def shared_path_applies(key, value, key_pos, weight, backend: str) -> bool:
-    """True where ``pool_shared_key_value`` runs: autograd on, float32 / float64 throughout, key
-    and value of one shape with unit channel stride, and the compiled kernels for the device."""
-    dtype = key.dtype
+# ---------------------------------------------------------------- dtypes
+def attention_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype steps 6-8 run in for an input ``x``: autocast's dtype for a float32 ``x`` where
+    autocast is on for its device (what ``F.linear`` would cast to), else ``x``'s own dtype."""
+    device = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+# ---------------------------------------------------------------- steps 6-7, one operator
+def shared_path_applies(key, value, key_pos, backend: str) -> bool:
+    """True where ``pool_shared_key_value`` runs: floating key and value of one shape with unit
+    channel stride, a key_pos of that shape (or None), and the compiled kernels for the device.
+    Any floating dtype (float32 / float64, bfloat16 / float16 under mixed precision)."""
     return (
-        torch.is_grad_enabled()
-        and dtype in (torch.float32, torch.float64)
-        and value.dtype == dtype
-        and weight.dtype == dtype
+        key.is_floating_point()
+        and value.is_floating_point()
         and value.shape == key.shape
-        and key.stride(-1) == 1
-        and value.stride(-1) == 1
-        and (key_pos is None or (key_pos.shape == key.shape and key_pos.dtype == dtype))
+        and (key_pos is None or key_pos.shape == key.shape)
         and enact_ops.use_compiled(backend, key.device)
     )
 
 
-class _SharedKeyValuePooling(torch.autograd.Function):
-    """Steps 6-7 for key = value + key_pos on the compiled kernels.
-
-    ``key`` enters as data only; its gradients -- through the pooled keys and through W_prob's
-    logits -- are returned for ``value`` (and ``key_pos``) and summed with the pooled values' in
-    one buffer: the fused backward kernel writes w_i (dL/dK_c + dL/dV_c), and the W_prob term
-    dL/dlogit_i W_prob is added in place.  ``information`` = (logits, smoothed): the (B, N) graph
-    from the logits (a leaf) to the smoothed scores, recorded by the caller and differentiated
-    here.  ``max_clusters``: M_max (the pooled width, known on the host).  Outputs: pooled key,
-    pooled value (B, M_max, C), pooling weights (B, N)."""
-
-    @staticmethod
-    def forward(ctx, key, value, key_pos, weight, bias, information, seg, max_clusters):
-        _, smoothed = information
-        pooled, weights = torch.ops.enact_ops.segment_softmax_pool_forward(
-            smoothed.detach().contiguous(), [key, value], seg.tokens, seg.seg_starts, seg.seg_batch,
-            seg.row_offsets, max_clusters,
-        )
-        ctx.information, ctx.seg = information, seg
-        ctx.save_for_backward(key, value, weights, weight)
-        ctx.mark_non_differentiable(weights)
-        ctx.set_materialize_grads(False)
-        return pooled[0], pooled[1], weights
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_key, grad_value, _):
-        key, value, weights, weight = ctx.saved_tensors
-        logits, smoothed = ctx.information
-        seg = ctx.seg
-        need_value, need_pos, need_weight, need_bias = ctx.needs_input_grad[1:5]
-        grads = [(g, x) for g, x in ((grad_key, key), (grad_value, value)) if g is not None]
-        if not grads:
-            return (None,) * 8
-        grad_scores, grad_sum = enact_ops.ops.segment_softmax_pool_backward_sum(
-            [g for g, _ in grads], [x for _, x in grads], weights, seg
-        )
-        # (B, N), 0 at pads; the small graph lives as long as ctx (the outer graph may be retained)
-        (grad_logits,) = torch.autograd.grad(smoothed, logits, grad_scores, retain_graph=True)
-        grad_w = _weight_grad(grad_logits.unsqueeze(-1), key) if need_weight else None  # (1, C)
-        grad_b = grad_logits.sum().reshape(1) if need_bias else None
-        term = (grad_logits.unsqueeze(-1), weight.view(1, 1, -1))  # dL/dkey through the logits
-        grad_pos = None
-        if need_pos:  # dL/dkey_pos = dL/dkey: its own buffer (a learned position embedding)
-            if grad_key is not None:
-                _, grad_pos = enact_ops.ops.segment_softmax_pool_backward_sum([grad_key], [key], weights, seg)
-                grad_pos.addcmul_(*term)
-            else:
-                grad_pos = term[0] * term[1]
-        if need_value:
-            grad_sum.addcmul_(*term)
-        return None, (grad_sum if need_value else None), grad_pos, grad_w, grad_b, None, None, None
-
-
-def pool_shared_key_value(key, value, key_pos, w_prob: nn.Linear, information, seg, max_clusters=None):
-    """Steps 6-7 (K_cl, V_cl and the weights w) for key = value + key_pos, with the gradients of
-    the keys and of the W_prob logits (``information`` = (logits leaf, smoothed)) sent to
-    ``value`` / ``key_pos`` / ``w_prob`` in one (B, N, C) buffer.  Same values and gradients as
-    ``enact_ops.segment_softmax_pool(smoothed, [key, value], seg, max_clusters=max_clusters)``;
-    ``max_clusters`` (M_max) read from ``seg`` when None (a host sync on GPUs)."""
-    width = seg.max_clusters if max_clusters is None else max_clusters
-    return _SharedKeyValuePooling.apply(
-        key.detach(), value, key_pos, w_prob.weight, w_prob.bias, information, seg, width
+def pool_shared_key_value(key, value, key_pos, w_prob: nn.Linear, information, seg, max_clusters: int):
+    """Steps 6-7 (K_cl, V_cl and the weights w) for key = value + key_pos on the registered
+    operator ``torch.ops.enact_ops.pool_shared_key_value`` (``enact_ops/shared_pooling.py``): the
+    gradients of the keys -- through the pooling and through W_prob's logits -- go to ``value`` /
+    ``key_pos`` / ``w_prob`` in one (B, N, C) buffer.  ``key`` and ``value`` in the dtype the pooling
+    runs in (one dtype); ``information`` = (smoothed, probs, valid, taps) of steps 1-4 (float32,
+    float64 for float64 features), computed without autograd.  Returns pooled key, pooled value
+    (B, M_max, C) and the weights (B, N)."""
+    smoothed, probs, valid, taps = information
+    key = key if key.stride(-1) == 1 else key.contiguous()
+    value = value if value.stride(-1) == 1 else value.contiguous()
+    return torch.ops.enact_ops.pool_shared_key_value(
+        key, value, key_pos, w_prob.weight, w_prob.bias, smoothed, probs, valid, taps,
+        seg.tokens, seg.seg_starts, seg.seg_batch, seg.row_offsets, max_clusters,
     )
 
 
