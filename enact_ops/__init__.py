@@ -1,5 +1,11 @@
-"""ENACT clustering operators (compiled CPU/CUDA kernels with a pure-PyTorch fallback)."""
-from .ops import (
+"""ENACT clustering operators (compiled CPU/CUDA kernels with a pure-PyTorch fallback).
+
+``python -m enact_ops`` prints what is built and loaded."""
+from .torch_version import MIN_TORCH, check_torch
+
+check_torch()  # before anything touches the newer torch APIs
+
+from .ops import (  # noqa: E402
     BACKENDS,
     Information,
     Segmentation,
@@ -9,6 +15,7 @@ from .ops import (
     chunk_length,
     compiled_available,
     count_runs,
+    extension_status,
     read_row_sizes,
     runs_sizes,
     uniform_sizes,
@@ -30,6 +37,8 @@ __all__ = [
     "chunk_length",
     "compiled_available",
     "count_runs",
+    "extension_status",
+    "MIN_TORCH",
     "read_row_sizes",
     "runs_sizes",
     "uniform_sizes",

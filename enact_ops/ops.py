@@ -27,6 +27,7 @@ cluster mask all True); N = 0 is an error.
 import importlib.util
 import os
 import sys
+import warnings
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -45,34 +46,69 @@ from .segmentation import (
 )
 
 EXTENSION_ENV = "ENACT_OPS_EXTENSION"
+REQUIRE_ENV = "ENACT_REQUIRE_COMPILED"
 
 
 def _import_extension():
     """``enact_ops._C``: the built file named by $ENACT_OPS_EXTENSION (a build outside the
-    package, e.g. tools/gpu_check.py's build for the present GPU), else the package's own."""
+    package, e.g. tools/gpu_check.py's build for the present GPU), else the package's own.
+    Returns (module or None, file or None, reason or None): no file is "not built" (module None,
+    file None); a file that fails to load is "unloadable" (module None, the file, the error)."""
     path = os.environ.get(EXTENSION_ENV)
     if not path:
-        from . import _C as module
-
-        return module
-    if not os.path.isfile(path):
-        raise ImportError(f"${EXTENSION_ENV}={path} is not a file")
-    spec = importlib.util.spec_from_file_location(f"{__package__}._C", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+        spec = importlib.util.find_spec(f"{__package__}._C")
+        if spec is None:
+            return None, None, "not built"
+        path = spec.origin
+    elif not os.path.isfile(path):
+        return None, path, f"${EXTENSION_ENV}={path} is not a file"
+    try:
+        spec = importlib.util.spec_from_file_location(f"{__package__}._C", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)  # registers torch.ops.enact_ops.*
+    except (ImportError, OSError) as e:  # a torch ABI change, a missing symbol, a broken file
+        return None, path, f"{type(e).__name__}: {e}"
     sys.modules[spec.name] = module
-    return module
+    return module, path, None
 
 
-try:
-    _C = _import_extension()  # registers torch.ops.enact_ops.*
+def _require_compiled() -> bool:
+    return os.environ.get(REQUIRE_ENV, "") not in ("", "0")
 
-    _IMPORT_ERROR: Optional[BaseException] = None
-except (ImportError, OSError) as e:  # extension not built: reference backend only
-    _C = None
-    _IMPORT_ERROR = e
+
+_C, _EXTENSION_FILE, _LOAD_ERROR = _import_extension()
+_IMPORT_ERROR: Optional[str] = _LOAD_ERROR
 if _C is not None:
     _register.register()  # fake implementations and autograd formulas (torch.library)
+elif _EXTENSION_FILE is not None:  # present but unloadable: say so now, once
+    warnings.warn(
+        f"enact_ops: the compiled extension {_EXTENSION_FILE} failed to load ({_LOAD_ERROR}); ENACT runs on the "
+        "pure-PyTorch reference (about 5x slower).  Rebuild it for this torch with `pip install --no-build-isolation "
+        "-e .` (or unset $ENACT_OPS_EXTENSION); `python -m enact_ops` shows what is built and loaded.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+_FALLBACK_WARNED = set()
+
+
+def extension_status() -> dict:
+    """What is built and loaded: torch version, extension file, whether it loaded (and why not),
+    CPU / CUDA kernels, the CUDA archs and torch version it was built for, the GPU present."""
+    cuda_kernels = bool(_C is not None and _C.with_cuda)
+    return {
+        "torch": torch.__version__,
+        "extension_file": _EXTENSION_FILE,
+        "loaded": _C is not None,
+        "reason": _LOAD_ERROR,
+        "cpu_kernels": _C is not None,
+        "cuda_kernels": cuda_kernels,
+        "cuda_archs": getattr(_C, "cuda_archs", None) if cuda_kernels else None,
+        "built_for_torch": getattr(_C, "torch_version", None) if _C is not None else None,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "require_compiled": _require_compiled(),
+    }
+
 
 __all__ = [
     "Segmentation",
@@ -86,6 +122,7 @@ __all__ = [
     "runs_sizes",
     "uniform_sizes",
     "compiled_available",
+    "extension_status",
     "segment_runs",
     "segment_uniform",
     "uniform_chunk_length",
@@ -107,21 +144,41 @@ def compiled_available(device="cpu") -> bool:
     return kind == "cpu" or (kind == "cuda" and bool(_C.with_cuda))
 
 
+def _why_not(device) -> str:
+    if _C is None:
+        where = f" ({_EXTENSION_FILE})" if _EXTENSION_FILE else ""
+        return f"the extension is {'not built' if _LOAD_ERROR == 'not built' else 'not loadable'}{where}: {_LOAD_ERROR}"
+    return f"the extension was built without CUDA kernels, so it has none for {device}"
+
+
 def use_compiled(backend: str, device: torch.device) -> bool:
     """Whether ``backend`` ("auto" | "compiled" | "reference") runs the compiled kernels on
-    ``device``; "compiled" without a build for the device is an error."""
+    ``device``.  "compiled" without a build for the device is an error; so is "auto" under
+    $ENACT_REQUIRE_COMPILED=1; otherwise "auto" falls back to the reference and says so once
+    per device type."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
         return False
     available = compiled_available(device)
-    if backend == "compiled" and not available:
-        why = f" ({_IMPORT_ERROR})" if _IMPORT_ERROR is not None else ""
+    if available:
+        return True
+    how = "build it with `pip install --no-build-isolation -e .` (FORCE_CUDA=1 for CUDA)"
+    if backend == "compiled" or _require_compiled():
+        asked = "backend='compiled'" if backend == "compiled" else f"${REQUIRE_ENV}=1"
         raise RuntimeError(
-            f"enact_ops: backend='compiled' but the extension is not built for {device}{why}; "
-            "build it with `pip install -e .` (FORCE_CUDA=1 for CUDA) or use backend='reference'"
+            f"enact_ops: {asked} but {_why_not(device)}; {how}, or use backend='reference'"
         )
-    return available
+    kind = torch.device(device).type
+    if kind not in _FALLBACK_WARNED:
+        _FALLBACK_WARNED.add(kind)
+        warnings.warn(
+            f"enact_ops: no compiled kernels for {kind} ({_why_not(device)}); running the pure-PyTorch reference "
+            f"(about 5x slower).  To fix: {how}.  backend='reference' chooses it without this warning.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,26 @@ def _require_detrex() -> bool:
     return os.environ.get("ENACT_REQUIRE_DETREX", "") not in ("", "0")
 
 
+def _require_compiled() -> bool:
+    import os
+
+    return os.environ.get("ENACT_REQUIRE_COMPILED", "") not in ("", "0")
+
+
+NOT_BUILT = "enact_ops._C is not built"  # the skip reason of the tests that need the CPU kernels
+
+
 def pytest_collection_modifyitems(config, items):
+    if _require_compiled():  # CI: the compiled kernels must have loaded, else nothing is skipped quietly
+        import enact_ops
+
+        if not enact_ops.compiled_available("cpu"):
+            status = enact_ops.extension_status()
+            raise pytest.UsageError(
+                f"ENACT_REQUIRE_COMPILED is set but the enact_ops extension did not load "
+                f"({status['extension_file'] or 'no file'}: {status['reason']}); build it with "
+                "`pip install --no-build-isolation -e .` or `python -m enact_ops` to see why"
+            )
     marked = [item for item in items if item.get_closest_marker("detrex")]
     if not marked:
         return
@@ -52,6 +71,9 @@ def pytest_collection_modifyitems(config, items):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
+    if report.skipped and _require_compiled() and NOT_BUILT in str(report.longrepr) and "CUDA" not in str(report.longrepr):
+        report.outcome = "failed"  # a skip for lack of a GPU stays a skip
+        report.longrepr = f"skipped under ENACT_REQUIRE_COMPILED=1: {report.longrepr}"
     if report.skipped and _require_detrex() and item.get_closest_marker("detrex"):
         report.outcome = "failed"
         report.longrepr = f"skipped under ENACT_REQUIRE_DETREX=1 (make test-detrex): {report.longrepr}"

@@ -1,4 +1,6 @@
 """enact_ops: compiled kernels against the pure-PyTorch reference, gradients, bad input."""
+import warnings
+
 import pytest
 import torch
 
@@ -359,16 +361,29 @@ def test_all_padding_row_is_defined():
 
 
 def test_reference_is_the_fallback_without_extension(monkeypatch):
+    """Without the extension "auto" runs the reference and says so once per device type;
+    backend="compiled" and $ENACT_REQUIRE_COMPILED=1 make it an error; "reference" stays allowed."""
     import enact_ops.ops as ops
 
     monkeypatch.setattr(ops, "_C", None)
+    monkeypatch.setattr(ops, "_LOAD_ERROR", "not built")
+    monkeypatch.setattr(ops, "_FALLBACK_WARNED", set())
+    monkeypatch.delenv("ENACT_REQUIRE_COMPILED", raising=False)
     assert not ops.compiled_available("cpu")
     sign, mask, scores, k, _ = _batch(2, 9, 4)
-    seg = segment_runs(sign, mask)  # auto -> reference
+    with pytest.warns(RuntimeWarning, match=r"no compiled kernels for cpu \(the extension is not built.*pip install"):
+        seg = segment_runs(sign, mask)  # auto -> reference
     expected = reference.segment_runs(sign, ~mask)
     _assert_same_segmentation(seg, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the second call says nothing
+        segment_runs(sign, mask)
     with pytest.raises(RuntimeError, match="backend='compiled' but the extension is not built"):
         segment_runs(sign, mask, backend="compiled")
+    monkeypatch.setenv("ENACT_REQUIRE_COMPILED", "1")
+    with pytest.raises(RuntimeError, match=r"\$ENACT_REQUIRE_COMPILED=1 but the extension is not built"):
+        segment_runs(sign, mask)
+    _assert_same_segmentation(segment_runs(sign, mask, backend="reference"), expected)
 
 
 @needs_compiled_cpu

@@ -52,6 +52,7 @@ from projects.enact.engine import (  # noqa: E402
     EnactStatsHook,
     configure_determinism,
     create_ddp_model,
+    describe_enact_runtime,
     describe_rng_setup,
     launch,
     instantiate_loader,
@@ -136,6 +137,11 @@ def do_train(args, cfg):
         clip_max_norm=clip_max_norm, clip_norm_type=clip_norm_type,
         amp=amp.get("enabled", False), amp_dtype=amp.get("dtype", "float16"), device=device,
     )
+    if trainer.amp and amp.get("dtype", "float16") == "float16" and trainer.amp_dtype != torch.float16:
+        logger.warning("train.amp.dtype=float16 runs as bfloat16 on %s (float16 autocast is for CUDA)", device)
+    runtime = describe_enact_runtime(model, device, trainer.amp, trainer.amp_dtype)
+    if runtime is not None:
+        logger.info(runtime)
     checkpointer = EnactCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     trainer.register_hooks([
         hooks.IterationTimer(),

@@ -53,7 +53,7 @@ def worker_command(args, path, mode, backend, batch_size):
            "--attention", backend, "--batch", str(batch_size), "--size", *map(str, args.size),
            "--device", args.device, "--seed", str(args.seed), "--min-scale", str(args.min_scale),
            "--max-boxes", str(args.max_boxes), "--orientation", args.orientation,
-           "--dropout-mask", args.dropout_mask]
+           "--dropout-mask", args.dropout_mask, "--amp", args.amp]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.opts:
@@ -139,6 +139,7 @@ def result_row(args, runner, batch_size, times, profile):
         "config": os.path.relpath(runner.path, ROOT), "model": runner.name, "detector": detector_key(runner.path),
         "variant": variant(runner.path), "attention": runner.attention,
         "attention_modules_set": runner.attention_modules, "batch": batch_size, "size": list(args.size),
+        "amp": args.amp,
         "params": sum(p.numel() for p in runner.model.parameters()),
     }
     for mode, seconds in times.items():
@@ -282,7 +283,8 @@ def header_lines(args, plan):
         + (" (--batch)" if args.batch else " (configs' batch sizes)"),
         f"attention: {', '.join(plan.backends)} (encoder attention modules of both sides); repeats {args.repeats} "
         f"interleaved, median; seed {args.seed}",
-        f"memory: {plan.memory_measure}; dropout masks: {dropout}",
+        f"memory: {plan.memory_measure}; dropout masks: {dropout}; precision: "
+        + ("float32" if args.amp == "none" else f"torch.autocast {args.amp} (--amp)"),
         "time: train = forward + backward + clip + AdamW step, infer = eval forward under no_grad, "
         "encoder = forward + backward of model.transformer.encoder on its captured inputs",
     ]
@@ -373,6 +375,8 @@ def build_parser(description=None):
                    help="mixed: odd images portrait, the batch padded to max(H, W) squared (default same)")
     p.add_argument("--dropout-mask", choices=DROPOUT_MASKS, default="native",
                    help="bool: F.dropout as torch.native_dropout, so CPU keeps CUDA's 1-byte masks (default native)")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
+                   help="every step under torch.autocast with this dtype (default none: float32; fp16 is for CUDA)")
     p.add_argument("--min-scale", type=float, default=0.6, help="smallest side of images 1.. as a fraction of --size")
     p.add_argument("--max-boxes", type=int, default=5, help="ground-truth boxes per image: 1..max-boxes")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats after one warm-up")

@@ -207,6 +207,9 @@ def dropout_masks(kind):
     return bool_dropout_masks() if kind == "bool" else contextlib.nullcontext()
 
 
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --amp
+
+
 class Runner:
     """One model with its optimizer and batch, and the three measured steps."""
 
@@ -225,6 +228,8 @@ class Runner:
         self.clip = clip_max_norm(cfg)
         self.batch_size = batch_size
         self.dropout_mask = args.dropout_mask
+        self.amp = AMP_DTYPES[getattr(args, "amp", "none")]  # autocast dtype of every step, None: float32
+        self.device_type = torch.device(device).type
         num_classes = int(getattr(self.model, "num_classes", 80))
         self.batch = make_batch(batch_size, args.size, num_classes, args.seed, device,
                                 args.min_scale, args.max_boxes, args.orientation)
@@ -296,7 +301,9 @@ class Runner:
     def step(self, mode):
         """One step of ``mode`` (one of MODES), with the dropout masks of ``--dropout-mask``."""
         run = {"train": self.train_step, "infer": self.infer_step, "encoder": self.encoder_step}[mode]
-        with dropout_masks(self.dropout_mask):
+        with dropout_masks(self.dropout_mask), torch.autocast(
+            self.device_type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None
+        ):
             run()
 
 

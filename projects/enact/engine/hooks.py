@@ -1,6 +1,6 @@
 """A hook that puts ENACT's (and ACT's) cluster statistics into detectron2's EventStorage (and so
 into metrics.json, TensorBoard and the console), combined over the training processes."""
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.engine import HookBase
@@ -103,3 +103,28 @@ class EnactStatsHook(HookBase):
                             totals.setdefault(key, []).append(value)
             for key, vals in totals.items():
                 storage.put_scalar(f"{prefix}/{key}", sum(vals) / len(vals), smoothing_hint=False)
+
+
+def describe_enact_runtime(model: nn.Module, device, amp: bool = False, amp_dtype=None) -> Optional[str]:
+    """One line saying how the ENACT layers of ``model`` will run on ``device``: how many, their
+    enact_ops backend and whether the compiled kernels serve it (the extension file), the dtype of
+    steps 1-5 and of steps 6-8 (autocast's under ``amp``), and the attention kernel.  None when
+    the model has no ENACT layer.  Asking may warn (once) that the reference path will run."""
+    import enact_ops
+
+    layers = enact_modules(model)
+    if not layers:
+        return None
+    device = torch.device(device)
+    clusterings = [c for _, m in layers for c in (getattr(m, "clustering", None), getattr(m, "cluster_x", None)) if c is not None]
+    backends = sorted({getattr(c, "backend", "auto") for c in clusterings})
+    compiled = [enact_ops.use_compiled(b, device) for b in backends]
+    where = enact_ops.extension_status()["extension_file"] if any(compiled) else "the pure-PyTorch reference"
+    kernels = sorted({getattr(m, "attn_implementation", "sdpa") for _, m in layers})
+    params = next(iter(model.parameters()), None)
+    dtype = amp_dtype if amp else (params.dtype if params is not None else torch.float32)
+    dtype = str(dtype).replace("torch.", "")
+    return (f"ENACT: {len(layers)} layers ({', '.join(sorted({type(m).__name__ for _, m in layers}))}), backend "
+            f"{'/'.join(backends)} on {device.type}: {'compiled kernels' if all(compiled) else 'REFERENCE path'} "
+            f"({where}); steps 1-5 in float32, steps 6-8 in {dtype}{' (autocast)' if amp else ''}; "
+            f"attention {'/'.join(kernels)}")
