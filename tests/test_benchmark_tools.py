@@ -159,7 +159,8 @@ def test_analyze_model(tmp_path):
     base, enact = rows["detr_r18_shapes"], rows["detr_r18_shapes_enact"]
     assert enact["params"] - base["params"] == 2 * (128 + 1)  # W_prob: Linear(128, 1) per encoder layer
     if enact_ops.compiled_available():  # the fused pooling is traced as one op with its own handle
-        assert enact["custom_op_flops"]["prim::PythonOp._SegmentSoftmaxPool"] > 0
+        # encoder self-attention's key/value pooling: one registered operator with its own handle
+        assert enact["custom_op_flops"]["enact_ops::pool_shared_key_value"] > 0
         assert enact["custom_op_flops"]["enact_ops::smoothed_information"] > 0  # steps 1-4, one op
     assert not any(op.startswith(("enact_ops::", "prim::PythonOp")) for op in enact["unsupported_ops"])
     assert len(enact["clusters_per_layer"]) == 2 and "clusters_per_layer" not in base

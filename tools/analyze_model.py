@@ -13,6 +13,7 @@ DETR papers quote).  Handles added for ops fvcore does not know, in that convent
   aten::scaled_dot_product_attention   B*h*L*S*(d + d_v)   (Q K^T and A V; = the eager matmuls)
   ENACT segment softmax pooling        B*N*C per pooled feature tensor (weighted sum); the
                                        softmax is element-wise and ignored like detectron2's
+                                       (enact_ops::pool_shared_key_value: key and value)
   enact_ops::segment_runs / _uniform   0 (a discrete segmentation, no arithmetic)
   enact_ops::smoothed_information      B*N*(K + 3)   (steps 1-4: the Gaussian's K taps and the
                                        3 of the curvature per token; softmax and log element-wise)
@@ -50,6 +51,7 @@ SDPA_OP = "aten::scaled_dot_product_attention"
 POOL_OPS = ("prim::PythonOp._SegmentSoftmaxPool", "enact_ops::segment_softmax_pool_forward")
 ZERO_OPS = ("enact_ops::segment_runs", "enact_ops::segment_uniform")
 INFORMATION_OP = "enact_ops::smoothed_information"
+SHARED_POOL_OP = "enact_ops::pool_shared_key_value"  # encoder self-attention: key = value + key_pos
 
 
 def _shapes(values):
@@ -87,6 +89,12 @@ def pool_flop_jit(inputs, outputs):
     return sum(s[0] * s[1] * s[2] for s in _shapes(inputs) if len(s) == 3)
 
 
+def shared_pool_flop_jit(inputs, outputs):
+    """enact_ops::pool_shared_key_value: the key and the value pooled (its first two inputs; key_pos
+    is there for the gradient only)."""
+    return pool_flop_jit(inputs[:2], outputs)
+
+
 def information_flop_jit(inputs, outputs):
     """Steps 1-4 on logits (B, N) with K taps: the two correlations, K + 3 multiply-adds per token."""
     shapes = _shapes(inputs)
@@ -109,7 +117,7 @@ def analyze(path, args, device):
                "height": h, "width": w} for _ in range(args.batch)]
     flops = FlopCountAnalysis(model, inputs)
     flops.set_op_handle(SDPA_OP, sdpa_flop_jit, **{op: pool_flop_jit for op in POOL_OPS},
-                        **{op: None for op in ZERO_OPS}, **{INFORMATION_OP: information_flop_jit})
+                        **{op: None for op in ZERO_OPS}, **{INFORMATION_OP: information_flop_jit, SHARED_POOL_OP: shared_pool_flop_jit})
     flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     with torch.no_grad():
         total = flops.total()
@@ -129,7 +137,7 @@ def analyze(path, args, device):
         "encoder_share": enc_flops / total if total else 0.0,
         "flops_by_operator": {k: int(v) for k, v in sorted(by_operator.items(), key=lambda kv: -kv[1])},
         # by_operator() drops the namespace ("aten::", "prim::")
-        "custom_op_flops": {k: int(by_operator[k.split("::", 1)[-1]]) for k in (SDPA_OP, *POOL_OPS, INFORMATION_OP)
+        "custom_op_flops": {k: int(by_operator[k.split("::", 1)[-1]]) for k in (SDPA_OP, *POOL_OPS, SHARED_POOL_OP, INFORMATION_OP)
                             if k.split("::", 1)[-1] in by_operator},
         "unsupported_ops": dict(flops.unsupported_ops()),
         "batch": args.batch, "size": list(args.size),

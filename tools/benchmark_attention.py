@@ -11,7 +11,9 @@ Precision: ``--amp none bf16`` measures float32 and bf16 autocast side by side (
 precision); fp16 is for CUDA (on a CPU fp16 GEMMs are ~27x slower than float32).
 Time: median of interleaved repeats, all variants in one process.  Memory: on CPU the peak-RSS
 increase over the process's state just before the measured call, one fresh process per
-variant; on CUDA torch.cuda.max_memory_allocated above the inputs.
+variant with glibc's mmap threshold pinned (MALLOC_MMAP_THRESHOLD_=65536, as tools/benchmark.py:
+freed buffers leave the RSS, so the peak is what is alive, not the heap's high-water mark); on
+CUDA torch.cuda.max_memory_allocated above the inputs.
 
     python tools/benchmark_attention.py                        # B=8, N in {850, 3400}, C=256, 8 heads
     python tools/benchmark_attention.py --device cuda --seq-lens 850 3400 13600 --amp none bf16 fp16
@@ -107,7 +109,9 @@ def measure_memory(args, seq_len, variant, amp):
            "--worker-amp", amp]
     for flag in ("batch", "channels", "heads", "sigma", "dropout", "device"):
         cmd += [f"--{flag}", str(getattr(args, flag))]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    env = dict(os.environ)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # large buffers are mmap'ed, freed ones leave the RSS
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
