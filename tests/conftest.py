@@ -22,6 +22,9 @@ DETREX_HOW_TO = "run them with `make test-detrex DETREX_SRC=<detrex checkout or 
 
 def pytest_configure(config):
     config.addinivalue_line(
+        "markers", "cuda: device checks that run on a GPU (skipped without one; `pytest -m cuda` on the GPU machine)"
+    )
+    config.addinivalue_line(
         "markers", f"detrex: tests against real detrex (skipped when it is not available; {DETREX_HOW_TO})"
     )
 

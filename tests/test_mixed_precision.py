@@ -11,6 +11,9 @@ import enact_ops
 from projects.enact import EnactAttention, MultiheadAttention
 
 pytestmark = pytest.mark.skipif(not enact_ops.compiled_available("cpu"), reason="enact_ops._C is not built")
+# every test on the CPU, and on the GPU where one is present (marked ``cuda``: `pytest -m cuda`)
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not (torch.cuda.is_available() and enact_ops.compiled_available("cuda")), reason="no GPU with enact_ops CUDA kernels")])]
 
 N, B, C, HEADS = 160, 2, 32, 4  # small: fp16 GEMMs on a CPU are slow
 LOW = [torch.bfloat16, torch.float16]
@@ -18,21 +21,21 @@ LOW = [torch.bfloat16, torch.float16]
 ERROR_FACTOR = 2.0
 
 
-def _inputs(seed=0):
+def _inputs(seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     src = torch.randn(N, B, C, generator=g)
     pos = torch.randn(N, B, C, generator=g)
     mask = torch.zeros(B, N, dtype=torch.bool)
     mask[1, 130:] = True
-    return src, pos, mask
+    return src.to(device), pos.to(device), mask.to(device)
 
 
-def _pair(seed=0):
+def _pair(seed=0, device="cpu"):
     torch.manual_seed(seed)
-    enact = EnactAttention(C, HEADS, sigma=2).train()
+    enact = EnactAttention(C, HEADS, sigma=2).train().to(device)
     with torch.no_grad():
         enact.clustering.w_prob.weight.mul_(20.0)  # informative logits: clusters of a few tokens
-    mhsa = MultiheadAttention(C, HEADS).train()
+    mhsa = MultiheadAttention(C, HEADS).train().to(device)
     mhsa.attn.load_state_dict(enact.attn.state_dict())
     return enact, mhsa
 
@@ -41,9 +44,9 @@ def _run(m, src, pos, mask, amp=None, dtype=None):
     """Output and gradients (src, every parameter) of sum(out * probe), float32 results."""
     m.zero_grad(set_to_none=True)
     x = src.clone().to(dtype or src.dtype).requires_grad_()
-    with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+    with torch.autocast(src.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
         out = m(x, query_pos=pos, key_padding_mask=mask)
-    probe = torch.linspace(-1, 1, C)
+    probe = torch.linspace(-1, 1, C, device=src.device)
     (out.float() * probe).sum().backward()
     grads = {"src": x.grad.float()}
     grads.update({n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None})
@@ -55,7 +58,7 @@ def _rel(a, b):
 
 
 def _errors(m, amp=None, dtype=None):
-    src, pos, mask = _inputs()
+    src, pos, mask = _inputs(device=next(m.parameters()).device)
     out32, g32 = _run(m, src, pos, mask)
     out, g = _run(m, src, pos, mask, amp=amp, dtype=dtype)
     errs = {"out": _rel(out, out32)}
@@ -63,12 +66,13 @@ def _errors(m, amp=None, dtype=None):
     return errs
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("amp", LOW)
-def test_autocast_keeps_the_float32_clusters_and_mhsa_error(amp):
+def test_autocast_keeps_the_float32_clusters_and_mhsa_error(amp, device):
     """Under autocast the logits read the float32 key: the clusters are exactly float32's.  The
     output and every gradient are within ERROR_FACTOR x MHSA's own autocast error."""
-    enact, mhsa = _pair()
-    src, pos, mask = _inputs()
+    enact, mhsa = _pair(device=device)
+    src, pos, mask = _inputs(device=device)
     ids = []
     for a in (None, amp):
         traces = []
@@ -84,13 +88,14 @@ def test_autocast_keeps_the_float32_clusters_and_mhsa_error(amp):
     assert enact.clustering.w_prob.weight.grad is not None
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("amp", LOW)
-def test_low_precision_tokens_with_the_segmentation_held_fixed(amp):
+def test_low_precision_tokens_with_the_segmentation_held_fixed(amp, device):
     """Tokens that reach the encoder in bf16 / fp16 (a detector under autocast): the logits read
     the upcast key, so a near-zero curvature sign may flip; with float32's segmentation held fixed
     the output and gradients stay within ERROR_FACTOR x MHSA's error on the same inputs."""
-    enact, mhsa = _pair()
-    src, pos, mask = _inputs()
+    enact, mhsa = _pair(device=device)
+    src, pos, mask = _inputs(device=device)
     fixed = []
     enact.clustering.register_trace_hook(lambda _, t: fixed.append(t))
     _run(enact, src, pos, mask)
@@ -101,16 +106,17 @@ def test_low_precision_tokens_with_the_segmentation_held_fixed(amp):
         assert ours[k] <= ERROR_FACTOR * e + 1e-6, (k, ours[k], e)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("amp", LOW)
-def test_mixed_precision_keeps_low_precision_copies(amp):
+def test_mixed_precision_keeps_low_precision_copies(amp, device):
     """What EnactAttention saves for backward under autocast: no (B, N, C) float32 tensor (MHSA
     keeps its inputs' low-precision copies; so does ENACT)."""
-    enact, _ = _pair()
-    src, pos, mask = _inputs()
+    enact, _ = _pair(device=device)
+    src, pos, mask = _inputs(device=device)
     saved = []
     x = src.clone().requires_grad_()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        with torch.autocast("cpu", dtype=amp):
+        with torch.autocast(device, dtype=amp):
             enact(x, query_pos=pos, key_padding_mask=mask)
     full = [t for t in saved if t.numel() >= N * B * C]
     assert full and all(t.dtype == amp for t in full), [(tuple(t.shape), t.dtype) for t in full]
@@ -120,20 +126,21 @@ def _outputs_and_grads(fn, m, src, pos, mask):
     m.zero_grad(set_to_none=True)
     x, p = src.clone().requires_grad_(), pos.clone().requires_grad_()
     out = fn(x, p)
-    (out * torch.linspace(-1, 1, C)).sum().backward()
+    (out * torch.linspace(-1, 1, C, device=out.device)).sum().backward()
     return [out.detach(), x.grad, p.grad] + [q.grad for q in m.parameters()]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
-def test_activation_checkpointing_and_save_on_cpu(amp):
+def test_activation_checkpointing_and_save_on_cpu(amp, device):
     """torch.utils.checkpoint (use_reentrant=False) and save_on_cpu give the plain run's output and
     gradients bitwise; use_reentrant=True (forward without grad first, recomputed in backward)
     within float rounding."""
-    enact, _ = _pair()
-    src, pos, mask = _inputs()
+    enact, _ = _pair(device=device)
+    src, pos, mask = _inputs(device=device)
 
     def layer(x, p):
-        with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+        with torch.autocast(device, dtype=amp or torch.bfloat16, enabled=amp is not None):
             return enact(x, query_pos=p, key_padding_mask=mask).float()
 
     plain = _outputs_and_grads(layer, enact, src, pos, mask)

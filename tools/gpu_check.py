@@ -816,25 +816,36 @@ def child_checks(args):
 
     def fused_path():
         need_compiled()
+        from torch.utils._python_dispatch import TorchDispatchMode
         from projects.enact import EnactAttention
-        from projects.enact.modeling import enact_fused
 
-        calls, steps = [], []
-        fused, information = enact_fused.pool_shared_key_value, enact_ops.smoothed_information
-        enact_fused.pool_shared_key_value = lambda *a: calls.append(1) or fused(*a)
-        enact_ops.smoothed_information = lambda *a, **k: steps.append(1) or information(*a, **k)
-        try:
+        class OpNames(TorchDispatchMode):  # the enact_ops operators dispatch sees, by name
+            def __init__(self):
+                super().__init__()
+                self.names = []
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = str(func.overloadpacket)
+                if name.startswith("enact_ops."):
+                    self.names.append(name.split(".", 1)[1])
+                return func(*args, **(kwargs or {}))
+
+        expected = (["smoothed_information", "segment_runs", "pool_shared_key_value"],
+                    ["segment_softmax_pool_backward_sum", "smoothed_information_backward"])
+        amp_dtype = torch.bfloat16
+        for amp in (False, True):
             torch.manual_seed(0)
             m = EnactAttention(16, 4).to(device)
             x = torch.randn(30, 2, 16, device=device)
-            m(x, query_pos=torch.randn_like(x)).sum().backward()
-        finally:
-            enact_fused.pool_shared_key_value, enact_ops.smoothed_information = fused, information
-        if len(calls) != 1 or len(steps) != 1:
-            raise AssertionError(f"in a training step the fused key/value pooling ran {len(calls)} times and the "
-                                 f"fused steps 1-4 {len(steps)} times (expected 1 each)")
-        return dict(detail="EnactAttention's training step runs enact_ops.smoothed_information and "
-                           "enact_fused.pool_shared_key_value")
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp), OpNames() as fwd:
+                out = m(x, query_pos=torch.randn_like(x))
+            with OpNames() as bwd:
+                out.float().sum().backward()
+            if (fwd.names, bwd.names) != expected:
+                raise AssertionError(f"a training step{' under bf16 autocast' if amp else ''} ran {fwd.names} "
+                                     f"forward and {bwd.names} backward (expected {expected[0]} and {expected[1]})")
+        return dict(detail="EnactAttention's training step (float32 and bf16 autocast) runs "
+                           "smoothed_information, segment_runs, pool_shared_key_value; backward its two kernels")
 
     def tf32():
         if device.type != "cuda":
