@@ -87,3 +87,18 @@ def flat_config(node, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def assert_detrex_except_results_folder(cfg, base):
+    """``cfg``'s dataloader, optimizer and lr_multiplier equal detrex's config ``base``'s, except
+    the evaluator's folder, which is ``${train.output_dir}`` (an interpolation: it follows the
+    command line's train.output_dir), where detrex copies a string or writes nothing."""
+    from omegaconf import OmegaConf
+
+    ours, theirs = OmegaConf.to_container(cfg.dataloader), OmegaConf.to_container(base.dataloader)
+    assert ours["evaluator"].pop("output_dir") == "${train.output_dir}"
+    theirs["evaluator"].pop("output_dir", None)
+    assert ours == theirs
+    for part in ("optimizer", "lr_multiplier"):
+        assert OmegaConf.to_yaml(cfg[part]) == OmegaConf.to_yaml(base[part]), part
+
