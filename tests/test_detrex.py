@@ -4,7 +4,7 @@ For each of detrex's DETR, Conditional DETR, DAB-DETR, DN-DETR, Group DETR and A
 and MHSA encoders), built tiny from detrex's own config: ``enact_encoder`` replaces exactly the
 encoder's self-attentions, the original state dict loads with only ENACT's ``w_prob`` missing,
 ``mode="identity"`` reproduces detrex's outputs, and a training step with real ENACT gives every
-parameter a gradient.  Then the bad inputs and their messages.
+parameter a gradient.  Then the bad inputs and their exact messages.
 """
 import copy
 
@@ -191,25 +191,75 @@ def test_converting_twice_is_an_error():
         enact_encoder(model)
 
 
-def test_deformable_encoder_is_an_error_naming_its_attention():
+def holder_of(encoder_cfg, cls_name="Holder"):
+    """A model with ``transformer.encoder`` built from ``encoder_cfg`` (nothing else built)."""
     from detectron2.config import instantiate
-    from projects.enact import enact_encoder
+
+    encoder = instantiate(encoder_cfg)
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.transformer = nn.Module()
+        self.transformer.encoder = encoder
+
+    return type(cls_name, (nn.Module,), {"__init__": __init__})()
+
+
+def test_deformable_encoders_are_refused_naming_only_their_attention():
+    from projects.enact import act_encoder, enact_encoder
     from projects.enact.detrex_support import detrex_config
 
     cfg = detrex_config("projects/deformable_detr/configs/deformable_detr_r50_50ep.py").model
-    encoder = cfg.transformer.encoder
-    encoder.num_layers, encoder.feedforward_dim = 1, 32
-
-    class Holder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.transformer = nn.Module()
-            self.transformer.encoder = instantiate(encoder)
-
-    with pytest.raises(ValueError, match="no dense multi-head self-attention.*MultiScaleDeformableAttention"):
-        enact_encoder(Holder())
-    with pytest.raises(ValueError, match="no transformer.encoder"):
+    cfg.transformer.encoder.num_layers, cfg.transformer.encoder.feedforward_dim = 1, 32
+    deformable = holder_of(cfg.transformer.encoder, "DeformableDETR")
+    with pytest.raises(ValueError) as e:
+        enact_encoder(deformable)
+    assert str(e.value) == (
+        "enact_encoder(DeformableDETR): its encoder self-attention is MultiScaleDeformableAttention, not a dense "
+        "self-attention (ENACT replaces an encoder self-attention that is detrex's MultiheadAttention, torch's "
+        "nn.MultiheadAttention or detrex's MultiheadRCDA)")
+    # Focus-DETR: no 'self_attn' at all; its MultiheadAttention (over the tokens it selects) is not named
+    cfg = detrex_config("projects/focus_detr/configs/focus_detr_resnet/focus_detr_r50_4scale_12ep.py").model
+    cfg.transformer.encoder.num_layers, cfg.transformer.encoder.feedforward_dim = 1, 32
+    focus = holder_of(cfg.transformer.encoder, "FOCUS_DETR")
+    with pytest.raises(ValueError) as e:
+        act_encoder(focus)
+    assert str(e.value) == (
+        "act_encoder(FOCUS_DETR): its encoder has MultiScaleDeformableAttention, not a dense self-attention (ACT "
+        "replaces an encoder self-attention that is detrex's MultiheadAttention or torch's nn.MultiheadAttention)")
+    with pytest.raises(ValueError) as e:
         enact_encoder(nn.Linear(2, 2))
+    assert str(e.value) == "enact_encoder: Linear: no transformer.encoder (or transformer.encoder_layers) found"
+
+
+def test_bad_options_name_the_entry_point_the_argument_and_what_is_accepted():
+    from projects.enact import act_encoder, enact_encoder
+    from projects.enact.detrex_support import EnactDabDetrTransformerEncoder
+
+    model = build("dab_detr")
+    cases = [
+        (enact_encoder, dict(bogus=1), TypeError,
+         "enact_encoder: unknown option 'bogus'; accepted: backend, attn_implementation"),
+        (enact_encoder, dict(bogus=1, num_hashes=4), TypeError,
+         "enact_encoder: unknown options 'bogus', 'num_hashes'; accepted: backend, attn_implementation"),
+        (enact_encoder, dict(mode="segment"), ValueError,
+         "enact_encoder: mode must be one of ('segments', 'uniform', 'identity'), got 'segment'"),
+        (enact_encoder, dict(sigma=0), ValueError, "enact_encoder: sigma must be a positive int, got 0"),
+        (enact_encoder, dict(backend="cuda"), ValueError,
+         "enact_encoder: backend must be one of ('auto', 'compiled', 'reference'), got 'cuda'"),
+        (enact_encoder, dict(attn_implementation="flash"), ValueError,
+         "enact_encoder: attn_implementation must be one of ('sdpa', 'eager'), got 'flash'"),
+        (act_encoder, dict(sigma=5), TypeError, "act_encoder: unknown option 'sigma'; accepted: attn_implementation"),
+        (act_encoder, dict(num_hashes=0), ValueError, "act_encoder: num_hashes must be an int >= 1, got 0"),
+    ]
+    for entry, kwargs, error, message in cases:
+        with pytest.raises(error) as e:
+            entry(model, **kwargs)
+        assert str(e.value) == message
+    assert not any(getattr(m, "_replaced_encoder_attention", False) for m in model.modules())  # nothing replaced
+    with pytest.raises(ValueError) as e:
+        EnactDabDetrTransformerEncoder(num_layers=1, sigma=2.5)
+    assert str(e.value) == "EnactDabDetrTransformerEncoder: sigma must be a positive int, got 2.5"
 
 
 def test_bad_detrex_root(monkeypatch, tmp_path):

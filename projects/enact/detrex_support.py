@@ -32,6 +32,8 @@ from pathlib import Path
 from .modeling.encoder_adapter import (
     EnactPackedRCDA,
     act_attention_factory,
+    check_act_options,
+    check_enact_options,
     enact_attention_factory,
     replace_encoder_attention,
 )
@@ -98,10 +100,10 @@ def _make_encoder_class(name: str):
 
     def __init__(self, *args, sigma: int = default_sigma, mode: str = "segments", backend: str = "auto",
                  attn_implementation: str = "sdpa", **kwargs):
+        check_enact_options(name, sigma, mode, backend, attn_implementation)
         base.__init__(self, *args, **kwargs)
-        encoder = getattr(self, "encoder_layers", self)
         replace_encoder_attention(
-            encoder,
+            getattr(self, "encoder_layers", self),
             enact_attention_factory(sigma, mode, backend, attn_implementation=attn_implementation),
             lambda rcda: EnactPackedRCDA.from_module(rcda, sigma, mode, backend),
             owner=name,
@@ -115,6 +117,7 @@ def _make_encoder_class(name: str):
 def _make_act_class(name: str, base: type):
     def __init__(self, *args, num_hashes: int = 32, bucket_width: float = 8.0, seed: int = 0,
                  attn_implementation: str = "sdpa", **kwargs):
+        check_act_options(name, num_hashes, bucket_width, seed, attn_implementation)
         base.__init__(self, *args, **kwargs)
         replace_encoder_attention(
             getattr(self, "encoder_layers", self),
