@@ -11,6 +11,7 @@ DETREX_MODELS = {
     "group_detr": ("projects/group_detr/configs/group_detr_r50_50ep.py", None),
     "anchor_detr_rcda": ("projects/anchor_detr/configs/anchor_detr_r50_50ep.py", "RCDA"),
     "anchor_detr_mhsa": ("projects/anchor_detr/configs/anchor_detr_r50_50ep.py", "nn.MultiheadAttention"),
+    "pnp_detr": ("projects/pnp_detr/configs/pnp_detr_r50_300ep.py", None),
 }
 
 

@@ -1,10 +1,11 @@
 """ENACT inside real detrex models (marked ``detrex``: ``make test-detrex DETREX_SRC=...``).
 
-For each of detrex's DETR, Conditional DETR, DAB-DETR, DN-DETR, Group DETR and Anchor DETR (RCDA
-and MHSA encoders), built tiny from detrex's own config: ``enact_encoder`` replaces exactly the
-encoder's self-attentions, the original state dict loads with only ENACT's ``w_prob`` missing,
-``mode="identity"`` reproduces detrex's outputs, and a training step with real ENACT gives every
-parameter a gradient.  Then the bad inputs and their exact messages.
+For each of detrex's DETR, Conditional DETR, DAB-DETR, DN-DETR, Group DETR, Anchor DETR (RCDA
+and MHSA encoders) and PnP-DETR, built tiny from detrex's own config: ``enact_encoder`` replaces
+exactly the encoder's self-attentions, the original state dict loads with only ENACT's ``w_prob``
+missing, ``mode="identity"`` reproduces detrex's outputs, and a training step with real ENACT gives
+every parameter a gradient.  PnP-DETR's sampled tokens reach ENACT in raster order.  Then the bad
+inputs and their exact messages.
 """
 import copy
 
@@ -260,6 +261,42 @@ def test_bad_options_name_the_entry_point_the_argument_and_what_is_accepted():
     with pytest.raises(ValueError) as e:
         EnactDabDetrTransformerEncoder(num_layers=1, sigma=2.5)
     assert str(e.value) == "EnactDabDetrTransformerEncoder: sigma must be a positive int, got 2.5"
+
+
+def test_pnp_detr_encoder_sees_its_sampled_tokens_in_raster_order():
+    """PnP-DETR's sampler orders the sampled tokens by score: with ENACT its output reaches the
+    encoder in raster order (same tokens, same positions, pads after them), and the 30 pooled
+    background tokens are not clustered (ENACT's clustering sees the sampled tokens only)."""
+    from projects.enact import EnactAttention, enact_encoder
+
+    model = build("pnp_detr").eval()
+    original = copy.deepcopy(model)
+    enact_encoder(model, sigma=1)
+    # the sampler's input: a (B, C, 6, 7) feature map, image 1 padded to 4 x 5 (True = pad)
+    g = torch.Generator().manual_seed(0)
+    c = model.transformer.embed_dim
+    x, pos = torch.randn(2, c, 6, 7, generator=g), torch.randn(42, 2, c, generator=g)
+    mask = torch.zeros(2, 6, 7, dtype=torch.bool)
+    mask[1, 4:], mask[1, :, 5:] = True, True
+    with torch.no_grad():
+        src0, loss0, top0, mask0, pos0 = original.transformer.sampler(x, mask.flatten(1), pos, 0.5)
+        src1, loss1, top1, mask1, pos1 = model.transformer.sampler(x, mask.flatten(1), pos, 0.5)
+    s, tail = top0.shape[1], model.transformer.sampler.unsample_abstract_number
+    assert torch.equal(loss0, loss1) and torch.equal(mask0, mask1) and src1.shape[0] == s + tail
+    lengths = (~mask0[:, :s]).sum(1)
+    assert lengths.tolist() == [21, 10]  # half of 42 and of 20 valid tokens: a padded batch
+    for b, n in enumerate(lengths.tolist()):
+        assert torch.equal(top1[b, :n], top0[b, :n].sort().values)  # raster order
+        order = top0[b, :n].argsort()
+        assert torch.equal(src1[:n, b], src0[:n, b][order]) and torch.equal(pos1[:n, b], pos0[:n, b][order])
+    assert torch.equal(src1[s:], src0[s:]) and torch.equal(pos1[s:], pos0[s:])  # pooled tokens, unchanged
+    attentions = [m for m in model.modules() if isinstance(m, EnactAttention)]
+    assert len(attentions) == 2 and all(a.unclustered_tail == tail for a in attentions)
+    with torch.no_grad():
+        model(padded_images())
+    tokens = [a.clustering.last_num_tokens for a in attentions]  # the sampled tokens only, not the pooled
+    assert all(t.tolist() == [8, 8] for t in tokens)  # half of the 4 x 4 padded grid (detrex: no mask at inference)
+    assert all((a.clustering.last_num_clusters < t).all() for a, t in zip(attentions, tokens))  # clusters formed
 
 
 def test_bad_detrex_root(monkeypatch, tmp_path):

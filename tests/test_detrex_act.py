@@ -1,8 +1,8 @@
 """ACT inside real detrex models (marked ``detrex``: ``make test-detrex DETREX_SRC=...``).
 
 ``act_encoder`` (the same mechanism as ``enact_encoder``) on detrex's DETR, Conditional DETR,
-DAB-DETR, DN-DETR, Group DETR and Anchor DETR (MHSA encoder), built tiny from detrex's own configs:
-exactly the encoder's self-attentions become ACT, every trained weight carries over (ACT adds no
+DAB-DETR, DN-DETR, Group DETR, Anchor DETR (MHSA encoder) and PnP-DETR, built tiny from detrex's
+own configs: exactly the encoder's self-attentions become ACT, every trained weight carries over (ACT adds no
 parameters; only the hash buffers are new, distinct in every layer), and with every query its own
 cluster (a tiny bucket width) the outputs are detrex's, at inference and in the losses of a padded
 training batch.  Then Anchor DETR's RCDA (ACT has no RCDA form), no double wrap between ACT and
@@ -100,7 +100,8 @@ def record_self_attentions(model, names):
 MASKED_MEMORY = {"detr", "anchor_detr_mhsa"}
 
 
-@pytest.mark.parametrize("name", MODELS)
+# (PnP-DETR samples equally many tokens of these two images: nothing in its encoder is padded)
+@pytest.mark.parametrize("name", [n for n in MODELS if n != "pnp_detr"])
 def test_act_encoder_equals_detrex_on_a_padded_training_batch(name, monkeypatch):
     """In training mode detrex passes the padding mask to the encoder: pads are left out of the
     clusters (each valid token its own cluster, pads in none), every encoder self-attention's

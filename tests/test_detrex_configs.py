@@ -24,6 +24,7 @@ CONFIGS = {  # ENACT config -> (detrex config, encoder key, ENACT class, sigma, 
     "anchor_detr_r50_50ep_enact": ("projects/anchor_detr/configs/anchor_detr_r50_50ep.py", "transformer", 3, {}),
     "anchor_detr_r50_50ep_mhsa_enact": ("projects/anchor_detr/configs/anchor_detr_r50_50ep.py", "transformer", 3,
                                         {"transformer.attention_type": "nn.MultiheadAttention"}),
+    "pnp_detr_r50_300ep_enact": ("projects/pnp_detr/configs/pnp_detr_r50_300ep.py", "transformer", 5, {}),
 }
 
 

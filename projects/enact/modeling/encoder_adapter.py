@@ -33,6 +33,7 @@ import enact_ops
 from .act import ActAttention
 from .attention import check_attn_implementation
 from .enact import CLUSTERING_MODES, EnactAttention, EnactClustering, check_sigma
+from .pnp import is_token_sampler_transformer, use_raster_order
 from .rcda import rcda_combine, rcda_weights
 
 __all__ = [
@@ -440,6 +441,9 @@ def enact_encoder(model: nn.Module, sigma: int = 5, mode: str = "segments", **op
         lambda rcda: EnactPackedRCDA.from_module(rcda, sigma, mode, backend),
         owner=entry,
     )
+    transformer = getattr(getattr(model, "module", model), "transformer", None)
+    if transformer is not None and is_token_sampler_transformer(transformer):
+        use_raster_order(transformer)  # PnP-DETR: sampled tokens in raster order (see .pnp)
     return model
 
 
