@@ -175,16 +175,27 @@ def test_benchmark_runs_a_detrex_model_with_and_without_enact(tmp_path):
     import subprocess
     import sys
 
-    md, js = tmp_path / "bench.md", tmp_path / "bench.json"
+    md, js, profile = tmp_path / "bench.md", tmp_path / "bench.json", tmp_path / "profile"
     tiny = ["model.transformer.encoder.num_layers=1", "model.transformer.decoder.num_layers=1",
             "model.num_queries=10", "model.select_box_nums_for_evaluation=10"]
+    # every flag once (--attention both and --device cuda aside: twice the time, and no GPU)
     cmd = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--configs", "detrex/dab_detr_r50_50ep",
-           "detrex/dab_detr_r50_50ep_enact", "--threads", "1", "--batch", "1", "--size", "96", "128",
-           "--repeats", "1", "--modes", "train", "encoder", "--jobs", "2", "--quiet", "--out-md", str(md), "--out-json", str(js), "--opts", *tiny]
+           "detrex/dab_detr_r50_50ep_enact", "--threads", "1", "--batch", "2", "--size", "96", "128",
+           "--orientation", "mixed", "--dropout-mask", "bool", "--min-scale", "0.5", "--max-boxes", "2",
+           "--attention", "eager", "--device", "cpu", "--seed", "1", "--profile", str(profile),
+           "--repeats", "1", "--modes", "train", "encoder", "--jobs", "2", "--quiet", "--out-md", str(md),
+           "--out-json", str(js), "--opts", *tiny]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(js.read_text())
+    assert result["sizes"]["dab_detr_r50_50ep"] == {"batch": 2, "size": [96, 128], "padded": [128, 128],
+                                                   "orientation": "mixed"}
+    assert {k: result["args"][k] for k in ("dropout_mask", "min_scale", "max_boxes", "seed", "attention")} == {
+        "dropout_mask": "bool", "min_scale": 0.5, "max_boxes": 2, "seed": 1, "attention": "eager"}
+    models, modes = ("dab_detr_r50_50ep", "dab_detr_r50_50ep_enact"), ("train", "encoder")
+    assert sorted(p.name for p in profile.iterdir()) == sorted(f"{m}_eager_{mode}.txt" for m in models for mode in modes)
     rows = {r["model"]: r for r in result["rows"]}
+    assert rows["dab_detr_r50_50ep_enact"]["profile"]["train"]
     assert list(rows) == ["dab_detr_r50_50ep", "dab_detr_r50_50ep_enact"]
     for row in rows.values():
         for key in ("train_s_per_img", "encoder_ms_per_img", "train_memory_bytes", "encoder_memory_bytes"):
