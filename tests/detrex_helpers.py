@@ -15,18 +15,22 @@ DETREX_MODELS = {
 }
 
 
-def shrink_detrex_model(model, layers: int = 2, queries: int = 10, ffn: int = 64):
+def shrink_detrex_model(model, layers: int = 2, queries: int = 10, ffn: int = 64, backbone: bool = True):
     """A detrex model config made tiny in place: R18 backbone without pretrained weights and with
-    nothing frozen, ``layers`` encoder and decoder layers, small FFNs, ``queries`` queries, CPU."""
+    nothing frozen (``backbone=False``: the config's, e.g. a dilated R50 for DC5), ``layers`` encoder
+    and decoder layers, small FFNs, ``queries`` queries, CPU."""
     model.device = "cpu"
-    if "stages" in model.backbone:  # detrex's ResNet
+    if not backbone:
+        pass
+    elif "stages" in model.backbone:  # detrex's ResNet
         stages = model.backbone.stages
         stages.depth = 18
         stages.pop("stride_in_1x1", None)
         model.backbone.freeze_at = 0
+        model.in_channels = 512
     else:  # Anchor DETR's TorchvisionResNet (built without pretrained weights)
         model.backbone.name = "resnet18"
-    model.in_channels = 512
+        model.in_channels = 512
     tr = model.transformer
     if "encoder" in tr:
         for part in (tr.encoder, tr.decoder):
