@@ -23,6 +23,10 @@ ACT (the comparator, :func:`~projects.enact.modeling.encoder_adapter.act_encoder
 classes named ``Act...`` (``ActDetrTransformerEncoder``, ...; ``DETREX_ACT_ENCODERS``), taking
 ``num_hashes``, ``bucket_width``, ``seed`` and ``attn_implementation`` instead; Anchor DETR's only
 with its ``nn.MultiheadAttention`` encoder (ACT has no RCDA form: a clear error otherwise).
+Anchor DETR and PnP-DETR build their encoder inside the transformer, so their classes subclass the
+transformer (``EnactAnchorDETRTransformer``, ``EnactPnPDetrTransformer``; the latter also hands its
+encoder the sampled tokens in raster order, see :mod:`projects.enact.modeling.pnp`).  Bad ENACT /
+ACT arguments are refused under the class's name before detrex's constructor runs.
 """
 import importlib
 import os

@@ -427,6 +427,8 @@ def enact_encoder(model: nn.Module, sigma: int = 5, mode: str = "segments", **op
     MHSA) -> ``EnactAttention`` behind :class:`TorchMultiheadAttentionAdapter`; ``MultiheadRCDA``
     -> :class:`EnactPackedRCDA` (separable ENACT).  ``options``: ``backend``,
     ``attn_implementation``.  ``mode="identity"`` gives a model equal to the original.
+    PnP-DETR (a transformer whose ``sampler`` pools background tokens): its encoder then gets the
+    sampled tokens in raster order and keeps the pooled ones unclustered (:mod:`.pnp`).
     Returns ``model``.  Raises ``TypeError`` for an unknown option and ``ValueError`` for a bad
     value, a model without a dense self-attention encoder (e.g. deformable attention, naming its
     class) or one already converted; every message starts with ``enact_encoder``.
