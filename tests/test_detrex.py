@@ -1,10 +1,11 @@
 """ENACT inside real detrex models (marked ``detrex``: ``make test-detrex DETREX_SRC=...``).
 
-For each of detrex's DETR, Conditional DETR, DAB-DETR, DN-DETR, Group DETR and Anchor DETR (RCDA
-and MHSA encoders), built tiny from detrex's own config: ``enact_encoder`` replaces exactly the
-encoder's self-attentions, the original state dict loads with only ENACT's ``w_prob`` missing,
-``mode="identity"`` reproduces detrex's outputs, and a training step with real ENACT gives every
-parameter a gradient.  Then the bad inputs and their messages.
+For each of detrex's DETR, Conditional DETR, DAB-DETR, DN-DETR, Group DETR, Anchor DETR (RCDA
+and MHSA encoders) and PnP-DETR, built tiny from detrex's own config: ``enact_encoder`` replaces
+exactly the encoder's self-attentions, the original state dict loads with only ENACT's ``w_prob``
+missing, ``mode="identity"`` reproduces detrex's outputs, and a training step with real ENACT gives
+every parameter a gradient.  PnP-DETR's sampled tokens reach ENACT in raster order.  Then the bad
+inputs and their exact messages.
 """
 import copy
 
@@ -80,6 +81,34 @@ def test_identity_enact_equals_detrex(name, capsys):
 
     images = padded_images()
     diff = prediction_diff(original, model, images)
+    with capsys.disabled():
+        print(f"\n{name}: identity ENACT vs detrex, max abs diff (scores, boxes / image size) {diff:.2e}")
+    assert diff < 1e-4
+
+
+# detrex models beyond the ones with a config here, through enact_encoder (docs/detrex.md lists more,
+# SQR-DETR among them: its config alone takes 12 s to load here)
+MORE_MODELS = {
+    "dab_detr_3patterns": ("projects/dab_detr/configs/dab_detr_r50_3patterns_50ep.py", True),
+    "dab_detr_dc5": ("projects/dab_detr/configs/dab_detr_r50_dc5_50ep.py", False),  # dilated R50 kept
+}
+
+
+@pytest.mark.parametrize("name", list(MORE_MODELS))
+def test_identity_enact_equals_detrex_in_more_models(name, capsys):
+    from detectron2.config import instantiate
+    from projects.enact import enact_encoder
+    from projects.enact.detrex_support import detrex_config
+
+    path, small_backbone = MORE_MODELS[name]
+    torch.manual_seed(0)
+    model = instantiate(shrink_detrex_model(detrex_config(path).model, backbone=small_backbone)).eval()
+    perturb_heads(model)
+    original = copy.deepcopy(model)
+    enact_encoder(model, sigma=2, mode="identity")
+    assert [n for n, m in model.named_modules() if getattr(m, "_replaced_encoder_attention", False)] == \
+        encoder_self_attentions(model)
+    diff = prediction_diff(original, model, padded_images())
     with capsys.disabled():
         print(f"\n{name}: identity ENACT vs detrex, max abs diff (scores, boxes / image size) {diff:.2e}")
     assert diff < 1e-4
@@ -191,25 +220,111 @@ def test_converting_twice_is_an_error():
         enact_encoder(model)
 
 
-def test_deformable_encoder_is_an_error_naming_its_attention():
+def holder_of(encoder_cfg, cls_name="Holder"):
+    """A model with ``transformer.encoder`` built from ``encoder_cfg`` (nothing else built)."""
     from detectron2.config import instantiate
-    from projects.enact import enact_encoder
+
+    encoder = instantiate(encoder_cfg)
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.transformer = nn.Module()
+        self.transformer.encoder = encoder
+
+    return type(cls_name, (nn.Module,), {"__init__": __init__})()
+
+
+def test_deformable_encoders_are_refused_naming_only_their_attention():
+    from projects.enact import act_encoder, enact_encoder
     from projects.enact.detrex_support import detrex_config
 
     cfg = detrex_config("projects/deformable_detr/configs/deformable_detr_r50_50ep.py").model
-    encoder = cfg.transformer.encoder
-    encoder.num_layers, encoder.feedforward_dim = 1, 32
-
-    class Holder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.transformer = nn.Module()
-            self.transformer.encoder = instantiate(encoder)
-
-    with pytest.raises(ValueError, match="no dense multi-head self-attention.*MultiScaleDeformableAttention"):
-        enact_encoder(Holder())
-    with pytest.raises(ValueError, match="no transformer.encoder"):
+    cfg.transformer.encoder.num_layers, cfg.transformer.encoder.feedforward_dim = 1, 32
+    deformable = holder_of(cfg.transformer.encoder, "DeformableDETR")
+    with pytest.raises(ValueError) as e:
+        enact_encoder(deformable)
+    assert str(e.value) == (
+        "enact_encoder(DeformableDETR): its encoder self-attention is MultiScaleDeformableAttention, not a dense "
+        "self-attention (ENACT replaces an encoder self-attention that is detrex's MultiheadAttention, torch's "
+        "nn.MultiheadAttention or detrex's MultiheadRCDA)")
+    # Focus-DETR: no 'self_attn' at all; its MultiheadAttention (over the tokens it selects) is not named
+    cfg = detrex_config("projects/focus_detr/configs/focus_detr_resnet/focus_detr_r50_4scale_12ep.py").model
+    cfg.transformer.encoder.num_layers, cfg.transformer.encoder.feedforward_dim = 1, 32
+    focus = holder_of(cfg.transformer.encoder, "FOCUS_DETR")
+    with pytest.raises(ValueError) as e:
+        act_encoder(focus)
+    assert str(e.value) == (
+        "act_encoder(FOCUS_DETR): its encoder has MultiScaleDeformableAttention, not a dense self-attention (ACT "
+        "replaces an encoder self-attention that is detrex's MultiheadAttention or torch's nn.MultiheadAttention)")
+    with pytest.raises(ValueError) as e:
         enact_encoder(nn.Linear(2, 2))
+    assert str(e.value) == "enact_encoder: Linear: no transformer.encoder (or transformer.encoder_layers) found"
+
+
+def test_bad_options_name_the_entry_point_the_argument_and_what_is_accepted():
+    from projects.enact import act_encoder, enact_encoder
+    from projects.enact.detrex_support import EnactDabDetrTransformerEncoder
+
+    model = build("dab_detr")
+    cases = [
+        (enact_encoder, dict(bogus=1), TypeError,
+         "enact_encoder: unknown option 'bogus'; accepted: backend, attn_implementation"),
+        (enact_encoder, dict(bogus=1, num_hashes=4), TypeError,
+         "enact_encoder: unknown options 'bogus', 'num_hashes'; accepted: backend, attn_implementation"),
+        (enact_encoder, dict(mode="segment"), ValueError,
+         "enact_encoder: mode must be one of ('segments', 'uniform', 'identity'), got 'segment'"),
+        (enact_encoder, dict(sigma=0), ValueError, "enact_encoder: sigma must be a positive int, got 0"),
+        (enact_encoder, dict(backend="cuda"), ValueError,
+         "enact_encoder: backend must be one of ('auto', 'compiled', 'reference'), got 'cuda'"),
+        (enact_encoder, dict(attn_implementation="flash"), ValueError,
+         "enact_encoder: attn_implementation must be one of ('sdpa', 'eager'), got 'flash'"),
+        (act_encoder, dict(sigma=5), TypeError, "act_encoder: unknown option 'sigma'; accepted: attn_implementation"),
+        (act_encoder, dict(num_hashes=0), ValueError, "act_encoder: num_hashes must be an int >= 1, got 0"),
+    ]
+    for entry, kwargs, error, message in cases:
+        with pytest.raises(error) as e:
+            entry(model, **kwargs)
+        assert str(e.value) == message
+    assert not any(getattr(m, "_replaced_encoder_attention", False) for m in model.modules())  # nothing replaced
+    with pytest.raises(ValueError) as e:
+        EnactDabDetrTransformerEncoder(num_layers=1, sigma=2.5)
+    assert str(e.value) == "EnactDabDetrTransformerEncoder: sigma must be a positive int, got 2.5"
+
+
+def test_pnp_detr_encoder_sees_its_sampled_tokens_in_raster_order():
+    """PnP-DETR's sampler orders the sampled tokens by score: with ENACT its output reaches the
+    encoder in raster order (same tokens, same positions, pads after them), and the 30 pooled
+    background tokens are not clustered (ENACT's clustering sees the sampled tokens only)."""
+    from projects.enact import EnactAttention, enact_encoder
+
+    model = build("pnp_detr").eval()
+    original = copy.deepcopy(model)
+    enact_encoder(model, sigma=1)
+    # the sampler's input: a (B, C, 6, 7) feature map, image 1 padded to 4 x 5 (True = pad)
+    g = torch.Generator().manual_seed(0)
+    c = model.transformer.embed_dim
+    x, pos = torch.randn(2, c, 6, 7, generator=g), torch.randn(42, 2, c, generator=g)
+    mask = torch.zeros(2, 6, 7, dtype=torch.bool)
+    mask[1, 4:], mask[1, :, 5:] = True, True
+    with torch.no_grad():
+        src0, loss0, top0, mask0, pos0 = original.transformer.sampler(x, mask.flatten(1), pos, 0.5)
+        src1, loss1, top1, mask1, pos1 = model.transformer.sampler(x, mask.flatten(1), pos, 0.5)
+    s, tail = top0.shape[1], model.transformer.sampler.unsample_abstract_number
+    assert torch.equal(loss0, loss1) and torch.equal(mask0, mask1) and src1.shape[0] == s + tail
+    lengths = (~mask0[:, :s]).sum(1)
+    assert lengths.tolist() == [21, 10]  # half of 42 and of 20 valid tokens: a padded batch
+    for b, n in enumerate(lengths.tolist()):
+        assert torch.equal(top1[b, :n], top0[b, :n].sort().values)  # raster order
+        order = top0[b, :n].argsort()
+        assert torch.equal(src1[:n, b], src0[:n, b][order]) and torch.equal(pos1[:n, b], pos0[:n, b][order])
+    assert torch.equal(src1[s:], src0[s:]) and torch.equal(pos1[s:], pos0[s:])  # pooled tokens, unchanged
+    attentions = [m for m in model.modules() if isinstance(m, EnactAttention)]
+    assert len(attentions) == 2 and all(a.unclustered_tail == tail for a in attentions)
+    with torch.no_grad():
+        model(padded_images())
+    tokens = [a.clustering.last_num_tokens for a in attentions]  # the sampled tokens only, not the pooled
+    assert all(t.tolist() == [8, 8] for t in tokens)  # half of the 4 x 4 padded grid (detrex: no mask at inference)
+    assert all((a.clustering.last_num_clusters < t).all() for a, t in zip(attentions, tokens))  # clusters formed
 
 
 def test_bad_detrex_root(monkeypatch, tmp_path):

@@ -1,8 +1,8 @@
 """ACT inside real detrex models (marked ``detrex``: ``make test-detrex DETREX_SRC=...``).
 
 ``act_encoder`` (the same mechanism as ``enact_encoder``) on detrex's DETR, Conditional DETR,
-DAB-DETR, DN-DETR, Group DETR and Anchor DETR (MHSA encoder), built tiny from detrex's own configs:
-exactly the encoder's self-attentions become ACT, every trained weight carries over (ACT adds no
+DAB-DETR, DN-DETR, Group DETR, Anchor DETR (MHSA encoder) and PnP-DETR, built tiny from detrex's
+own configs: exactly the encoder's self-attentions become ACT, every trained weight carries over (ACT adds no
 parameters; only the hash buffers are new, distinct in every layer), and with every query its own
 cluster (a tiny bucket width) the outputs are detrex's, at inference and in the losses of a padded
 training batch.  Then Anchor DETR's RCDA (ACT has no RCDA form), no double wrap between ACT and
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from detrex_helpers import (
-    DETREX_MODELS, flat_config, padded_images, perturb_heads, prediction_diff, shrink_detrex_model,
+    DETREX_MODELS, assert_detrex_except_results_folder, flat_config, padded_images, perturb_heads, prediction_diff,
+    shrink_detrex_model,
 )
 from test_detrex import build, encoder_self_attentions, no_dropout, training_step, with_targets
 
@@ -99,7 +100,8 @@ def record_self_attentions(model, names):
 MASKED_MEMORY = {"detr", "anchor_detr_mhsa"}
 
 
-@pytest.mark.parametrize("name", MODELS)
+# (PnP-DETR samples equally many tokens of these two images: nothing in its encoder is padded)
+@pytest.mark.parametrize("name", [n for n in MODELS if n != "pnp_detr"])
 def test_act_encoder_equals_detrex_on_a_padded_training_batch(name, monkeypatch):
     """In training mode detrex passes the padding mask to the encoder: pads are left out of the
     clusters (each valid token its own cluster, pads in none), every encoder self-attention's
@@ -200,7 +202,6 @@ def test_act_config_is_detrex_with_an_act_encoder(config):
     built tiny, its encoder's 2 self-attentions are ACT with distinct projections, a detrex state
     dict loads with only the hash buffers missing, and the model is act_encoder(detrex's model)."""
     from detectron2.config import LazyConfig, instantiate
-    from omegaconf import OmegaConf
 
     from projects.enact import act_encoder
     from projects.enact.detrex_support import detrex_config
@@ -216,8 +217,7 @@ def test_act_config_is_detrex_with_an_act_encoder(config):
     assert changed == {f"{enc}._target_", f"{enc}.num_hashes", f"{enc}.bucket_width"}
     assert ours[f"{enc}._target_"].__name__ == cls
     assert (ours[f"{enc}.num_hashes"], ours[f"{enc}.bucket_width"]) == (32, 8.0)
-    for part in ("dataloader", "optimizer", "lr_multiplier"):
-        assert OmegaConf.to_yaml(cfg[part]) == OmegaConf.to_yaml(base[part]), part
+    assert_detrex_except_results_folder(cfg, base)
 
     torch.manual_seed(0)
     model = instantiate(shrink_detrex_model(cfg.model)).eval()

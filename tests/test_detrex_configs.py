@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from detrex_helpers import flat_config, shrink_detrex_model
+from detrex_helpers import assert_detrex_except_results_folder, flat_config, shrink_detrex_model
 
 pytestmark = [pytest.mark.detrex, pytest.mark.usefixtures("single_thread")]
 
@@ -25,6 +24,7 @@ CONFIGS = {  # ENACT config -> (detrex config, encoder key, ENACT class, sigma, 
     "anchor_detr_r50_50ep_enact": ("projects/anchor_detr/configs/anchor_detr_r50_50ep.py", "transformer", 3, {}),
     "anchor_detr_r50_50ep_mhsa_enact": ("projects/anchor_detr/configs/anchor_detr_r50_50ep.py", "transformer", 3,
                                         {"transformer.attention_type": "nn.MultiheadAttention"}),
+    "pnp_detr_r50_300ep_enact": ("projects/pnp_detr/configs/pnp_detr_r50_300ep.py", "transformer", 5, {}),
 }
 
 
@@ -47,12 +47,26 @@ def test_config_is_detrex_with_an_enact_encoder(name):
     assert changed == {f"{where}._target_", f"{where}.sigma", *others}
     assert ours[f"{where}.sigma"] == sigma and ours[f"{where}._target_"].__name__.startswith("Enact")
     assert all(ours[k] == v for k, v in others.items())
-    for part in ("dataloader", "optimizer", "lr_multiplier"):
-        assert OmegaConf.to_yaml(cfg[part]) == OmegaConf.to_yaml(base[part]), part
+    assert_detrex_except_results_folder(cfg, base)
     # built tiny: exactly its 2 encoder self-attentions are ENACT
     model = instantiate(shrink_detrex_model(cfg.model))
     replaced = [n for n, m in model.named_modules() if getattr(m, "_replaced_encoder_attention", False)]
     assert len(replaced) == 2 and all(("encoder" in n) and "decoder" not in n for n in replaced)
+
+
+def test_every_config_writes_its_results_under_its_own_folder():
+    """The evaluator's folder is ``${train.output_dir}``: each config's own, and moved by the command
+    line's train.output_dir (detrex's configs copy their folder as a string, or write nothing)."""
+    from detectron2.config import LazyConfig
+
+    folders = {}
+    for path in sorted((ROOT / "configs" / "detrex").glob("*.py")):
+        cfg = LazyConfig.load(str(path))
+        assert cfg.dataloader.evaluator.output_dir == cfg.train.output_dir == f"./output/detrex/{path.stem}"
+        folders[path.stem] = cfg.train.output_dir
+        moved = LazyConfig.apply_overrides(cfg, ["train.output_dir=/elsewhere/run1"])
+        assert moved.dataloader.evaluator.output_dir == "/elsewhere/run1"
+    assert len(folders) >= 16 and len(set(folders.values())) == len(folders)
 
 
 def test_detrex_root_is_needed_with_a_clear_message(monkeypatch):
@@ -161,16 +175,27 @@ def test_benchmark_runs_a_detrex_model_with_and_without_enact(tmp_path):
     import subprocess
     import sys
 
-    md, js = tmp_path / "bench.md", tmp_path / "bench.json"
+    md, js, profile = tmp_path / "bench.md", tmp_path / "bench.json", tmp_path / "profile"
     tiny = ["model.transformer.encoder.num_layers=1", "model.transformer.decoder.num_layers=1",
             "model.num_queries=10", "model.select_box_nums_for_evaluation=10"]
+    # every flag once (--attention both and --device cuda aside: twice the time, and no GPU)
     cmd = [sys.executable, str(ROOT / "tools" / "benchmark.py"), "--configs", "detrex/dab_detr_r50_50ep",
-           "detrex/dab_detr_r50_50ep_enact", "--threads", "1", "--batch", "1", "--size", "96", "128",
-           "--repeats", "1", "--modes", "train", "encoder", "--jobs", "2", "--quiet", "--out-md", str(md), "--out-json", str(js), "--opts", *tiny]
+           "detrex/dab_detr_r50_50ep_enact", "--threads", "1", "--batch", "2", "--size", "96", "128",
+           "--orientation", "mixed", "--dropout-mask", "bool", "--min-scale", "0.5", "--max-boxes", "2",
+           "--attention", "eager", "--device", "cpu", "--seed", "1", "--profile", str(profile),
+           "--repeats", "1", "--modes", "train", "encoder", "--jobs", "2", "--quiet", "--out-md", str(md),
+           "--out-json", str(js), "--opts", *tiny]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(js.read_text())
+    assert result["sizes"]["dab_detr_r50_50ep"] == {"batch": 2, "size": [96, 128], "padded": [128, 128],
+                                                   "orientation": "mixed"}
+    assert {k: result["args"][k] for k in ("dropout_mask", "min_scale", "max_boxes", "seed", "attention")} == {
+        "dropout_mask": "bool", "min_scale": 0.5, "max_boxes": 2, "seed": 1, "attention": "eager"}
+    models, modes = ("dab_detr_r50_50ep", "dab_detr_r50_50ep_enact"), ("train", "encoder")
+    assert sorted(p.name for p in profile.iterdir()) == sorted(f"{m}_eager_{mode}.txt" for m in models for mode in modes)
     rows = {r["model"]: r for r in result["rows"]}
+    assert rows["dab_detr_r50_50ep_enact"]["profile"]["train"]
     assert list(rows) == ["dab_detr_r50_50ep", "dab_detr_r50_50ep_enact"]
     for row in rows.values():
         for key in ("train_s_per_img", "encoder_ms_per_img", "train_memory_bytes", "encoder_memory_bytes"):

@@ -594,3 +594,40 @@ def test_torch_compile_equals_eager():
     torch.testing.assert_close(gx_c, gx_e, rtol=1e-5, atol=1e-6)
     for a, b in zip(gp_c, gp_e):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_unclustered_tail_keeps_the_last_keys_apart():
+    """unclustered_tail = T (PnP-DETR's pooled tokens): the last T keys are attended as they are and
+    left out of the clustering; identity mode still equals standard attention, pads included."""
+    torch.manual_seed(0)
+    attn = EnactAttention(16, 2, sigma=1, mode="identity").eval()
+    attn.unclustered_tail = 3
+    x, pos = torch.randn(12, 2, 16), torch.randn(12, 2, 16)  # (N, B, C)
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[1, 6:9] = True  # image 1: pads between its clustered tokens and the kept ones
+    with torch.no_grad():
+        out = attn(x, query_pos=pos, key_padding_mask=mask)
+        ref = MultiheadAttention.forward(attn, x, query_pos=pos, key_padding_mask=mask)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert attn.clustering.last_num_tokens.tolist() == [9, 6]  # the clustered part's valid tokens
+    attn.clustering.mode = "segments"
+    with torch.no_grad():
+        attn(x, query_pos=pos, key_padding_mask=mask)
+    assert (attn.clustering.last_num_clusters <= torch.tensor([9, 6])).all()
+    assert attn.clustering.last_num_tokens.tolist() == [9, 6]
+
+
+def test_unclustered_tail_under_autocast_equals_attention_in_identity_mode():
+    """unclustered_tail under bf16 autocast: the kept keys join the clusters in the attention's
+    dtype; identity mode equals MHSA under the same autocast."""
+    torch.manual_seed(0)
+    attn = EnactAttention(16, 2, sigma=1, mode="identity").train()
+    attn.unclustered_tail = 3
+    x, pos = torch.randn(12, 2, 16, requires_grad=True), torch.randn(12, 2, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(x, query_pos=pos)
+        ref = MultiheadAttention.forward(attn, x, query_pos=pos)
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    out.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -65,6 +65,25 @@ def test_train_then_evaluate_with_coco_evaluator(run):
     assert results["bbox"]["AP"] == pytest.approx(final["bbox/AP"], abs=1e-6)
 
 
+def test_fast_dev_run_trains_20_iterations_and_evaluates_8_images(run):
+    """detrex's train.fast_dev_run.enabled=True, honoured as detrex's train_net does (20 iterations,
+    an evaluation every 10, a log line every iteration; it wins over the command line's values),
+    with evaluations on the first 8 test images only."""
+    _, _run, tmp = run
+    _run("train.fast_dev_run.enabled=True", "train.max_iter=1000", "train.eval_period=1000", "train.log_period=7",
+         "train.checkpointer.period=1000", "dataloader.train.dataset.num_val=12", "dataloader.test.dataset.num_val=12")
+    out = tmp / "out"
+    metrics = read_metrics(out / "metrics.json")
+    assert [m["iteration"] for m in metrics if "total_loss" in m] == list(range(20))
+    assert [m["iteration"] for m in metrics if "bbox/AP" in m] == [9, 20]  # the last: logged after the last step
+    with open(out / "coco_instances_results.json") as f:
+        images = {r["image_id"] for r in json.load(f)}
+    assert 0 < len(images) <= 8 and len(images) < 12
+    log = (out / "log.txt").read_text()
+    assert "train.fast_dev_run.enabled=True: train.max_iter=20, train.eval_period=10, train.log_period=1, " \
+           "evaluation on the first 8 test images" in log
+
+
 def test_resume_continues_from_checkpoint_iteration_and_optimizer_state(run, monkeypatch):
     train_net, _run, tmp = run
     _run("train.max_iter=2")  # "killed" after its checkpoint at iteration 1

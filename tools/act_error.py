@@ -22,13 +22,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from projects.enact.modeling.act import ActAttention  # noqa: E402
+from projects.enact.modeling.encoder_adapter import encoder_self_attentions, find_encoder  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config-file", required=True, help="the baseline's LazyConfig")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--split", default="train", help="dataset split for the shapes data (the paper: training images)")
+    p.add_argument("--split", choices=("train", "val"), default="train",
+                   help="train: dataloader.train's images (the paper), val: dataloader.test's; both read by the "
+                        "test mapper")
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--hashes", type=int, nargs="+", default=[16, 20, 24, 32])
     p.add_argument("--widths", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
@@ -46,13 +49,23 @@ def main(argv=None):
 
     cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
     cfg.train.device = "cpu"
+    if "device" in cfg.model:  # detrex's models take their device
+        cfg.model.device = "cpu"
     model = instantiate(cfg.model).eval()
     EnactCheckpointer(model).load(args.checkpoint)
     test = cfg.dataloader.test
-    if "split" in test.dataset:
+    if "split" in test.dataset:  # the shapes dataset
         test.dataset.split = args.split
+    elif args.split == "train":  # other datasets (detrex's COCO): dataloader.train's, read as the test loader reads
+        test.dataset = cfg.dataloader.train.dataset
     loader = instantiate(test)
-    layers = list(model.transformer.encoder.layers)
+    # the encoder's self-attentions: the project's layers[i].self_attn, detrex's layers[i].attentions[j]
+    layers = encoder_self_attentions(find_encoder(model))
+    clustered = ("clustering", "hash_a")  # ENACT's or ACT's attention: not the full attention to compare with
+    if not layers or any(not hasattr(full, "attn") or any(hasattr(full, a) for a in clustered) for full in layers):
+        raise SystemExit(f"act_error: {args.config_file}: its encoder self-attentions are "
+                         f"{sorted({type(m).__name__ for m in layers}) or 'not found'}; a full multi-head attention "
+                         "encoder (the project's or detrex's MultiheadAttention) is needed")
     captured = [[] for _ in layers]  # per layer: the kwargs of each call
 
     def hook(index):
@@ -61,7 +74,7 @@ def main(argv=None):
 
         return fn
 
-    handles = [layer.self_attn.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles = [full.register_forward_hook(hook(i), with_kwargs=True) for i, full in enumerate(layers)]
     seen = 0
     with torch.no_grad():
         for batch in loader:
@@ -78,15 +91,14 @@ def main(argv=None):
             for width in args.widths:
                 err_num = err_den = 0.0
                 clusters, tokens, count = 0.0, 0.0, 0
-                for index, layer in enumerate(layers):
-                    full = layer.self_attn
+                for index, full in enumerate(layers):
                     act = ActAttention(full.embed_dim, full.num_heads, num_hashes=num_hashes, bucket_width=width, seed=args.seed)
                     act.load_state_dict(full.state_dict(), strict=False)
                     act.set_layer_index(index)
                     act.eval()
                     for a, kw, out in captured[index]:
                         query = kw.get("query", a[0] if a else None)
-                        identity = kw.get("identity")
+                        identity = kw.get("identity", a[3] if len(a) > 3 else None)  # detrex: positional
                         identity = query if identity is None else identity
                         y = act(*a, **kw)
                         mask = kw.get("key_padding_mask")

@@ -40,6 +40,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from projects.enact.benchmark.detector import DEFAULT_CONFIGS  # noqa: E402
+from projects.enact.modeling.encoder_adapter import find_encoder  # noqa: E402
 from projects.enact.benchmark.runner import (  # noqa: E402
     config_name, detector_key, encoder_layer_statistics, load_config, resolve_config, seed_all, set_encoder_attention,
     encoder_kind, variant,
@@ -110,7 +111,7 @@ def analyze(path, args, device):
     seed_all(args.seed)
     model = instantiate(cfg.model).to(device).eval()
     set_count = set_encoder_attention(model, args.attention)
-    encoder = model.transformer.encoder
+    encoder = find_encoder(model)  # transformer.encoder (detrex Anchor DETR: transformer.encoder_layers)
     gen = torch.Generator().manual_seed(args.seed)
     h, w = args.size
     inputs = [{"image": torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8).to(device),
@@ -123,7 +124,8 @@ def analyze(path, args, device):
         total = flops.total()
     by_module = flops.by_module()
     prefix = next(n for n, m in flops._model.named_modules() if m is model)  # "model" (TracingAdapter)
-    enc_name = f"{prefix}.transformer.encoder" if prefix else "transformer.encoder"
+    enc_path = next(n for n, m in model.named_modules() if m is encoder)
+    enc_name = f"{prefix}.{enc_path}" if prefix else enc_path
     enc_flops = by_module.get(enc_name, 0)
     by_operator = flops.by_operator()
     stats = encoder_layer_statistics(encoder)
@@ -167,7 +169,7 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=None, help="LazyConfig files (paths or names under configs/)")
     p.add_argument("--size", type=int, nargs=2, default=[800, 1333], metavar=("H", "W"))
@@ -180,7 +182,7 @@ def main():
     p.add_argument("--out-md", default="output/analyze_model.md")
     p.add_argument("--out-json", default="output/analyze_model.json")
     p.add_argument("--opts", nargs="*", default=[], help="LazyConfig overrides (key=value) applied to every config")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -188,7 +190,8 @@ def main():
         paths = [resolve_config(c) for c in DEFAULT_CONFIGS if os.path.isfile(os.path.join(ROOT, c))]
     else:
         paths = [resolve_config(c) for c in args.configs]
-    command = "python tools/analyze_model.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    given = sys.argv[1:] if argv is None else argv
+    command = "python tools/analyze_model.py " + " ".join(shlex.quote(a) for a in given)
     header = (f"input: {args.batch} x 3 x {args.size[0]} x {args.size[1]} (random pixels, eval mode), device {device}; "
               "FLOPs: fvcore FlopCountAnalysis (detectron2's), 1 multiply-add = 1 flop")
     print(header, flush=True)
@@ -212,6 +215,7 @@ def main():
         with open(out, "w") as f:
             f.write(text)
     print(f"wrote {args.out_md} and {args.out_json}")
+    return result
 
 
 if __name__ == "__main__":

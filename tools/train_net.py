@@ -29,8 +29,9 @@ not draw from the training's random streams.  See projects/enact/engine/reproduc
 detrex configs (``configs/detrex/``, or detrex's own) run too: ``train.device`` is copied into
 ``model.device`` (detrex copies it when its config is loaded, so ``train.device=cpu`` alone moves a
 detrex model to the CPU), and detrex's ``train.clip_grad`` ({enabled, params: {max_norm,
-norm_type}}) and ``train.amp`` are honoured; ``train.model_ema`` and ``train.wandb`` are not
-supported (an error if enabled).  DN-DETR's criterion calls ``.cuda()``: it trains on a GPU only.
+norm_type}}), ``train.amp`` and ``train.fast_dev_run`` (20 iterations, an evaluation every 10 on
+the first 8 test images) are honoured; ``train.model_ema`` and ``train.wandb`` are not supported
+(an error if enabled).  DN-DETR's criterion calls ``.cuda()``: it trains on a GPU only.
 """
 import argparse
 import logging
@@ -84,6 +85,27 @@ def _apply_train_device(cfg):
     for key in ("model_ema", "wandb"):
         if cfg.train.get(key, {}).get("enabled", False):
             raise NotImplementedError(f"train.{key}.enabled=True (a detrex option) is not supported by this train_net")
+
+
+FAST_DEV_RUN = dict(max_iter=20, eval_period=10, log_period=1)  # as detrex's tools/train_net.py
+FAST_DEV_RUN_TEST_IMAGES = 8
+
+
+def _apply_fast_dev_run(cfg):
+    """detrex's ``train.fast_dev_run.enabled=True``: as detrex's train_net, 20 iterations with an
+    evaluation every 10 and a log line every iteration; here the evaluations also read only the
+    first 8 test images (COCOEvaluator scores the images it was given).  Applied after the
+    command line's overrides, so it wins over train.max_iter=...  Returns whether it applied."""
+    if not cfg.train.get("fast_dev_run", {}).get("enabled", False):
+        return False
+    from detectron2.config import LazyCall as L
+
+    from projects.enact.data import first_items
+
+    for key, value in FAST_DEV_RUN.items():
+        cfg.train[key] = value
+    cfg.dataloader.test.dataset = L(first_items)(items=cfg.dataloader.test.dataset, count=FAST_DEV_RUN_TEST_IMAGES)
+    return True
 
 
 def _clip_grad(cfg):
@@ -161,10 +183,14 @@ def main(args):
     cfg = LazyConfig.load(args.config_file)
     cfg = LazyConfig.apply_overrides(cfg, args.opts)
     _apply_train_device(cfg)
+    fast_dev_run = _apply_fast_dev_run(cfg)
     deterministic = bool(cfg.train.get("deterministic", False))
     configure_determinism(deterministic)
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="enact")
+    if fast_dev_run:
+        logger.info("train.fast_dev_run.enabled=True: train.max_iter=%d, train.eval_period=%d, train.log_period=%d, "
+                    "evaluation on the first %d test images", *FAST_DEV_RUN.values(), FAST_DEV_RUN_TEST_IMAGES)
     logger.info("Random state: %s", describe_rng_setup(int(cfg.train.get("seed", -1)), comm.get_rank(), deterministic))
     if args.eval_only:
         model = instantiate(cfg.model).to(_check_device(cfg))

@@ -1,5 +1,5 @@
 # detrex's own config (projects/anchor_detr/configs/anchor_detr_r50_50ep.py of the detrex checkout)
-# with its nn.MultiheadAttention encoder, unchanged: the baseline twin of
+# with its nn.MultiheadAttention encoder, unchanged but for its output folders: the baseline twin of
 # anchor_detr_r50_50ep_mhsa_enact.py (tools/benchmark.py pairs X.py with X_enact.py).
 from projects.enact.detrex_support import detrex_config
 
@@ -9,3 +9,5 @@ model, dataloader, optimizer, lr_multiplier, train = (
 )
 model.transformer.attention_type = "nn.MultiheadAttention"  # detrex's MHSA variant of Anchor DETR
 train.output_dir = "./output/detrex/anchor_detr_r50_50ep_mhsa"
+# COCOEvaluator writes its files under this config's own train.output_dir (follows train.output_dir=...)
+dataloader.evaluator.output_dir = "${train.output_dir}"

@@ -14,3 +14,5 @@ model.transformer.attention_type = "nn.MultiheadAttention"  # detrex's MHSA vari
 model.transformer._target_ = EnactAnchorDETRTransformer
 model.transformer.sigma = 3
 train.output_dir = "./output/detrex/anchor_detr_r50_50ep_mhsa_enact"
+# COCOEvaluator writes its files under this config's own train.output_dir (follows train.output_dir=...)
+dataloader.evaluator.output_dir = "${train.output_dir}"

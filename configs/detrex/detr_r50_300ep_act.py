@@ -15,3 +15,5 @@ model.transformer.encoder._target_ = ActDetrTransformerEncoder
 model.transformer.encoder.num_hashes = 32  # L (the paper: 16, 20, 24, 32)
 model.transformer.encoder.bucket_width = 8.0  # r (seed: 0 by default)
 train.output_dir = "./output/detrex/detr_r50_300ep_act"
+# COCOEvaluator writes its files under this config's own train.output_dir (follows train.output_dir=...)
+dataloader.evaluator.output_dir = "${train.output_dir}"

@@ -12,3 +12,5 @@ model, dataloader, optimizer, lr_multiplier, train = (
 model.transformer.encoder._target_ = EnactGroupDetrTransformerEncoder
 model.transformer.encoder.sigma = 5
 train.output_dir = "./output/detrex/group_detr_r50_50ep_enact"
+# COCOEvaluator writes its files under this config's own train.output_dir (follows train.output_dir=...)
+dataloader.evaluator.output_dir = "${train.output_dir}"

@@ -23,6 +23,10 @@ ACT (the comparator, :func:`~projects.enact.modeling.encoder_adapter.act_encoder
 classes named ``Act...`` (``ActDetrTransformerEncoder``, ...; ``DETREX_ACT_ENCODERS``), taking
 ``num_hashes``, ``bucket_width``, ``seed`` and ``attn_implementation`` instead; Anchor DETR's only
 with its ``nn.MultiheadAttention`` encoder (ACT has no RCDA form: a clear error otherwise).
+Anchor DETR and PnP-DETR build their encoder inside the transformer, so their classes subclass the
+transformer (``EnactAnchorDETRTransformer``, ``EnactPnPDetrTransformer``; the latter also hands its
+encoder the sampled tokens in raster order, see :mod:`projects.enact.modeling.pnp`).  Bad ENACT /
+ACT arguments are refused under the class's name before detrex's constructor runs.
 """
 import importlib
 import os
@@ -32,9 +36,12 @@ from pathlib import Path
 from .modeling.encoder_adapter import (
     EnactPackedRCDA,
     act_attention_factory,
+    check_act_options,
+    check_enact_options,
     enact_attention_factory,
     replace_encoder_attention,
 )
+from .modeling.pnp import is_token_sampler_transformer, use_raster_order
 
 __all__ = ["DETREX_ACT_ENCODERS", "DETREX_ENCODERS", "detrex_config", "detrex_root"]
 
@@ -84,9 +91,22 @@ DETREX_ENCODERS = {
     # Anchor DETR builds its encoder inside the transformer: the transformer is subclassed
     "EnactAnchorDETRTransformer": (
         "projects.anchor_detr.modeling.anchor_detr_transformer", "AnchorDETRTransformer", 3),
+    # PnP-DETR: the transformer, whose sampler then hands the encoder its sampled tokens in raster
+    # order (projects/enact/modeling/pnp.py; the pooled background tokens are not clustered)
+    "EnactPnPDetrTransformer": ("projects.pnp_detr.modeling.transformer", "PnPDetrTransformer", 5),
 }
 # ACT in the same encoders: Act... -> the Enact... entry above (its default sigma unused)
 DETREX_ACT_ENCODERS = {"Act" + name[len("Enact"):]: name for name in DETREX_ENCODERS}
+
+
+def _encoder_of(module):
+    """The part whose self-attentions a class replaces: Anchor DETR's ``encoder_layers``, a
+    transformer's ``encoder`` (PnP-DETR), else the encoder class itself."""
+    for attr in ("encoder_layers", "encoder"):
+        part = getattr(module, attr, None)
+        if part is not None:
+            return part
+    return module
 
 
 def _make_encoder_class(name: str):
@@ -98,14 +118,16 @@ def _make_encoder_class(name: str):
 
     def __init__(self, *args, sigma: int = default_sigma, mode: str = "segments", backend: str = "auto",
                  attn_implementation: str = "sdpa", **kwargs):
+        check_enact_options(name, sigma, mode, backend, attn_implementation)
         base.__init__(self, *args, **kwargs)
-        encoder = getattr(self, "encoder_layers", self)
         replace_encoder_attention(
-            encoder,
+            _encoder_of(self),
             enact_attention_factory(sigma, mode, backend, attn_implementation=attn_implementation),
             lambda rcda: EnactPackedRCDA.from_module(rcda, sigma, mode, backend),
             owner=name,
         )
+        if is_token_sampler_transformer(self):
+            use_raster_order(self)
 
     doc = (f"detrex's ``{base_name}`` with ENACT in its encoder self-attentions (``sigma`` default "
            f"{default_sigma}, ``mode``, ``backend``, ``attn_implementation``); other arguments as detrex's.")
@@ -115,9 +137,10 @@ def _make_encoder_class(name: str):
 def _make_act_class(name: str, base: type):
     def __init__(self, *args, num_hashes: int = 32, bucket_width: float = 8.0, seed: int = 0,
                  attn_implementation: str = "sdpa", **kwargs):
+        check_act_options(name, num_hashes, bucket_width, seed, attn_implementation)
         base.__init__(self, *args, **kwargs)
         replace_encoder_attention(
-            getattr(self, "encoder_layers", self),
+            _encoder_of(self),
             act_attention_factory(num_hashes, bucket_width, seed, attn_implementation=attn_implementation),
             None,
             owner=name,

@@ -5,6 +5,7 @@ detectron2; used by ``tools/visualize_enact.py`` and ``tools/enact_stats.py``)."
 import logging
 import math
 import os
+from collections.abc import MutableSequence
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -86,15 +87,27 @@ def feature_stride(model) -> Optional[int]:
         return None
     shapes = backbone.output_shape()
     name = getattr(model, "in_features", None)
+    if isinstance(name, (list, tuple)):  # detrex: in_features=["res5"]
+        name = name[-1] if name else None
     if name not in shapes:
         name = max(shapes, key=lambda k: shapes[k].stride or 0)
     return shapes[name].stride
 
 
 # ---------------------------------------------------------------------- inputs
+def _augmentations(mapper) -> Optional[list]:
+    """The mapper's list of augmentations, to read and replace in place: detectron2's
+    ``DatasetMapper`` keeps them in ``.augmentations`` (an AugmentationList), detrex's
+    ``DetrDatasetMapper`` in ``.augmentation`` (a list); None for a mapper with neither."""
+    augs = getattr(getattr(mapper, "augmentations", None), "augs", None)
+    if augs is None and isinstance(getattr(mapper, "augmentation", None), MutableSequence):
+        augs = mapper.augmentation  # a list, or the ListConfig that instantiate makes of one
+    return augs
+
+
 def test_resize(mapper) -> Optional[Tuple[int, int]]:
     """(shortest edge, max size) of the mapper's ResizeShortestEdge (the smallest edge choice), or None."""
-    for aug in getattr(getattr(mapper, "augmentations", None), "augs", []):
+    for aug in _augmentations(mapper) or []:
         if isinstance(aug, T.ResizeShortestEdge):
             return int(min(aug.short_edge_length)), int(aug.max_size)
     return None
@@ -111,10 +124,11 @@ def set_input_size(mapper, input_size: int):
     max size scaled in proportion (in place; returns it)."""
     resize = test_resize(mapper)
     if resize is None:
-        raise ValueError("the test mapper has no ResizeShortestEdge to change the input size of")
+        raise ValueError(f"the test mapper ({type(mapper).__name__}) has no ResizeShortestEdge in its augmentations "
+                         "to change the input size of")
     short, max_size = resize
     new_max = math.ceil(max_size * input_size / short)
-    augs = mapper.augmentations.augs
+    augs = _augmentations(mapper)
     for i, aug in enumerate(augs):
         if isinstance(aug, T.ResizeShortestEdge):
             augs[i] = T.ResizeShortestEdge(input_size, max_size=new_max, sample_style="choice")

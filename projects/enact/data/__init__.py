@@ -2,6 +2,7 @@
 registration and file checks, DETR's augmentation and mappers."""
 
 from .coco import COCO_2017_SPLITS, check_coco_files, check_dataset_available, register_coco
+from .subset import first_items
 from .synthetic import (
     SHAPES_CLASSES,
     SHAPES_COLORS,
@@ -30,6 +31,7 @@ __all__ = [
     "default_shapes_root",
     "detr_test_augmentation",
     "detr_train_augmentation",
+    "first_items",
     "generate_shapes",
     "register_coco",
     "register_shapes",

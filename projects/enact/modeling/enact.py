@@ -361,7 +361,12 @@ class EnactAttention(MultiheadAttention):
     A padded cluster slot gets exactly zero attention weight.  In encoder self-attention (value =
     the key before its position) the clustering runs ``EnactClustering.forward_shared``; step 8
     runs ``enact_fused.attend_clusters`` (no layout copies, residual fused into W_o).
+    ``unclustered_tail = T`` (default 0) keeps the last T keys and values out of the clustering,
+    each its own cluster (PnP-DETR's pooled background tokens, which have no place in the image:
+    :mod:`.pnp`); a padding mask must then leave them valid.
     """
+
+    unclustered_tail: int = 0
 
     def __init__(
         self,
@@ -398,10 +403,16 @@ class EnactAttention(MultiheadAttention):
         if key_pos is None and query_pos is not None and query_pos.shape == key_in.shape:
             key_pos = query_pos  # as _prepare does
         query, key, value, identity = self._prepare(query, key, value, identity, query_pos, key_pos)
+        if shared and key_pos is not None and not self.batch_first:
+            key_pos = key_pos.transpose(0, 1)
+        tail = self.unclustered_tail
+        if tail:  # (B, N, C) -> clustered (B, N - T, C) and kept (B, T, C)
+            kept_key, kept_value = key[:, -tail:], value[:, -tail:]
+            key, value = key[:, :-tail], value[:, :-tail]
+            key_pos = None if key_pos is None else key_pos[:, :-tail]
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask[:, :-tail]
         with record_function("enact::cluster_keys_values"):  # a range in torch.profiler's output
             if shared:
-                if key_pos is not None and not self.batch_first:
-                    key_pos = key_pos.transpose(0, 1)
                 # steps 6-8 in autocast's dtype under mixed precision: the key cast once, shared by
                 # the pooling and (in self-attention, where query is key) the query projection
                 features = key.to(enact_fused.attention_dtype(key))
@@ -410,10 +421,13 @@ class EnactAttention(MultiheadAttention):
                 del key  # under autocast the float32 key is not needed past steps 1-5: free it now
             else:
                 clustered = self.clustering(key, value, key_padding_mask)  # (B, M_max, C) each
+        key, value, cluster_mask = clustered.key, clustered.value, clustered.cluster_mask
+        if tail:  # the kept tokens as clusters of their own, after the pooled ones
+            key = torch.cat([key, kept_key.to(key.dtype)], 1)  # (B, M_max + T, C)
+            value = torch.cat([value, kept_value.to(value.dtype)], 1)
+            cluster_mask = torch.cat([cluster_mask, cluster_mask.new_zeros(cluster_mask.shape[0], tail)], 1)
         with record_function("enact::attend_clusters"):
-            return enact_fused.attend_clusters(
-                self, query, clustered.key, clustered.value, clustered.cluster_mask, identity
-            )
+            return enact_fused.attend_clusters(self, query, key, value, cluster_mask, identity)
 
     def statistics(self) -> dict:
         return self.clustering.statistics()

@@ -22,24 +22,34 @@ given: :func:`enact_attention_factory` (used by :func:`enact_encoder`) and
 from ``seed`` and ``spec.layer_index``).  A converted model (ENACT or ACT, or anything put in by
 this file) is refused by both: never a double wrap.
 """
-from typing import Callable, List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import enact_ops
+
 from .act import ActAttention
-from .enact import EnactAttention, EnactClustering
+from .attention import check_attn_implementation
+from .enact import CLUSTERING_MODES, EnactAttention, EnactClustering, check_sigma
+from .pnp import is_token_sampler_transformer, use_raster_order
 from .rcda import rcda_combine, rcda_weights
 
 __all__ = [
+    "ACT_ENCODER_OPTIONS",
     "AttentionSpec",
+    "ENACT_ENCODER_OPTIONS",
     "EnactPackedRCDA",
     "TorchMultiheadAttentionAdapter",
     "act_attention_factory",
     "act_encoder",
+    "check_act_options",
+    "check_encoder_options",
+    "check_enact_options",
     "enact_attention_factory",
     "enact_encoder",
+    "encoder_self_attentions",
     "find_encoder",
     "replace_encoder_attention",
 ]
@@ -246,6 +256,12 @@ def _encoder_sites(encoder: nn.Module) -> List[_Site]:
     return sites
 
 
+def encoder_self_attentions(encoder: nn.Module) -> List[nn.Module]:
+    """The self-attention modules of ``encoder`` in encoder order, of whatever kind (the slots
+    :func:`replace_encoder_attention` replaces; e.g. for tools that hook them)."""
+    return [site.module for site in _encoder_sites(encoder)]
+
+
 def _kind(module: nn.Module) -> str:
     if getattr(module, REPLACED_FLAG, False) or isinstance(module, (TorchMultiheadAttentionAdapter, EnactPackedRCDA)) \
             or any(hasattr(module, a) for a in ("clustering", "cluster_x", "hash_a")):  # ENACT, separable ENACT, ACT
@@ -271,6 +287,17 @@ def _load_weights(new: nn.Module, old_state: dict, what: str) -> None:
 def _class_name(module: nn.Module) -> str:
     inner = getattr(module, "inner", None)
     return f"{type(module).__name__}({type(inner).__name__})" if isinstance(inner, nn.Module) else type(module).__name__
+
+
+def _encoder_attention_classes(encoder: nn.Module) -> List[str]:
+    """The attention classes of an encoder without a self-attention slot, as its refusal names
+    them: the deformable ones when there are any (what mixes the encoder's tokens, e.g.
+    Focus-DETR's MultiScaleDeformableAttention beside a MultiheadAttention over the tokens it
+    selects), else every module whose class name says attention."""
+    names = sorted({type(m).__name__ for m in encoder.modules()
+                    if "attn" in type(m).__name__.lower() or "attention" in type(m).__name__.lower()})
+    deformable = [n for n in names if "deform" in n.lower()]
+    return deformable or names
 
 
 def replace_encoder_attention(
@@ -300,12 +327,15 @@ def replace_encoder_attention(
                          "this project: configs/anchor_detr_r50_dc5_50ep_mhsa.py)")
     others = sorted({type(s.module).__name__ for s, k in zip(sites, kinds) if k == "other"})
     if not sites or others:
-        found = others or sorted({type(m).__name__ for m in encoder.modules() if "attn" in type(m).__name__.lower()
-                                  or "attention" in type(m).__name__.lower()})
-        rcda = "" if rcda_factory is None else " or detrex's MultiheadRCDA"
-        raise ValueError(f"{owner}: no dense multi-head self-attention in the encoder to replace; found "
-                         f"{', '.join(found) if found else 'no attention module'} ({label} needs detrex's "
-                         f"MultiheadAttention or torch's nn.MultiheadAttention{rcda})")
+        accepted = ("detrex's MultiheadAttention or torch's nn.MultiheadAttention" if rcda_factory is None else
+                    "detrex's MultiheadAttention, torch's nn.MultiheadAttention or detrex's MultiheadRCDA")
+        if others:
+            what = f"its encoder self-attention is {', '.join(others)}"
+        else:
+            found = _encoder_attention_classes(encoder)
+            what = f"its encoder has {', '.join(found)}" if found else "its encoder has no attention module"
+        raise ValueError(f"{owner}: {what}, not a dense self-attention ({label} replaces an encoder self-attention "
+                         f"that is {accepted})")
     names = []
     for index, (site, kind) in enumerate(zip(sites, kinds)):
         old = site.module
@@ -346,6 +376,49 @@ def find_encoder(model: nn.Module) -> nn.Module:
     raise ValueError(f"{type(model).__name__}: no transformer.encoder (or transformer.encoder_layers) found")
 
 
+ENACT_ENCODER_OPTIONS = ("sigma", "mode", "backend", "attn_implementation")
+ACT_ENCODER_OPTIONS = ("num_hashes", "bucket_width", "seed", "attn_implementation")
+
+
+def check_encoder_options(entry: str, options: dict, accepted: Sequence[str]) -> None:
+    """A ``TypeError`` naming ``entry`` (e.g. ``enact_encoder``), the unknown keywords and the
+    accepted ones, for an option that would otherwise fail deep inside an attention's constructor."""
+    unknown = [k for k in options if k not in accepted]
+    if unknown:
+        raise TypeError(f"{entry}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                        f"accepted: {', '.join(accepted)}")
+
+
+def check_enact_options(entry: str, sigma, mode, backend, attn_implementation) -> None:
+    """ENACT's arguments checked before anything is replaced: a ``ValueError`` naming ``entry``, the
+    argument and what it accepts."""
+    try:
+        check_sigma(sigma)
+        if mode not in CLUSTERING_MODES:
+            raise ValueError(f"mode must be one of {CLUSTERING_MODES}, got {mode!r}")
+        if backend not in enact_ops.BACKENDS:
+            raise ValueError(f"backend must be one of {enact_ops.BACKENDS}, got {backend!r}")
+        check_attn_implementation(attn_implementation)
+    except ValueError as e:
+        raise ValueError(f"{entry}: {e}") from None
+
+
+def check_act_options(entry: str, num_hashes, bucket_width, seed, attn_implementation) -> None:
+    """ACT's arguments checked before anything is replaced (as :func:`check_enact_options`)."""
+    try:
+        ActAttention(8, 1, num_hashes=num_hashes, bucket_width=bucket_width, seed=seed)
+        check_attn_implementation(attn_implementation)
+    except ValueError as e:
+        raise ValueError(f"{entry}: {e}") from None
+
+
+def _find_encoder(entry: str, model: nn.Module) -> nn.Module:
+    try:
+        return find_encoder(model)
+    except ValueError as e:
+        raise ValueError(f"{entry}: {e}") from None
+
+
 def enact_encoder(model: nn.Module, sigma: int = 5, mode: str = "segments", **options) -> nn.Module:
     """Turn the encoder self-attentions of a built detrex-style detector into ENACT, in place,
     keeping the trained projection weights (only ``w_prob`` is new); the decoder is untouched.
@@ -354,16 +427,25 @@ def enact_encoder(model: nn.Module, sigma: int = 5, mode: str = "segments", **op
     MHSA) -> ``EnactAttention`` behind :class:`TorchMultiheadAttentionAdapter`; ``MultiheadRCDA``
     -> :class:`EnactPackedRCDA` (separable ENACT).  ``options``: ``backend``,
     ``attn_implementation``.  ``mode="identity"`` gives a model equal to the original.
-    Returns ``model``.  Raises ``ValueError`` for a model without a dense self-attention encoder
-    (e.g. deformable attention, naming its class) or one already converted.
+    PnP-DETR (a transformer whose ``sampler`` pools background tokens): its encoder then gets the
+    sampled tokens in raster order and keeps the pooled ones unclustered (:mod:`.pnp`).
+    Returns ``model``.  Raises ``TypeError`` for an unknown option and ``ValueError`` for a bad
+    value, a model without a dense self-attention encoder (e.g. deformable attention, naming its
+    class) or one already converted; every message starts with ``enact_encoder``.
     """
+    check_encoder_options("enact_encoder", options, ENACT_ENCODER_OPTIONS[2:])
     backend = options.pop("backend", "auto")
+    check_enact_options("enact_encoder", sigma, mode, backend, options.get("attn_implementation", "sdpa"))
+    entry = f"enact_encoder({type(getattr(model, 'module', model)).__name__})"
     replace_encoder_attention(
-        find_encoder(model),
+        _find_encoder("enact_encoder", model),
         enact_attention_factory(sigma, mode, backend, **options),
         lambda rcda: EnactPackedRCDA.from_module(rcda, sigma, mode, backend),
-        owner=type(getattr(model, "module", model)).__name__,
+        owner=entry,
     )
+    transformer = getattr(getattr(model, "module", model), "transformer", None)
+    if transformer is not None and is_token_sampler_transformer(transformer):
+        use_raster_order(transformer)  # PnP-DETR: sampled tokens in raster order (see .pnp)
     return model
 
 
@@ -376,15 +458,18 @@ def act_encoder(model: nn.Module, num_hashes: int = 32, bucket_width: float = 8.
     :class:`TorchMultiheadAttentionAdapter`.  ACT adds no parameters: every trained weight is
     carried over; only the buffers ``hash_a`` / ``hash_b`` are new, drawn for the k-th replaced
     attention from ``seed`` and layer index k (distinct in every layer, deterministic).
-    ``options``: ``attn_implementation``.  Returns ``model``.  Raises ``ValueError`` for an RCDA
-    encoder (ACT has no RCDA form), a model without a dense self-attention encoder, bad ACT
-    arguments, or a model already converted (to ACT or ENACT).
+    ``options``: ``attn_implementation``.  Returns ``model``.  Raises ``TypeError`` for an unknown
+    option and ``ValueError`` for an RCDA encoder (ACT has no RCDA form), a model without a dense
+    self-attention encoder, bad ACT arguments, or a model already converted (to ACT or ENACT);
+    every message starts with ``act_encoder``.
     """
+    check_encoder_options("act_encoder", options, ACT_ENCODER_OPTIONS[3:])
+    check_act_options("act_encoder", num_hashes, bucket_width, seed, options.get("attn_implementation", "sdpa"))
     replace_encoder_attention(
-        find_encoder(model),
+        _find_encoder("act_encoder", model),
         act_attention_factory(num_hashes, bucket_width, seed, **options),
         None,
-        owner=type(getattr(model, "module", model)).__name__,
+        owner=f"act_encoder({type(getattr(model, 'module', model)).__name__})",
         label="ACT",
     )
     return model

@@ -1,0 +1,12 @@
+# detrex's own config (projects/pnp_detr/configs/pnp_detr_r50_300ep.py of the detrex checkout),
+# unchanged but for its output folders: the baseline twin of pnp_detr_r50_300ep_enact.py
+# (tools/benchmark.py pairs X.py with X_enact.py).
+from projects.enact.detrex_support import detrex_config
+
+_detrex = detrex_config("projects/pnp_detr/configs/pnp_detr_r50_300ep.py")
+model, dataloader, optimizer, lr_multiplier, train = (
+    _detrex[k] for k in ("model", "dataloader", "optimizer", "lr_multiplier", "train")
+)
+train.output_dir = "./output/detrex/pnp_detr_r50_300ep"  # detrex's reuses ./output/detr_r50_300ep
+# COCOEvaluator writes its files under this config's own train.output_dir (follows train.output_dir=...)
+dataloader.evaluator.output_dir = "${train.output_dir}"
