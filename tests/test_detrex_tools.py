@@ -99,7 +99,7 @@ def test_visualize_enact_on_a_detrex_config(coco, tiny, tmp_path, caplog):
     assert all((folder / n).stat().st_size > 1000 for n in names)
     assert "000001.png" in (tmp_path / "vis" / "index.html").read_text()
     # --images without --input-size: the 128 px test size gives a 4 x 5 grid, so the input is resized
-    # to 16 tokens x stride 32 per side, as the README says (trailing key=value: an override)
+    # to 16 tokens x stride 32 per side, as docs/detrex.md says (trailing key=value: an override)
     caplog.clear()
     image = Path(coco) / "coco" / "val2017" / "000002.png"
     with caplog.at_level(logging.INFO, logger="visualize_enact"):
