@@ -36,6 +36,8 @@ NOT_RUN = {
     "--num-gpus 8": "needs 8 GPUs (and COCO under $DETECTRON2_DATASETS)",
     "--num-gpus 1 train.fast_dev_run": "needs a GPU (train.device=cuda) and COCO",
     "--device cuda": "needs a GPU",
+    "detr-r50-e632da11.pth": "needs DETR's released checkpoint (a download)",
+    "train.init_checkpoint=output/detr_r50.pth": "needs COCO and the converted DETR checkpoint",
     "make gpu-check": "meant for a GPU machine (CPU fallback tested in tests/test_gpu_check.py)",
     "FORCE_CUDA=1": "needs nvcc (CI builds the CUDA kernels with make build-cuda-check)",
     "make test-detrex": "needs a detrex checkout or source archive (CI runs it)",
