@@ -17,7 +17,7 @@ BACKENDS = ["reference"] + (["compiled"] if enact_ops.compiled_available("cpu") 
 
 
 def spec_clusters(key, value, mask, weight, bias, sigma, radius):
-    """ENACT_SPEC steps 1-7 for each image with plain Python loops (float64): the oracle."""
+    """docs/method.md steps 1-7 for each image with plain Python loops (float64): the oracle."""
     B, N, _ = key.shape
     out_k, out_v, ids = [], [], torch.full((B, N), -1, dtype=torch.long)
     for b in range(B):

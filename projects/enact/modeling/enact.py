@@ -27,7 +27,7 @@ length and number of runs in one copy, which sizes everything data-dependent (M_
 segmentation) and checks that every image has a valid token; the ops are told those sizes.
 ``EnactClustering.register_trace_hook`` hands steps 1-5's intermediates to analysis tools
 (:mod:`projects.enact.analysis`); without a hook nothing is kept.
-See ``ENACT_SPEC.md`` for the exact conventions implemented here.
+See ``docs/method.md`` for the exact conventions implemented here.
 """
 import math
 from collections import OrderedDict
