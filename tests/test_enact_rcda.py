@@ -1,4 +1,5 @@
-"""Tests of separable ENACT for the RCDA encoder of Anchor DETR (projects/enact/modeling/enact_rcda.py).
+"""Tests of separable ENACT for the RCDA encoder of Anchor DETR (projects/enact/modeling/
+separable_enact.py; its encoder in enact_rcda.py).
 
 Layer-level tests run in float64 on small maps with sigma = 1 or 2 (so that the short row and
 column sequences split into several clusters); the detector tests use

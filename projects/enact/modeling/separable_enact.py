@@ -84,7 +84,8 @@ Two clusterings, not one.  Each layer has two ``EnactClustering`` modules, ``clu
   (0.008 % of Anchor DETR R50-DC5's 37.0 M; one shared W_prob would save 1,542);
 * checkpoint loading is the same either way: a baseline RCDA checkpoint has no ``W_prob``, the
   RCDA projections keep their names (``self_attn.*``), and the only missing keys are
-  ``layers.<i>.cluster_{x,y}.w_prob.{weight,bias}`` (4 tensors per layer), freshly initialised;
+  ``layers.<i>.cluster_{x,y}.w_prob.{weight,bias}`` (4 tensors per layer; detrex's form:
+  ``...self_attn.cluster_{x,y}.w_prob.*``), freshly initialised;
 * each module keeps its own last-call statistics (W' and H' per image).
 
 Sigma.  The default is the paper's sigma = 3 for Anchor DETR, but note that the compression is
