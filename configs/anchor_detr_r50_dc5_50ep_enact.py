@@ -1,5 +1,5 @@
 # Anchor DETR R50-DC5 + ENACT (sigma = 3).  Anchor DETR's encoder is RCDA, whose keys are a grid:
-# this uses separable ENACT (projects/enact/modeling/enact_rcda.py) - columns clustered for the
+# this uses separable ENACT (projects/enact/modeling/separable_enact.py) - columns clustered for the
 # row branch, rows for the column branch, values pooled in the resulting rectangular blocks - so
 # RCDA runs unchanged on an (H', W') grid.  ENACT on a standard MHSA encoder instead:
 # anchor_detr_r50_dc5_50ep_mhsa_enact.py.

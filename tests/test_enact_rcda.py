@@ -1,4 +1,5 @@
-"""Tests of separable ENACT for the RCDA encoder of Anchor DETR (projects/enact/modeling/enact_rcda.py).
+"""Tests of separable ENACT for the RCDA encoder of Anchor DETR (projects/enact/modeling/
+separable_enact.py; its encoder in enact_rcda.py).
 
 Layer-level tests run in float64 on small maps with sigma = 1 or 2 (so that the short row and
 column sequences split into several clusters); the detector tests use
@@ -249,6 +250,35 @@ def test_image_in_padded_batch_equals_image_alone():
     noisy[1][mask[1]] = 1e3 * torch.randn(int(mask[1].sum()), C, dtype=torch.float64)
     noisy_out = encoder(noisy, pos_x, pos_y, mask)
     torch.testing.assert_close(noisy_out[1, :hv, :wv], out[1, :hv, :wv], rtol=1e-9, atol=1e-9)
+
+
+def test_packed_form_equals_project_layer():
+    """EnactPackedRCDA (what enact_encoder puts in place of detrex's MultiheadRCDA: packed
+    projections, keys pooled over all pixels) with the weights of a project layer whose RCDA pools
+    as detrex does (key_pooling="all") computes the layer's attention: one implementation."""
+    from projects.enact.modeling.encoder_adapter import EnactPackedRCDA
+
+    _, layer = _layers(sigma=1)
+    layer.self_attn.key_pooling = "all"
+    layer.eval()
+    attn = layer.self_attn
+    packed = EnactPackedRCDA(C, HEADS, sigma=1).double().eval()
+    projections = (attn.q_x_proj, attn.q_y_proj, attn.k_x_proj, attn.k_y_proj, attn.v_proj)
+    with torch.no_grad():
+        packed.in_proj_weight.copy_(torch.cat([p.weight for p in projections]))
+        packed.in_proj_bias.copy_(torch.cat([p.bias for p in projections]))
+    shared = {k.removeprefix("self_attn."): v for k, v in layer.state_dict().items()
+              if k.startswith(("self_attn.out_proj.", "cluster_"))}  # out_proj, cluster_{x,y}.w_prob
+    result = packed.load_state_dict(shared, strict=False)
+    assert sorted(result.missing_keys) == ["in_proj_bias", "in_proj_weight"] and not result.unexpected_keys
+    b, h, w = 2, 9, 11
+    src, pos_x, pos_y, mask = _inputs(b, h, w, [(h, w), (6, 8)], seed=6)
+    src_x, src_y = src + pos_x[:, None], src + pos_y[:, :, None]
+    expected = layer.attend(src, pos_x, pos_y, mask) - src
+    out, weights = packed(src_x.reshape(b, h * w, C), src_y.reshape(b, h * w, C), src_x, src_y, src, mask)
+    assert weights is None and out.shape == (h * w, b, C)
+    torch.testing.assert_close(out.transpose(0, 1).reshape(b, h, w, C), expected, rtol=1e-9, atol=1e-9)
+    assert layer.statistics()["compression"] > 1.5 and packed.statistics() == layer.statistics()
 
 
 # ---------------------------------------------------------------------- (d) gradients

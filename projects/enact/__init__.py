@@ -8,7 +8,9 @@ need torch and enact_ops only.
 from .modeling.act import ActAttention
 from .modeling.attention import MultiheadAttention
 from .modeling.enact import EnactAttention, EnactClustering
-from .modeling.encoder_adapter import act_encoder, enact_encoder, replace_encoder_attention
+from .modeling.act_adapter import act_encoder
+from .modeling.enact_adapter import enact_encoder
+from .modeling.encoder_sites import replace_encoder_attention
 
 __all__ = ["ActAttention", "EnactAttention", "EnactClustering", "MultiheadAttention", "act_encoder", "enact_encoder",
            "replace_encoder_attention"]

@@ -19,7 +19,7 @@ a detrex config switches to ENACT with two lines and keeps all its keys::
     model.transformer.encoder._target_ = EnactDabDetrTransformerEncoder
     model.transformer.encoder.sigma = 5
 
-ACT (the comparator, :func:`~projects.enact.modeling.encoder_adapter.act_encoder`) has the same
+ACT (the comparator, :func:`~projects.enact.modeling.act_adapter.act_encoder`) has the same
 classes named ``Act...`` (``ActDetrTransformerEncoder``, ...; ``DETREX_ACT_ENCODERS``), taking
 ``num_hashes``, ``bucket_width``, ``seed`` and ``attn_implementation`` instead; Anchor DETR's only
 with its ``nn.MultiheadAttention`` encoder (ACT has no RCDA form: a clear error otherwise).
@@ -33,14 +33,8 @@ import os
 import sys
 from pathlib import Path
 
-from .modeling.encoder_adapter import (
-    EnactPackedRCDA,
-    act_attention_factory,
-    check_act_options,
-    check_enact_options,
-    enact_attention_factory,
-    replace_encoder_attention,
-)
+from .modeling.act_adapter import check_act_options, replace_with_act
+from .modeling.enact_adapter import check_enact_options, replace_with_enact
 from .modeling.pnp import is_token_sampler_transformer, use_raster_order
 
 __all__ = ["DETREX_ACT_ENCODERS", "DETREX_ENCODERS", "detrex_config", "detrex_root"]
@@ -120,12 +114,7 @@ def _make_encoder_class(name: str):
                  attn_implementation: str = "sdpa", **kwargs):
         check_enact_options(name, sigma, mode, backend, attn_implementation)
         base.__init__(self, *args, **kwargs)
-        replace_encoder_attention(
-            _encoder_of(self),
-            enact_attention_factory(sigma, mode, backend, attn_implementation=attn_implementation),
-            lambda rcda: EnactPackedRCDA.from_module(rcda, sigma, mode, backend),
-            owner=name,
-        )
+        replace_with_enact(_encoder_of(self), sigma, mode, backend, name, attn_implementation=attn_implementation)
         if is_token_sampler_transformer(self):
             use_raster_order(self)
 
@@ -139,13 +128,8 @@ def _make_act_class(name: str, base: type):
                  attn_implementation: str = "sdpa", **kwargs):
         check_act_options(name, num_hashes, bucket_width, seed, attn_implementation)
         base.__init__(self, *args, **kwargs)
-        replace_encoder_attention(
-            _encoder_of(self),
-            act_attention_factory(num_hashes, bucket_width, seed, attn_implementation=attn_implementation),
-            None,
-            owner=name,
-            label="ACT",
-        )
+        replace_with_act(_encoder_of(self), num_hashes, bucket_width, seed, name,
+                         attn_implementation=attn_implementation)
 
     doc = (f"detrex's ``{base.__name__}`` with ACT in its encoder self-attentions (``num_hashes`` default 32, "
            "``bucket_width`` 8.0, ``seed`` 0, ``attn_implementation``; layer k's hash projections drawn from seed "
