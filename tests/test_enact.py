@@ -467,7 +467,7 @@ def test_bad_input():
         m(k, torch.randn(2, 9, 8))
     with pytest.raises(TypeError, match="key_padding_mask must be a bool tensor"):
         m(k, k, torch.zeros(2, 10))
-    with pytest.raises(ValueError, match=r"key_padding_mask must be \(B, N\) = \(2, 10\)"):
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(2, 10\) like key"):
         m(k, k, torch.zeros(2, 11, dtype=torch.bool))
     mask = torch.zeros(2, 10, dtype=torch.bool)
     mask[1] = True

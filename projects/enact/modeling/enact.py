@@ -39,7 +39,9 @@ from torch.profiler import record_function
 from torch.utils.hooks import RemovableHandle
 
 import enact_ops
+from enact_ops.ops import check_cluster_inputs
 from enact_ops.reference import correlate_rows, curvature_taps
+from enact_ops.segmentation import check_rows_have_tokens
 
 from . import enact_fused
 from .attention import MultiheadAttention
@@ -217,7 +219,7 @@ class EnactClustering(nn.Module):
         else:
             valid = None if key_padding_mask is None else ~key_padding_mask
             lengths, runs = enact_ops.read_row_sizes(sign.shape, valid, None if self.mode == "identity" else sign)
-        enact_ops.check_rows_have_tokens(lengths)
+        check_rows_have_tokens(lengths)
         if self.mode == "segments":
             sizes = enact_ops.runs_sizes(lengths, runs)
             return enact_ops.segment_runs(sign, key_padding_mask, backend=self.backend, sizes=sizes), sizes
@@ -232,7 +234,7 @@ class EnactClustering(nn.Module):
         a subclass (tests force clusters so) is honoured; its M_max is then read from its result."""
         if self._overridden("segment"):
             seg = self.segment(sign, mask)
-            enact_ops.check_rows_have_tokens((seg.cluster_ids.shape[1] - mask.sum(1)).tolist() if mask is not None else ())
+            check_rows_have_tokens((seg.cluster_ids.shape[1] - mask.sum(1)).tolist() if mask is not None else ())
             return seg, seg.max_clusters
         seg, sizes = self.segment_with_sizes(sign, mask, row_sizes)
         return seg, sizes.max_clusters
@@ -327,7 +329,7 @@ class EnactClustering(nn.Module):
         """Shapes, dtypes and devices, without a host sync: (valid, mask), None when no mask is
         given (a given mask is kept even when nothing is padded: telling would be a sync).  That
         every image has a valid token is checked in step 5, on the lengths it reads anyway."""
-        return enact_ops.check_cluster_inputs(key, value, key_padding_mask, extra, self.embed_dim, check_values=False)
+        return check_cluster_inputs(key, value, key_padding_mask, extra, self.embed_dim, check_values=False)
 
     def _record(self, seg: enact_ops.Segmentation, valid: Optional[torch.Tensor], row_sizes=None) -> None:
         """Keeps the call's clusters and valid tokens per image (the latter from steps 1-4's row
