@@ -99,7 +99,7 @@ def test_curvature_sign_and_smoothing_by_hand():
 def test_clusters_and_weights_by_hand():
     # 1) a smoothed signal [0, 1, 0, 0, 2, 0]: d2 = [-1, 2, -1, -2, 4, -2], signs - + - - + -,
     #    runs {0} {1} {2, 3} {4} {5}; the pair shares softmax(0, 0) = (1/2, 1/2)
-    module = EnactClustering(2, sigma=1).double()
+    module = EnactClustering(2, sigma=1, backend="reference").double()  # runs module.smoothed_information
     smoothed = torch.tensor([[0.0, 1.0, 0.0, 0.0, 2.0, 0.0]], dtype=torch.float64)
     module.smoothed_information = lambda h, valid: (smoothed, curvature_sign(smoothed))
     value = torch.arange(6, dtype=torch.float64).view(1, 6, 1)
@@ -162,11 +162,11 @@ def test_every_token_its_own_cluster_equals_standard_attention():
     missing, unexpected = enact.load_state_dict(mhsa.state_dict(), strict=False)
     assert sorted(missing) == ["clustering.w_prob.bias", "clustering.w_prob.weight"] and not unexpected
 
-    def every_token(sign, key_padding_mask):
+    def every_token(module, sign, key_padding_mask, seg):
         alternating = (torch.arange(sign.shape[1]) % 2 == 0).expand_as(sign).contiguous()
         return enact_ops.segment_runs(alternating, key_padding_mask)
 
-    enact.clustering.segment = every_token
+    enact.clustering.register_segmentation_hook(every_token)
     x = torch.randn(N, B, C, dtype=torch.float64)
     pos = torch.randn(N, B, C, dtype=torch.float64)
     mask = torch.zeros(B, N, dtype=torch.bool)
@@ -231,17 +231,10 @@ def test_gradcheck_whole_module_float64():
     mask = torch.zeros(2, 9, dtype=torch.bool)
     mask[1, 6:] = True
     # segmentation is a discrete decision: freeze it at the unperturbed input
+    frozen = {}
+    m.clustering.register_segmentation_hook(lambda module, sign, mask, seg: frozen.setdefault("seg", seg))
     with torch.no_grad():
         m(x, query_pos=pos, key_padding_mask=mask)
-    fixed = m.clustering.segment
-    frozen = {}
-
-    def segment(sign, key_padding_mask):
-        if "seg" not in frozen:
-            frozen["seg"] = fixed(sign, key_padding_mask)
-        return frozen["seg"]
-
-    m.clustering.segment = segment
 
     def g(xx, w_prob, in_proj):  # parameters as inputs, so gradcheck checks their gradients too
         return functional_call(m, {"clustering.w_prob.weight": w_prob, "attn.in_proj_weight": in_proj},
@@ -257,8 +250,8 @@ def test_gradcheck_whole_module_float64():
 @pytest.mark.parametrize("use", ["both", "key", "value"])
 @pytest.mark.parametrize("mode", ["segments", "uniform"])
 def test_shared_clustering_matches_plain(seq_first, use, mode):
-    """forward_shared(key = value + pos, value) == forward(key, value): outputs, and the gradients
-    of value, pos and W_prob (the fused backward sums the key's gradients into value's)."""
+    """shared=True (key = value + pos) == the plain call: outputs, and the gradients of value, pos
+    and W_prob (the fused backward sums the key's gradients into value's)."""
     torch.manual_seed(0)
     B, N, C = 3, 40, 8
     m = EnactClustering(C, sigma=1, mode=mode).double()
@@ -276,7 +269,7 @@ def test_shared_clustering_matches_plain(seq_first, use, mode):
         s, p = src.clone().requires_grad_(), pos.clone().requires_grad_()
         value, key_pos = (s.transpose(0, 1), p.transpose(0, 1)) if seq_first else (s, p)
         key = value + key_pos
-        out = m.forward_shared(key, value, key_pos, mask) if shared else m(key, value, mask)
+        out = m(key, value, mask, shared=shared, key_pos=key_pos if shared else None)
         loss = 0
         if use in ("both", "key"):
             loss = loss + (out.key * torch.linspace(-1, 2, C, dtype=torch.float64)).pow(2).sum()
