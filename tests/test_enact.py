@@ -393,18 +393,43 @@ def test_uniform_mode_chunks():
         assert int(out.cluster_mask[b].logical_not().sum()) == M
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_low_precision(dtype):
+def test_low_precision_inputs_pool_like_float32(backend, dtype):
+    """bf16 / fp16 keys and values on the plain path: steps 1-6 run in float32 on the upcast
+    inputs, so the clusters and weights are float32's on the same values and the pooled outputs
+    float32's rounded to the inputs' dtype.  (EnactAttention under autocast against float32:
+    tests/test_mixed_precision.py.)"""
     torch.manual_seed(0)
-    m = EnactAttention(16, 4)
-    x = torch.randn(60, 2, 16)
+    m = EnactClustering(16, sigma=2, backend=backend)
+    key, value = torch.randn(2, 60, 16).to(dtype), torch.randn(2, 60, 16).to(dtype)
     mask = torch.zeros(2, 60, dtype=torch.bool)
     mask[1, 50:] = True
-    with torch.autocast("cpu", dtype=dtype):
-        out = m(x, query_pos=torch.randn_like(x), key_padding_mask=mask)
-    assert torch.isfinite(out.float()).all()
-    c = m.clustering(x.transpose(0, 1).to(dtype), x.transpose(0, 1).to(dtype), mask)
-    assert c.key.dtype == dtype and c.weights.dtype == torch.float32 and torch.isfinite(c.key.float()).all()
+    low, ref = m(key, value, mask), m(key.float(), value.float(), mask)
+    assert low.key.dtype == low.value.dtype == dtype and low.weights.dtype == torch.float32
+    assert torch.equal(low.cluster_ids, ref.cluster_ids) and ref.cluster_mask.logical_not().sum(1).min() > 2
+    torch.testing.assert_close(low.weights, ref.weights, rtol=0, atol=0)
+    for a, b in ((low.key, ref.key), (low.value, ref.value)):
+        torch.testing.assert_close(a.float(), b.to(dtype).float(), rtol=0, atol=0)
+
+
+def test_deprecated_names_still_work_with_a_warning():
+    """forward_shared and segment_with_sizes (now ``shared=True`` and ``segment(...,
+    return_sizes=True)``) and the enact_ops names moved to their submodules."""
+    torch.manual_seed(0)
+    m = EnactClustering(8, sigma=1).double()
+    value, pos = torch.randn(2, 20, 8, dtype=torch.float64), torch.randn(2, 20, 8, dtype=torch.float64)
+    with pytest.warns(DeprecationWarning, match="forward_shared is deprecated"):
+        old = m.forward_shared(value + pos, value, pos)
+    new = m(value + pos, value, shared=True, key_pos=pos)
+    assert torch.equal(old.key, new.key) and torch.equal(old.cluster_ids, new.cluster_ids)
+    sign = torch.rand(2, 20) > 0.5
+    with pytest.warns(DeprecationWarning, match="segment_with_sizes is deprecated"):
+        seg, sizes = m.segment_with_sizes(sign, None)
+    assert sizes == m.segment(sign, return_sizes=True)[1] and torch.equal(seg.cluster_ids, m.segment(sign).cluster_ids)
+    for name in ("check_cluster_inputs", "check_rows_have_tokens", "count_runs"):
+        with pytest.warns(DeprecationWarning, match=f"enact_ops.{name} is deprecated"):
+            assert callable(getattr(enact_ops, name))
 
 
 def test_tiny_and_single_image_and_no_grad():

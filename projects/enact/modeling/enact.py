@@ -11,23 +11,11 @@ For one image with valid key tokens k_1..k_n (row-major, pads removed) and value
     7. K_cl[c] = sum_{i in c} w_i k_i,   V_cl[c] = sum_{i in c} w_i v_i
     8. out = identity + W_o softmax(Q K_cl^T / sqrt(d_head)) V_cl     (N queries, M_b clusters)
 
-This module reads in that order: the functions below are steps 1-4, ``EnactClustering.forward``
-runs steps 1-7 and ``EnactAttention`` adds step 8.  Steps 1-6 run in float32 (float64 for float64
-inputs) on each image's valid sequence, as if the pads did not exist, so an image's result does
-not depend on its batch.  Where the compiled kernels run, steps 1-4 are one operator
-(``enact_ops.smoothed_information``, of which these functions are the reference) and, in encoder
-self-attention (key = value + key_pos), steps 6-7 are one operator whose backward also runs steps
-1-4's (``enact_fused.pool_shared_key_value``).  What changes memory, speed and dtypes but not
-values lives in :mod:`.enact_fused`.
-``mode="uniform"`` replaces the runs by chunks of one batch-wide length L, as the authors'
-public code does; ``mode="identity"`` makes every valid token its own cluster (weights 1), so
-the layer equals standard attention (for ablations and equivalence checks).
-One host sync per call, forward only (tests/test_host_syncs.py): step 5 reads every image's valid
-length and number of runs in one copy, which sizes everything data-dependent (M_max, the
-segmentation) and checks that every image has a valid token; the ops are told those sizes.
-Hooks: ``register_trace_hook`` hands steps 1-5's intermediates to analysis tools
-(:mod:`projects.enact.analysis`); ``register_segmentation_hook`` may replace step 5's clusters
-(held fixed for gradcheck, forced for equivalence checks).  See ``ENACT_SPEC.md``.
+In that order: the functions below are steps 1-4 (the reference of the compiled operator
+``enact_ops.smoothed_information``), ``EnactClustering.forward`` steps 1-7, ``EnactAttention`` step
+8.  Steps 1-6 run in float32 (float64 for float64 inputs) on each image's valid sequence, so an
+image's result does not depend on its batch; one host sync per call (step 5).  Memory, speed and
+dtype machinery lives in :mod:`.enact_fused`.  See ``ENACT_SPEC.md`` (modes, conventions).
 """
 import math
 import warnings
@@ -118,7 +106,6 @@ class ClusterOutput(NamedTuple):
 
 class ClusterTrace(NamedTuple):
     """Steps 1-5 of one call, for the trace hooks of ``EnactClustering`` (analysis only)."""
-
     information: torch.Tensor  # (B, N) h of step 2, before smoothing (pads: not meaningful)
     smoothed: torch.Tensor  # (B, N) h~ of step 3 (pads: 0)
     sign: torch.Tensor  # (B, N) bool, s of step 4 (pads: False)
@@ -127,8 +114,7 @@ class ClusterTrace(NamedTuple):
 
 
 class ClusterStatistics(NamedTuple):
-    """What one call clustered, per image (device tensors: reading them is the caller's sync)."""
-
+    """What one call clustered, per image (device tensors)."""
     num_clusters: torch.Tensor  # (B,) M_b
     num_tokens: torch.Tensor  # (B,) valid tokens n_b
 
@@ -141,16 +127,11 @@ class ClusterStatistics(NamedTuple):
 # ---------------------------------------------------------------- steps 1-7
 class EnactClustering(nn.Module):
     """Clusters keys, values (and any extra per-token tensors) by the keys' self-information.
-
-    Args:
-        embed_dim: C of the keys (W_prob: Linear(C, 1), Xavier-uniform weight, zero bias).
-        sigma: the Gaussian's standard deviation, a positive int (5 for DETR, 3 for Anchor DETR).
-        mode: "segments" (the paper: runs of equal curvature sign), "uniform" (the authors'
-            code: chunks of one batch-wide length L) or "identity" (every valid token its own
-            cluster: K_cl = K, V_cl = V, so attention is standard attention).
-        backend: enact_ops backend, "auto" | "compiled" | "reference" (the readable steps 1-4
-            above, ``self.smoothed_information`` included, run on "reference").
-    """
+    embed_dim: C of the keys (W_prob: Linear(C, 1), Xavier-uniform weight, zero bias); sigma: the
+    Gaussian's standard deviation, a positive int (5 for DETR, 3 for Anchor DETR); mode: "segments"
+    (the paper), "uniform" (the authors' code: chunks of one batch-wide length L) or "identity"
+    (every valid token its own cluster: standard attention); backend: "auto" | "compiled" |
+    "reference" (runs the readable steps 1-4 above, ``self.smoothed_information`` included)."""
 
     def __init__(self, embed_dim: int, sigma: int = 5, mode: str = "segments", backend: str = "auto"):
         super().__init__()
@@ -176,19 +157,13 @@ class EnactClustering(nn.Module):
 
     def register_trace_hook(self, hook: Callable[["EnactClustering", ClusterTrace], None]) -> RemovableHandle:
         """``hook(module, trace)`` runs after step 5 of every call with a :class:`ClusterTrace`
-        of steps 1-5 (``projects.enact.analysis`` records them).  Without hooks nothing is kept.
-        Returns a handle whose ``remove()`` unregisters the hook."""
-        handle = RemovableHandle(self._trace_hooks)
-        self._trace_hooks[handle.id] = hook
-        return handle
+        (``projects.enact.analysis`` records them).  Returns a removable handle."""
+        return enact_fused.add_hook(self._trace_hooks, hook)
 
     def register_segmentation_hook(self, hook: Callable[..., Optional[enact_ops.Segmentation]]) -> RemovableHandle:
-        """``hook(module, sign, key_padding_mask, seg)`` runs after step 5 of every call; a
-        Segmentation it returns replaces ``seg`` (its M_max is then read from it: a second host
-        sync), e.g. to hold the clusters fixed or force them.  Returns a removable handle."""
-        handle = RemovableHandle(self._segmentation_hooks)
-        self._segmentation_hooks[handle.id] = hook
-        return handle
+        """``hook(module, sign, key_padding_mask, seg)`` runs after step 5; a Segmentation it
+        returns replaces ``seg`` (to hold clusters fixed or force them; M_max is read from it)."""
+        return enact_fused.add_hook(self._segmentation_hooks, hook)
 
     def logits_of(self, key: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """W_prob's logits W_prob k of the keys (B, N, C), in ``dtype``.  (B, N)"""
@@ -204,8 +179,7 @@ class EnactClustering(nn.Module):
         return smoothed_information(h, valid, self.taps(h.dtype, h.device))
 
     def taps(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The Gaussian's samples of step 3, made once per dtype and device (not on every call:
-        on a GPU that would be five small kernel launches per layer)."""
+        """The Gaussian's samples of step 3, made once per dtype and device (not in every call)."""
         key = (self.sigma, self.radius, dtype, torch.device(device))
         if key not in self._taps:
             self._taps[key] = gaussian_kernel(self.sigma, self.radius, dtype, device)
@@ -213,13 +187,11 @@ class EnactClustering(nn.Module):
 
     def segment(self, sign: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None, row_sizes=None,
                 return_sizes: bool = False):
-        """Step 5: runs of equal sign (segments), uniform chunks of the batch's mean run length,
-        or one cluster per valid token (identity).  The layer's one host sync is here: every
-        image's valid length and number of runs, read in one copy, give the sizes of the
-        segmentation and of the pooled outputs (M_max), uniform mode's L, and the check that
-        every image has a valid token; the ops then read nothing from the device.  ``row_sizes``:
-        those (lengths, runs) as (B,) device tensors when steps 1-4 computed them, else counted
-        here.  Returns the Segmentation, or (Segmentation, SegmentationSizes) with ``return_sizes``."""
+        """Step 5: runs of equal sign (segments), uniform chunks of the batch's mean run length or
+        one cluster per valid token (identity).  The one host sync: every image's valid length and
+        number of runs (``row_sizes``, (B,) tensors from steps 1-4, else counted here), read in one
+        copy, size the segmentation and M_max, give uniform mode's L and check that every image has
+        a token.  Returns the Segmentation, or (Segmentation, SegmentationSizes) with ``return_sizes``."""
         if row_sizes is not None:
             lengths, runs = torch.stack(row_sizes).tolist()
         else:
@@ -236,26 +208,15 @@ class EnactClustering(nn.Module):
             seg = enact_ops.segment_uniform(mask, chunk, backend=self.backend, sizes=sizes)
         return (seg, sizes) if return_sizes else seg
 
-    def forward(
-        self,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        key_padding_mask: Optional[torch.Tensor] = None,
-        extra: Sequence[torch.Tensor] = (),
-        *,
-        shared: bool = False,
-        key_pos: Optional[torch.Tensor] = None,
-        key_features: Optional[torch.Tensor] = None,
-    ) -> ClusterOutput:
+    def forward(self, key: torch.Tensor, value: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
+                extra: Sequence[torch.Tensor] = (), *, shared: bool = False, key_pos: Optional[torch.Tensor] = None,
+                key_features: Optional[torch.Tensor] = None) -> ClusterOutput:
         """Steps 1-7.  key (B, N, C), value (B, N, C_v), key_padding_mask (B, N) bool (True = pad),
         extra: more (B, N, *) tensors pooled with the same weights.  Returns a ClusterOutput.
-
-        ``shared=True``: key = value + key_pos (key = value if key_pos is None), encoder
-        self-attention.  On the compiled backend steps 6-7 are then one operator whose backward
-        sends the key's gradients (through the pooling and W_prob) to ``value`` and ``key_pos``
-        in one (B, N, C) buffer (``key`` gets none); ``key_features``: the key in the dtype it
-        pools in (default ``key``, e.g. autocast's cast the query projection shares); ``value``
-        is cast to it and the pooled outputs come in it.  Otherwise both are ignored."""
+        ``shared=True``: key = value + key_pos (key_pos None: key = value), encoder self-attention;
+        on the compiled backend steps 6-7 are then one operator that sends the key's gradients to
+        ``value`` and ``key_pos`` (``key`` gets none) and pools ``key_features`` (the key in the
+        attention's dtype, default ``key``) and ``value`` cast to it."""
         extra = tuple(extra)
         valid, mask = check_cluster_inputs(key, value, key_padding_mask, extra, self.embed_dim, check_values=False)
         features = key if key_features is None else key_features
@@ -304,76 +265,40 @@ class EnactClustering(nn.Module):
         """Clusters per image and compression N / M of the last call (floats; syncs on GPU)."""
         return {} if self.last_call is None else self.last_call.summary()
 
-    @property
-    def last_num_clusters(self) -> Optional[torch.Tensor]:
-        """(B,) clusters per image of the last call."""
-        return None if self.last_call is None else self.last_call.num_clusters
-
-    @property
-    def last_num_tokens(self) -> Optional[torch.Tensor]:
-        """(B,) valid tokens per image of the last call."""
-        return None if self.last_call is None else self.last_call.num_tokens
+    last_num_clusters = property(lambda self: None if self.last_call is None else self.last_call.num_clusters)
+    last_num_tokens = property(lambda self: None if self.last_call is None else self.last_call.num_tokens)
 
     def forward_shared(self, key, value, key_pos=None, key_padding_mask=None, key_features=None) -> ClusterOutput:
-        """Deprecated: ``forward(key, value, key_padding_mask, shared=True, key_pos=, key_features=)``."""
-        warnings.warn("EnactClustering.forward_shared is deprecated; call the module with shared=True",
+        warnings.warn("EnactClustering.forward_shared is deprecated: call the module with shared=True",
                       DeprecationWarning, stacklevel=2)
         return self(key, value, key_padding_mask, shared=True, key_pos=key_pos, key_features=key_features)
 
     def segment_with_sizes(self, sign, key_padding_mask, row_sizes=None):
-        """Deprecated: ``segment(sign, key_padding_mask, row_sizes, return_sizes=True)``."""
-        warnings.warn("EnactClustering.segment_with_sizes is deprecated; use segment(..., return_sizes=True)",
+        warnings.warn("EnactClustering.segment_with_sizes is deprecated: use segment(..., return_sizes=True)",
                       DeprecationWarning, stacklevel=2)
         return self.segment(sign, key_padding_mask, row_sizes, return_sizes=True)
 
 
 # ---------------------------------------------------------------- step 8
 class EnactAttention(MultiheadAttention):
-    """Multi-head attention whose keys and values are clustered by ENACT; queries are not:
-
-        out = identity + proj_drop(W_o softmax(Q K_cl^T / sqrt(d_head)) V_cl)
-
-    with K_cl, V_cl = EnactClustering(key + key_pos, value).  Same call signature, parameters
-    (``attn.*``) and behaviour as detrex's ``MultiheadAttention`` plus ``clustering.w_prob``, so a
-    trained MHSA checkpoint loads with only ``clustering.w_prob.{weight,bias}`` missing.
-    A padded cluster slot gets exactly zero attention weight.  In encoder self-attention (value =
-    the key before its position) the clustering runs with ``shared=True``; step 8 runs
-    ``enact_fused.attend_clusters`` (no layout copies, residual fused into W_o).
-    ``unclustered_tail = T`` (default 0) keeps the last T keys and values out of the clustering,
-    each its own cluster (PnP-DETR's pooled background tokens, which have no place in the image:
-    :mod:`.pnp`); a padding mask must then leave them valid.
-    """
+    """out = identity + proj_drop(W_o softmax(Q K_cl^T / sqrt(d_head)) V_cl), K_cl, V_cl =
+    EnactClustering(key + key_pos, value); queries are not clustered.  detrex's
+    ``MultiheadAttention``'s signature, parameters (``attn.*``) and behaviour plus
+    ``clustering.w_prob`` (an MHSA checkpoint loads with only it missing); a padded cluster slot
+    gets exactly zero attention weight.  ``unclustered_tail = T`` (default 0) keeps the last T keys
+    out of the clustering, each its own cluster (PnP-DETR's pooled background tokens, :mod:`.pnp`;
+    a padding mask must leave them valid)."""
 
     unclustered_tail: int = 0
 
-    def __init__(
-        self,
-        embed_dim: int,
-        num_heads: int,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        batch_first: bool = False,
-        sigma: int = 5,
-        mode: str = "segments",
-        backend: str = "auto",
-        attn_implementation: str = "sdpa",
-        **kwargs,
-    ):
+    def __init__(self, embed_dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 batch_first: bool = False, sigma: int = 5, mode: str = "segments", backend: str = "auto",
+                 attn_implementation: str = "sdpa", **kwargs):
         super().__init__(embed_dim, num_heads, attn_drop, proj_drop, batch_first, attn_implementation, **kwargs)
         self.clustering = EnactClustering(embed_dim, sigma=sigma, mode=mode, backend=backend)
 
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: Optional[torch.Tensor] = None,
-        value: Optional[torch.Tensor] = None,
-        identity: Optional[torch.Tensor] = None,
-        query_pos: Optional[torch.Tensor] = None,
-        key_pos: Optional[torch.Tensor] = None,
-        attn_mask: Optional[torch.Tensor] = None,
-        key_padding_mask: Optional[torch.Tensor] = None,
-        **kwargs,
-    ) -> torch.Tensor:
+    def forward(self, query, key=None, value=None, identity=None, query_pos=None, key_pos=None, attn_mask=None,
+                key_padding_mask=None, **kwargs) -> torch.Tensor:
         if attn_mask is not None:
             raise ValueError("EnactAttention does not take attn_mask: its keys are clustered (use it in the encoder only)")
         key_in = query if key is None else key
@@ -383,16 +308,12 @@ class EnactAttention(MultiheadAttention):
         query, key, value, identity = self._prepare(query, key, value, identity, query_pos, key_pos)
         if shared and key_pos is not None and not self.batch_first:
             key_pos = key_pos.transpose(0, 1)
-        tail = self.unclustered_tail
-        if tail:  # (B, N, C) -> clustered (B, N - T, C) and kept (B, T, C)
-            kept_key, kept_value = key[:, -tail:], value[:, -tail:]
-            key, value = key[:, :-tail], value[:, :-tail]
-            key_pos = None if key_pos is None else key_pos[:, :-tail]
-            key_padding_mask = None if key_padding_mask is None else key_padding_mask[:, :-tail]
+        # unclustered_tail: the last T keys and values kept apart, (B, N - T, C) clustered
+        (key, value, key_pos, key_padding_mask), kept = enact_fused.split_tail(
+            self.unclustered_tail, key, value, key_pos, key_padding_mask)
         with record_function("enact::cluster_keys_values"):  # a range in torch.profiler's output
             if shared:
-                # steps 6-8 in autocast's dtype under mixed precision: the key cast once, shared by
-                # the pooling and (in self-attention, where query is key) the query projection
+                # steps 6-8 in autocast's dtype: the key cast once for the pooling and the query projection
                 features = key.to(enact_fused.attention_dtype(key))
                 clustered = self.clustering(key, value, key_padding_mask, shared=True, key_pos=key_pos,
                                             key_features=features)
@@ -400,11 +321,8 @@ class EnactAttention(MultiheadAttention):
                 del key  # under autocast the float32 key is not needed past steps 1-5: free it now
             else:
                 clustered = self.clustering(key, value, key_padding_mask)  # (B, M_max, C) each
-        key, value, cluster_mask = clustered.key, clustered.value, clustered.cluster_mask
-        if tail:  # the kept tokens as clusters of their own, after the pooled ones
-            key = torch.cat([key, kept_key.to(key.dtype)], 1)  # (B, M_max + T, C)
-            value = torch.cat([value, kept_value.to(value.dtype)], 1)
-            cluster_mask = torch.cat([cluster_mask, cluster_mask.new_zeros(cluster_mask.shape[0], tail)], 1)
+        # the kept tokens as clusters of their own, after the pooled ones: (B, M_max + T, C)
+        key, value, cluster_mask = enact_fused.append_tail(clustered.key, clustered.value, clustered.cluster_mask, kept)
         with record_function("enact::attend_clusters"):
             return enact_fused.attend_clusters(self, query, key, value, cluster_mask, identity)
 

@@ -15,7 +15,8 @@ and kept for backward:
 
 The small interface ``EnactClustering`` / ``EnactAttention`` use: ``information_dtype``,
 ``attention_dtype``, ``token_logits``, ``pool``, ``shared_path_applies``, ``pool_shared_key_value``,
-``project``, ``linear`` and ``attend_clusters``.
+``project``, ``linear``, ``attend_clusters`` and, for PnP-DETR's unclustered tail, ``split_tail`` /
+``append_tail``.
 
 Mixed precision (autocast bf16 / fp16, or a detector that hands the encoder bf16 tokens): steps
 1-5 run in float32 (W_prob's logits read the key as given, float32 under autocast, upcast from a
@@ -29,6 +30,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from torch.autograd.function import once_differentiable
 
 import enact_ops
@@ -36,8 +38,8 @@ import enact_ops
 from .attention import attend_heads, key_padding_bias
 
 __all__ = [
-    "attend_clusters", "attention_dtype", "information_dtype", "linear", "pool", "pool_shared_key_value", "project",
-    "shared_path_applies", "token_logits",
+    "add_hook", "append_tail", "attend_clusters", "attention_dtype", "information_dtype", "linear", "pool", "pool_shared_key_value",
+    "project", "shared_path_applies", "split_tail", "token_logits",
 ]
 
 
@@ -240,6 +242,34 @@ def pool_shared_key_value(key, value, key_pos, w_prob: nn.Linear, information, s
         seg.tokens, seg.seg_starts, seg.seg_batch, seg.row_offsets, max_clusters,
     )
     return [pooled_key, pooled_value], weights, seg.cluster_mask(max_clusters)
+
+
+def add_hook(hooks: dict, hook) -> RemovableHandle:
+    """Register ``hook`` in ``hooks`` (an OrderedDict, as nn.Module's hooks); the handle removes it."""
+    handle = RemovableHandle(hooks)
+    hooks[handle.id] = hook
+    return handle
+
+
+# ---------------------------------------------------------------- unclustered tail (PnP-DETR)
+def split_tail(tail: int, key, value, key_pos, key_padding_mask):
+    """The last ``tail`` keys and values kept out of the clustering: ((key, value, key_pos,
+    key_padding_mask) without them, (kept key, kept value) or None when ``tail`` is 0)."""
+    if not tail:
+        return (key, value, key_pos, key_padding_mask), None
+    cut = [None if t is None else t[:, :-tail] for t in (key, value, key_pos, key_padding_mask)]
+    return tuple(cut), (key[:, -tail:], value[:, -tail:])
+
+
+def append_tail(key, value, cluster_mask, kept):
+    """The kept keys and values (``split_tail``) as clusters of their own after the pooled ones,
+    in the pooled outputs' dtype: (B, M_max + T, C) each and the (B, M_max + T) cluster mask."""
+    if kept is None:
+        return key, value, cluster_mask
+    kept_key, kept_value = kept
+    mask = cluster_mask.new_zeros(cluster_mask.shape[0], kept_key.shape[1])
+    return (torch.cat([key, kept_key.to(key.dtype)], 1), torch.cat([value, kept_value.to(value.dtype)], 1),
+            torch.cat([cluster_mask, mask], 1))
 
 
 # ---------------------------------------------------------------- step 8, lean layout
