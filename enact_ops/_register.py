@@ -23,7 +23,7 @@ Every operator passes ``torch.library.opcheck`` (tests/test_opcheck.py).
 """
 import torch
 
-__all__ = ["pool_backward", "register"]
+__all__ = ["register"]
 
 _REGISTERED = False
 
@@ -77,25 +77,6 @@ def _check_pool_shapes(scores, features):
 def _features_grad_like(x):
     """The layout of the per-feature gradients: contiguous (B, N, C) in the feature's dtype."""
     return x.new_empty(x.shape)
-
-
-def pool_backward(grad_pooled, features, weights, tokens, seg_starts, seg_batch, row_offsets,
-                  need_scores, need_features):
-    """The backward of ``segment_softmax_pool_forward``: (grad_scores, [grad_features[f]]), with
-    work and a gradient only for the features whose pooled output got a gradient (None in
-    grad_pooled: unused) and that need one.  Shared by the registered autograd formula and
-    ``enact_ops.ops._SegmentSoftmaxPool``."""
-    used = [f for f, g in enumerate(grad_pooled) if g is not None]
-    grad_features = [None] * len(features)
-    if not used:
-        return None, grad_features
-    grad_scores, grads_used = torch.ops.enact_ops.segment_softmax_pool_backward(
-        [grad_pooled[f] for f in used], [features[f] for f in used], weights,
-        tokens, seg_starts, seg_batch, row_offsets,
-    )
-    for f, g in zip(used, grads_used):
-        grad_features[f] = g if need_features[f] else None
-    return (grad_scores if need_scores else None), grad_features
 
 
 def register():
@@ -184,12 +165,19 @@ def register():
         ctx.set_materialize_grads(False)  # an unused pooled output: None, no backward work
 
     def _pool_backward(ctx, grad_pooled, _grad_weights):
+        """Work and a gradient only for the features whose pooled output got a gradient (None:
+        unused) and that need one."""
         weights, tokens, seg_starts, seg_batch, row_offsets, *features = ctx.saved_tensors
-        grad_pooled = list(grad_pooled) if grad_pooled is not None else [None] * len(features)
-        grad_scores, grad_features = pool_backward(
-            grad_pooled, features, weights, tokens, seg_starts, seg_batch, row_offsets,
-            ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-        )
+        used = [f for f, g in enumerate(grad_pooled or ()) if g is not None]
+        grad_scores, grad_features = None, [None] * len(features)
+        if used:
+            grad_scores, grads_used = torch.ops.enact_ops.segment_softmax_pool_backward(
+                [grad_pooled[f] for f in used], [features[f] for f in used], weights,
+                tokens, seg_starts, seg_batch, row_offsets,
+            )
+            for f, g in zip(used, grads_used):
+                grad_features[f] = g if ctx.needs_input_grad[1][f] else None
+            grad_scores = grad_scores if ctx.needs_input_grad[0] else None
         return grad_scores, grad_features, None, None, None, None, None
 
     torch.library.register_autograd("enact_ops::segment_softmax_pool_forward", _pool_backward,

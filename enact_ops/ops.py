@@ -31,19 +31,8 @@ import warnings
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
-
 from . import _register, reference
-from .segmentation import (
-    Segmentation,
-    SegmentationSizes,
-    check_rows_have_tokens,
-    chunk_length,
-    count_runs,
-    read_row_sizes,
-    runs_sizes,
-    uniform_sizes,
-)
+from .segmentation import Segmentation, SegmentationSizes, check_rows_have_tokens, chunk_length
 
 EXTENSION_ENV = "ENACT_OPS_EXTENSION"
 REQUIRE_ENV = "ENACT_REQUIRE_COMPILED"
@@ -111,26 +100,9 @@ def extension_status() -> dict:
 
 
 __all__ = [
-    "Segmentation",
-    "SegmentationSizes",
-    "BACKENDS",
-    "check_cluster_inputs",
-    "check_rows_have_tokens",
-    "chunk_length",
-    "count_runs",
-    "read_row_sizes",
-    "runs_sizes",
-    "uniform_sizes",
-    "compiled_available",
-    "extension_status",
-    "segment_runs",
-    "segment_uniform",
-    "uniform_chunk_length",
-    "segment_softmax_pool",
-    "segment_softmax_pool_backward_sum",
-    "Information",
-    "smoothed_information",
-    "use_compiled",
+    "BACKENDS", "Information", "check_cluster_inputs", "compiled_available", "extension_status", "segment_runs",
+    "segment_softmax_pool", "segment_softmax_pool_backward_sum", "segment_uniform", "smoothed_information",
+    "uniform_chunk_length", "use_compiled",
 ]
 
 BACKENDS = ("auto", "compiled", "reference")
@@ -182,25 +154,55 @@ def use_compiled(backend: str, device: torch.device) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# input checks
+# input checks: one Python check per public function, run before either backend (the compiled
+# operators check again on the host in csrc/vision.cpp, where they can be called directly)
 # ---------------------------------------------------------------------------------------------
-def _check_tensor(name: str, x, ndim: int, what: str) -> None:
+def _check_tensor(name: str, x, ndim: int, dims: str) -> None:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor {what}, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor of shape {dims}, got {type(x).__name__}")
     if x.dim() != ndim:
-        raise ValueError(f"{name} must be {what}, got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must be of shape {dims}, got shape {tuple(x.shape)}")
 
 
-def _check_bool_2d(name: str, x, shape=None, device=None) -> None:
-    _check_tensor(name, x, 2, "of shape (B, N)")
+def _check_like(name: str, x: torch.Tensor, shape, device, ref: str) -> None:
+    """x has ``shape`` (a tuple, or the (B, N) prefix of a (B, N, C) x) and lies on ``device``."""
+    if tuple(x.shape[: len(shape)]) != tuple(shape):
+        dims = "be (B, N, C) with (B, N) =" if x.dim() > len(shape) else "have shape"
+        raise ValueError(f"{name} must {dims} {tuple(shape)} like {ref}, got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device}, {ref} on {device}")
+
+
+def _check_mask(name: str, x, like: Optional[torch.Tensor] = None, ref: str = "") -> None:
+    """A (B, N) bool tensor with N > 0, shaped like and on the device of ``like`` when given."""
+    _check_tensor(name, x, 2, "(B, N)")
     if x.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool tensor, got {x.dtype}")
-    if shape is not None and tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
-    if device is not None and x.device != device:
-        raise ValueError(f"{name} is on {x.device}, expected {device}")
+    if like is not None:
+        _check_like(name, x, like.shape[:2], like.device, ref)
     if x.shape[1] == 0:
         raise ValueError(f"{name} has N = 0 tokens; at least one token per row is required")
+
+
+def _check_features(features, shape, device, ref: str, floating: bool = True) -> torch.dtype:
+    """(name, tensor) pairs of (B, N, C) tensors on ``device``; returns the dtype they share
+    (None if they need not share one: ``floating=False``)."""
+    dtype = None
+    for name, x in features:
+        _check_tensor(name, x, 3, "(B, N, C)")
+        _check_like(name, x, shape, device, ref)
+        if floating:
+            if not x.is_floating_point():
+                raise TypeError(f"{name} must be floating point, got {x.dtype}")
+            if dtype is not None and x.dtype != dtype:
+                raise TypeError(f"features must share one dtype, got {dtype} and {x.dtype}")
+            dtype = x.dtype
+    return dtype
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def check_cluster_inputs(key, value, key_padding_mask, extra=(), embed_dim=None, check_values=True):
@@ -210,56 +212,28 @@ def check_cluster_inputs(key, value, key_padding_mask, extra=(), embed_dim=None,
     padded.
 
     ``check_values=False``: shapes, dtypes and devices only, no host sync -- the caller checks
-    that every image has a valid token (``check_rows_have_tokens`` on the lengths it reads anyway),
-    and a given mask is returned as is (valid = ~mask, possibly all True)."""
+    that every image has a valid token (``segmentation.check_rows_have_tokens`` on the lengths it
+    reads anyway), and a given mask is returned as is (valid = ~mask, possibly all True)."""
     width = "C" if embed_dim is None else embed_dim
     if not isinstance(key, torch.Tensor) or key.dim() != 3 or (embed_dim is not None and key.shape[-1] != embed_dim):
         got = tuple(key.shape) if isinstance(key, torch.Tensor) else type(key).__name__
         raise ValueError(f"key must be (B, N, {width}), got {got}")
-    B, N, _ = key.shape
-    if N == 0:
+    if key.shape[1] == 0:
         raise ValueError("key has N = 0 tokens")
-    for name, t in [("value", value)] + [(f"extra[{i}]", e) for i, e in enumerate(extra)]:
-        if not isinstance(t, torch.Tensor) or t.dim() != 3 or tuple(t.shape[:2]) != (B, N):
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be (B, N, C) with (B, N) = ({B}, {N}) like key, got {got}")
-        if t.device != key.device:
-            raise ValueError(f"{name} is on {t.device}, key on {key.device}")
-    mask = key_padding_mask
-    if mask is None:
+    tensors = [("value", value)] + [(f"extra[{i}]", e) for i, e in enumerate(extra)]
+    _check_features(tensors, key.shape[:2], key.device, "key", floating=False)
+    if key_padding_mask is None:
         return None, None
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise TypeError(f"key_padding_mask must be a bool tensor (True = pad), got {got}")
-    if tuple(mask.shape) != (B, N):
-        raise ValueError(f"key_padding_mask must be (B, N) = ({B}, {N}), got {tuple(mask.shape)}")
-    if mask.device != key.device:
-        raise ValueError(f"key_padding_mask is on {mask.device}, key on {key.device}")
-    valid = ~mask
+    _check_mask("key_padding_mask", key_padding_mask, key, "key")
+    valid = ~key_padding_mask
     if not check_values:
-        return valid, mask
-    empty = (~valid.any(1)).nonzero()
-    if empty.numel():
-        raise ValueError(f"image {int(empty[0])} of the batch has no valid token (key_padding_mask all True)")
+        return valid, key_padding_mask
+    check_rows_have_tokens(valid.sum(1).tolist())
     if bool(valid.all()):
         return None, None
-    return valid, mask
+    return valid, key_padding_mask
 
 
-def _valid_from_mask(ref: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    if key_padding_mask is None:
-        return torch.ones(ref.shape, dtype=torch.bool, device=ref.device)
-    _check_bool_2d("key_padding_mask", key_padding_mask, ref.shape, ref.device)
-    return ~key_padding_mask
-
-
-def _segmentation(result) -> Segmentation:
-    return Segmentation(*result)
-
-
-# ---------------------------------------------------------------------------------------------
-# segmentation
-# ---------------------------------------------------------------------------------------------
 def _check_sizes(sizes) -> Optional[SegmentationSizes]:
     if sizes is None:
         return None
@@ -270,6 +244,9 @@ def _check_sizes(sizes) -> Optional[SegmentationSizes]:
     return sizes
 
 
+# ---------------------------------------------------------------------------------------------
+# segmentation
+# ---------------------------------------------------------------------------------------------
 def segment_runs(
     sign: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None, backend: str = "auto",
     sizes: Optional[SegmentationSizes] = None,
@@ -278,12 +255,16 @@ def segment_runs(
     ``sizes``: the segmentation's sizes (``runs_sizes(*read_row_sizes(...))``) if known -- then
     nothing is read from the device; they must be right (checked on CPU, asserted on CUDA, where
     a failed device-side assertion ends the CUDA context like any other)."""
-    _check_bool_2d("sign", sign)
+    _check_mask("sign", sign)
     sizes = _check_sizes(sizes)
-    valid = _valid_from_mask(sign, key_padding_mask)
+    if key_padding_mask is None:
+        valid = torch.ones_like(sign)
+    else:
+        _check_mask("key_padding_mask", key_padding_mask, sign, "sign")
+        valid = ~key_padding_mask
     if use_compiled(backend, sign.device):
         totals = () if sizes is None else (sizes.num_segments, sizes.num_tokens)
-        return _segmentation(torch.ops.enact_ops.segment_runs(sign, valid, *totals))
+        return Segmentation(*torch.ops.enact_ops.segment_runs(sign, valid, *totals))
     return reference.segment_runs(sign, valid, sizes)
 
 
@@ -296,14 +277,14 @@ def segment_uniform(
     0 < n < L is one chunk.  ``key_padding_mask`` (B, N) bool, True = pad (all False if none).
     ``sizes``: as in ``segment_runs`` (``uniform_sizes(lengths, chunk)``).
     """
-    _check_bool_2d("key_padding_mask", key_padding_mask)
+    _check_mask("key_padding_mask", key_padding_mask)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
     sizes = _check_sizes(sizes)
     valid = ~key_padding_mask
     if use_compiled(backend, valid.device):
         totals = () if sizes is None else (sizes.num_segments, sizes.num_tokens)
-        return _segmentation(torch.ops.enact_ops.segment_uniform(valid, chunk, *totals))
+        return Segmentation(*torch.ops.enact_ops.segment_uniform(valid, chunk, *totals))
     return reference.segment_uniform(valid, chunk, sizes)
 
 
@@ -321,35 +302,6 @@ def uniform_chunk_length(runs: Segmentation) -> int:
 # ---------------------------------------------------------------------------------------------
 # pooling
 # ---------------------------------------------------------------------------------------------
-class _SegmentSoftmaxPool(torch.autograd.Function):
-    """Compiled fused segment softmax + pooling; weights are returned non-differentiable.
-
-    The operator has its own autograd formula (``_register``: torch.library.register_autograd,
-    for torch.ops callers, opcheck and torch.compile); this Function runs the same backward
-    (``_register.pool_backward``) and gives the eager public API one traced node
-    (``prim::PythonOp._SegmentSoftmaxPool``, which tools/analyze_model.py counts)."""
-
-    @staticmethod
-    def forward(ctx, scores, tokens, seg_starts, seg_batch, row_offsets, max_clusters, *features):
-        pooled, weights = torch.ops.enact_ops.segment_softmax_pool_forward(
-            scores, list(features), tokens, seg_starts, seg_batch, row_offsets, max_clusters
-        )
-        ctx.save_for_backward(weights, tokens, seg_starts, seg_batch, row_offsets, *features)
-        ctx.mark_non_differentiable(weights)
-        ctx.set_materialize_grads(False)  # an unused pooled output costs no backward work
-        return (*pooled, weights)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grads):
-        weights, tokens, seg_starts, seg_batch, row_offsets, *features = ctx.saved_tensors
-        grad_scores, grad_features = _register.pool_backward(
-            list(grads[: len(features)]), features, weights, tokens, seg_starts, seg_batch, row_offsets,
-            ctx.needs_input_grad[0], ctx.needs_input_grad[6:],
-        )
-        return (grad_scores, None, None, None, None, None, *grad_features)
-
-
 def segment_softmax_pool(
     scores: torch.Tensor,
     features: Sequence[torch.Tensor],
@@ -369,11 +321,13 @@ def segment_softmax_pool(
         pooled: list of (B, M_max, C_f) in the features' dtype (zeros at padded clusters),
         weights: (B, N) in the compute dtype, 0 outside any cluster (not differentiable),
         cluster_mask: (B, M_max) bool, True at padded cluster slots.
+    The compiled path is the registered operator ``enact_ops::segment_softmax_pool_forward`` and
+    its autograd formula (``_register``), the one autograd path of the pooling.
     """
     if not isinstance(seg, Segmentation):
         raise TypeError(f"seg must be an enact_ops.Segmentation, got {type(seg).__name__}")
+    _check_tensor("scores", scores, 2, "(B, N)")
     shape = tuple(seg.cluster_ids.shape)
-    _check_tensor("scores", scores, 2, "of shape (B, N)")
     if tuple(scores.shape) != shape:
         raise ValueError(f"scores must have the segmentation's shape {shape}, got {tuple(scores.shape)}")
     if not scores.is_floating_point():
@@ -383,32 +337,19 @@ def segment_softmax_pool(
     features = list(features)
     if not features:
         raise ValueError("features must hold at least one (B, N, C) tensor")
-    dtype = None
-    for f, x in enumerate(features):
-        _check_tensor(f"features[{f}]", x, 3, "of shape (B, N, C)")
-        if tuple(x.shape[:2]) != shape:
-            raise ValueError(f"features[{f}] must be (B, N, C) with (B, N) = {shape}, got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"features[{f}] must be floating point, got {x.dtype}")
-        if x.device != scores.device:
-            raise ValueError(f"features[{f}] is on {x.device}, scores on {scores.device}")
-        if dtype is not None and x.dtype != dtype:
-            raise TypeError(f"features must share one dtype, got {dtype} and {x.dtype}")
-        dtype = x.dtype
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    scores = scores.to(compute).contiguous()
-    if max_clusters is not None and (isinstance(max_clusters, bool) or not isinstance(max_clusters, int) or max_clusters < 0):
-        raise ValueError(f"max_clusters must be an int >= 0 or None, got {max_clusters!r}")
+    dtype = _check_features([(f"features[{f}]", x) for f, x in enumerate(features)], shape, scores.device, "scores")
+    if max_clusters is not None:
+        _check_int("max_clusters", max_clusters, 0)
+    scores = scores.to(torch.float64 if dtype == torch.float64 else torch.float32).contiguous()
     width = seg.max_clusters if max_clusters is None else max_clusters
     if use_compiled(backend, scores.device):
         features = [x if x.stride(-1) == 1 else x.contiguous() for x in features]
-        out = _SegmentSoftmaxPool.apply(
-            scores, seg.tokens, seg.seg_starts, seg.seg_batch, seg.row_offsets, width, *features
+        pooled, weights = torch.ops.enact_ops.segment_softmax_pool_forward(
+            scores, features, seg.tokens, seg.seg_starts, seg.seg_batch, seg.row_offsets, width
         )
-        pooled, weights = list(out[:-1]), out[-1]
     else:
         pooled, weights = reference.segment_softmax_pool(scores, features, seg, width)
-    return pooled, weights, seg.cluster_mask(width)
+    return list(pooled), weights, seg.cluster_mask(width)
 
 
 def segment_softmax_pool_backward_sum(
@@ -459,17 +400,17 @@ def smoothed_information(
     The compiled op is one kernel forward (one block per row on CUDA) and one backward;
     ``smoothed`` is differentiable in ``logits`` (float64 gradcheck in tests/test_information.py).
     """
-    _check_tensor("logits", logits, 2, "of shape (B, N)")
+    _check_tensor("logits", logits, 2, "(B, N)")
     if logits.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"logits must be float32 or float64, got {logits.dtype}")
-    _check_tensor("taps", taps, 1, "of shape (K,)")
+    _check_tensor("taps", taps, 1, "(K,)")
     if taps.numel() % 2 != 1:
         raise ValueError(f"taps must have an odd length, got {taps.numel()}")
     if taps.dtype != logits.dtype or taps.device != logits.device:
         raise TypeError(f"taps must be {logits.dtype} on {logits.device} like logits, got {taps.dtype} on {taps.device}")
     valid = None
     if key_padding_mask is not None:
-        _check_bool_2d("key_padding_mask", key_padding_mask, logits.shape, logits.device)
+        _check_mask("key_padding_mask", key_padding_mask, logits, "logits")
         valid = ~key_padding_mask
     if use_compiled(backend, logits.device):
         smoothed, sign, _, lengths, runs = torch.ops.enact_ops.smoothed_information(

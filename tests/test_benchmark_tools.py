@@ -184,3 +184,35 @@ def test_kernel_and_attention_benchmarks(script, argv, tmp_path):
     for row in result["rows"]:
         times = row["times_s"].values() if "times_s" in row else [row["time_s"]]
         assert all(t > 0 for t in times)
+
+
+@pytest.mark.skipif(not enact_ops.compiled_available("cpu"), reason="enact_ops._C is not built")
+def test_analyze_model_counts_the_plain_pooling():
+    """enact_ops.segment_softmax_pool (the plain path: a key that is not value + pos, RCDA's
+    clusterings) traces as the registered operator enact_ops::segment_softmax_pool_forward, and
+    analyze_model's handle counts B*N*C per pooled tensor (keys and values)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        import analyze_model
+    finally:
+        sys.path.remove(os.path.join(ROOT, "tools"))
+    from projects.enact import EnactClustering
+
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.clustering = EnactClustering(8, sigma=1)
+
+        def forward(self, key, value):
+            return self.clustering(key, value).key
+
+    key, value = torch.randn(2, 30, 8), torch.randn(2, 30, 8)
+    flops = FlopCountAnalysis(Plain().eval(), (key, value)).set_op_handle(
+        analyze_model.POOL_OP, analyze_model.pool_flop_jit, analyze_model.INFORMATION_OP, None,
+        *[x for op in analyze_model.ZERO_OPS for x in (op, None)])
+    flops.unsupported_ops_warnings(False).tracer_warnings("none")
+    with torch.no_grad():
+        assert flops.by_operator()["segment_softmax_pool_forward"] == 2 * 2 * 30 * 8
+    assert not any(op.startswith(("enact_ops::", "prim::PythonOp")) for op in flops.unsupported_ops())

@@ -99,7 +99,7 @@ def test_curvature_sign_and_smoothing_by_hand():
 def test_clusters_and_weights_by_hand():
     # 1) a smoothed signal [0, 1, 0, 0, 2, 0]: d2 = [-1, 2, -1, -2, 4, -2], signs - + - - + -,
     #    runs {0} {1} {2, 3} {4} {5}; the pair shares softmax(0, 0) = (1/2, 1/2)
-    module = EnactClustering(2, sigma=1).double()
+    module = EnactClustering(2, sigma=1, backend="reference").double()  # runs module.smoothed_information
     smoothed = torch.tensor([[0.0, 1.0, 0.0, 0.0, 2.0, 0.0]], dtype=torch.float64)
     module.smoothed_information = lambda h, valid: (smoothed, curvature_sign(smoothed))
     value = torch.arange(6, dtype=torch.float64).view(1, 6, 1)
@@ -162,11 +162,11 @@ def test_every_token_its_own_cluster_equals_standard_attention():
     missing, unexpected = enact.load_state_dict(mhsa.state_dict(), strict=False)
     assert sorted(missing) == ["clustering.w_prob.bias", "clustering.w_prob.weight"] and not unexpected
 
-    def every_token(sign, key_padding_mask):
+    def every_token(module, sign, key_padding_mask, seg):
         alternating = (torch.arange(sign.shape[1]) % 2 == 0).expand_as(sign).contiguous()
         return enact_ops.segment_runs(alternating, key_padding_mask)
 
-    enact.clustering.segment = every_token
+    enact.clustering.register_segmentation_hook(every_token)
     x = torch.randn(N, B, C, dtype=torch.float64)
     pos = torch.randn(N, B, C, dtype=torch.float64)
     mask = torch.zeros(B, N, dtype=torch.bool)
@@ -231,17 +231,10 @@ def test_gradcheck_whole_module_float64():
     mask = torch.zeros(2, 9, dtype=torch.bool)
     mask[1, 6:] = True
     # segmentation is a discrete decision: freeze it at the unperturbed input
+    frozen = {}
+    m.clustering.register_segmentation_hook(lambda module, sign, mask, seg: frozen.setdefault("seg", seg))
     with torch.no_grad():
         m(x, query_pos=pos, key_padding_mask=mask)
-    fixed = m.clustering.segment
-    frozen = {}
-
-    def segment(sign, key_padding_mask):
-        if "seg" not in frozen:
-            frozen["seg"] = fixed(sign, key_padding_mask)
-        return frozen["seg"]
-
-    m.clustering.segment = segment
 
     def g(xx, w_prob, in_proj):  # parameters as inputs, so gradcheck checks their gradients too
         return functional_call(m, {"clustering.w_prob.weight": w_prob, "attn.in_proj_weight": in_proj},
@@ -257,8 +250,8 @@ def test_gradcheck_whole_module_float64():
 @pytest.mark.parametrize("use", ["both", "key", "value"])
 @pytest.mark.parametrize("mode", ["segments", "uniform"])
 def test_shared_clustering_matches_plain(seq_first, use, mode):
-    """forward_shared(key = value + pos, value) == forward(key, value): outputs, and the gradients
-    of value, pos and W_prob (the fused backward sums the key's gradients into value's)."""
+    """shared=True (key = value + pos) == the plain call: outputs, and the gradients of value, pos
+    and W_prob (the fused backward sums the key's gradients into value's)."""
     torch.manual_seed(0)
     B, N, C = 3, 40, 8
     m = EnactClustering(C, sigma=1, mode=mode).double()
@@ -276,7 +269,7 @@ def test_shared_clustering_matches_plain(seq_first, use, mode):
         s, p = src.clone().requires_grad_(), pos.clone().requires_grad_()
         value, key_pos = (s.transpose(0, 1), p.transpose(0, 1)) if seq_first else (s, p)
         key = value + key_pos
-        out = m.forward_shared(key, value, key_pos, mask) if shared else m(key, value, mask)
+        out = m(key, value, mask, shared=shared, key_pos=key_pos if shared else None)
         loss = 0
         if use in ("both", "key"):
             loss = loss + (out.key * torch.linspace(-1, 2, C, dtype=torch.float64)).pow(2).sum()
@@ -400,18 +393,43 @@ def test_uniform_mode_chunks():
         assert int(out.cluster_mask[b].logical_not().sum()) == M
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_low_precision(dtype):
+def test_low_precision_inputs_pool_like_float32(backend, dtype):
+    """bf16 / fp16 keys and values on the plain path: steps 1-6 run in float32 on the upcast
+    inputs, so the clusters and weights are float32's on the same values and the pooled outputs
+    float32's rounded to the inputs' dtype.  (EnactAttention under autocast against float32:
+    tests/test_mixed_precision.py.)"""
     torch.manual_seed(0)
-    m = EnactAttention(16, 4)
-    x = torch.randn(60, 2, 16)
+    m = EnactClustering(16, sigma=2, backend=backend)
+    key, value = torch.randn(2, 60, 16).to(dtype), torch.randn(2, 60, 16).to(dtype)
     mask = torch.zeros(2, 60, dtype=torch.bool)
     mask[1, 50:] = True
-    with torch.autocast("cpu", dtype=dtype):
-        out = m(x, query_pos=torch.randn_like(x), key_padding_mask=mask)
-    assert torch.isfinite(out.float()).all()
-    c = m.clustering(x.transpose(0, 1).to(dtype), x.transpose(0, 1).to(dtype), mask)
-    assert c.key.dtype == dtype and c.weights.dtype == torch.float32 and torch.isfinite(c.key.float()).all()
+    low, ref = m(key, value, mask), m(key.float(), value.float(), mask)
+    assert low.key.dtype == low.value.dtype == dtype and low.weights.dtype == torch.float32
+    assert torch.equal(low.cluster_ids, ref.cluster_ids) and ref.cluster_mask.logical_not().sum(1).min() > 2
+    torch.testing.assert_close(low.weights, ref.weights, rtol=0, atol=0)
+    for a, b in ((low.key, ref.key), (low.value, ref.value)):
+        torch.testing.assert_close(a.float(), b.to(dtype).float(), rtol=0, atol=0)
+
+
+def test_deprecated_names_still_work_with_a_warning():
+    """forward_shared and segment_with_sizes (now ``shared=True`` and ``segment(...,
+    return_sizes=True)``) and the enact_ops names moved to their submodules."""
+    torch.manual_seed(0)
+    m = EnactClustering(8, sigma=1).double()
+    value, pos = torch.randn(2, 20, 8, dtype=torch.float64), torch.randn(2, 20, 8, dtype=torch.float64)
+    with pytest.warns(DeprecationWarning, match="forward_shared is deprecated"):
+        old = m.forward_shared(value + pos, value, pos)
+    new = m(value + pos, value, shared=True, key_pos=pos)
+    assert torch.equal(old.key, new.key) and torch.equal(old.cluster_ids, new.cluster_ids)
+    sign = torch.rand(2, 20) > 0.5
+    with pytest.warns(DeprecationWarning, match="segment_with_sizes is deprecated"):
+        seg, sizes = m.segment_with_sizes(sign, None)
+    assert sizes == m.segment(sign, return_sizes=True)[1] and torch.equal(seg.cluster_ids, m.segment(sign).cluster_ids)
+    for name in ("check_cluster_inputs", "check_rows_have_tokens", "count_runs"):
+        with pytest.warns(DeprecationWarning, match=f"enact_ops.{name} is deprecated"):
+            assert callable(getattr(enact_ops, name))
 
 
 def test_tiny_and_single_image_and_no_grad():
@@ -467,7 +485,7 @@ def test_bad_input():
         m(k, torch.randn(2, 9, 8))
     with pytest.raises(TypeError, match="key_padding_mask must be a bool tensor"):
         m(k, k, torch.zeros(2, 10))
-    with pytest.raises(ValueError, match=r"key_padding_mask must be \(B, N\) = \(2, 10\)"):
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(2, 10\) like key"):
         m(k, k, torch.zeros(2, 11, dtype=torch.bool))
     mask = torch.zeros(2, 10, dtype=torch.bool)
     mask[1] = True

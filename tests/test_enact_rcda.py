@@ -62,11 +62,11 @@ def _force_singletons(layer):
     cluster (alternating signs), whatever the information signal."""
     for clustering in (layer.cluster_x, layer.cluster_y):
 
-        def segment(sign, key_padding_mask, _c=clustering):
+        def segment(module, sign, key_padding_mask, seg):
             alternating = (torch.arange(sign.shape[1], device=sign.device) % 2 == 0).expand_as(sign)
-            return enact_ops.segment_runs(alternating.contiguous(), key_padding_mask, backend=_c.backend)
+            return enact_ops.segment_runs(alternating.contiguous(), key_padding_mask, backend=module.backend)
 
-        clustering.segment = segment
+        clustering.register_segmentation_hook(segment)
 
 
 def _inputs(b, h, w, valid_hw, dtype=torch.float64, seed=0, garbage=True):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import enact_ops
+from enact_ops.segmentation import count_runs
 from projects.enact.modeling.enact import gaussian_kernel, self_information, smoothed_information
 
 compiled = pytest.mark.skipif(not enact_ops.compiled_available("cpu"), reason="enact_ops._C is not built")
@@ -33,7 +34,7 @@ def _readable(logits, mask, taps):
     valid = None if mask is None else ~mask
     smoothed, sign = smoothed_information(self_information(logits, valid), valid, taps)
     lengths = torch.full((logits.shape[0],), logits.shape[1]) if valid is None else valid.sum(1)
-    return smoothed, sign, lengths, enact_ops.count_runs(sign, valid)
+    return smoothed, sign, lengths, count_runs(sign, valid)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -6,6 +6,7 @@ import torch
 
 import enact_ops
 from enact_ops import reference, segment_runs, segment_softmax_pool, segment_uniform
+from enact_ops.segmentation import check_rows_have_tokens, count_runs
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 needs_compiled_cpu = pytest.mark.skipif(
@@ -109,8 +110,8 @@ def test_sizes_read_once_build_the_same_segmentation(backend, B, N, C):
     sign, mask, scores, k, v = _batch(B, N, C, pad_rows=range(0, B, 2), all_pad_rows=[B - 1] if B > 2 else [])
     lengths, runs = enact_ops.read_row_sizes(sign.shape, ~mask, sign)
     seg = segment_runs(sign, mask, backend=backend)
-    assert enact_ops.count_runs(sign, ~mask).tolist() == runs == seg.num_clusters.tolist()
-    assert enact_ops.count_runs(sign).tolist() == segment_runs(sign, backend=backend).num_clusters.tolist()
+    assert count_runs(sign, ~mask).tolist() == runs == seg.num_clusters.tolist()
+    assert count_runs(sign).tolist() == segment_runs(sign, backend=backend).num_clusters.tolist()
     sizes = enact_ops.runs_sizes(lengths, runs)
     assert sizes == (seg.num_segments, seg.tokens.numel(), seg.max_clusters)
     _assert_same_segmentation(segment_runs(sign, mask, backend=backend, sizes=sizes), seg)
@@ -160,7 +161,7 @@ def test_row_sizes_and_the_empty_image_check():
     assert enact_ops.read_row_sizes(sign.shape, None, sign) == ([4, 4], [3, 1])
     assert enact_ops.read_row_sizes(sign.shape) == ([4, 4], None)  # nothing to read
     with pytest.raises(ValueError, match="image 1 of the batch has no valid token"):
-        enact_ops.check_rows_have_tokens([3, 0])
+        check_rows_have_tokens([3, 0])
     assert enact_ops.uniform_sizes([7, 2, 0], 3) == (3, 8, 2)  # 2 chunks of 3 (one cropped), 1 short row
     with pytest.raises(ValueError, match="no image of the batch has a valid token"):
         enact_ops.chunk_length([0, 0], [0, 0])

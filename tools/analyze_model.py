@@ -49,7 +49,7 @@ from projects.enact.benchmark.runner import (  # noqa: E402
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
 
 SDPA_OP = "aten::scaled_dot_product_attention"
-POOL_OPS = ("prim::PythonOp._SegmentSoftmaxPool", "enact_ops::segment_softmax_pool_forward")
+POOL_OP = "enact_ops::segment_softmax_pool_forward"  # enact_ops.segment_softmax_pool: keys, values, extras
 ZERO_OPS = ("enact_ops::segment_runs", "enact_ops::segment_uniform")
 INFORMATION_OP = "enact_ops::smoothed_information"
 SHARED_POOL_OP = "enact_ops::pool_shared_key_value"  # encoder self-attention: key = value + key_pos
@@ -117,7 +117,7 @@ def analyze(path, args, device):
     inputs = [{"image": torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8).to(device),
                "height": h, "width": w} for _ in range(args.batch)]
     flops = FlopCountAnalysis(model, inputs)
-    flops.set_op_handle(SDPA_OP, sdpa_flop_jit, **{op: pool_flop_jit for op in POOL_OPS},
+    flops.set_op_handle(SDPA_OP, sdpa_flop_jit, **{POOL_OP: pool_flop_jit},
                         **{op: None for op in ZERO_OPS}, **{INFORMATION_OP: information_flop_jit, SHARED_POOL_OP: shared_pool_flop_jit})
     flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     with torch.no_grad():
@@ -139,7 +139,7 @@ def analyze(path, args, device):
         "encoder_share": enc_flops / total if total else 0.0,
         "flops_by_operator": {k: int(v) for k, v in sorted(by_operator.items(), key=lambda kv: -kv[1])},
         # by_operator() drops the namespace ("aten::", "prim::")
-        "custom_op_flops": {k: int(by_operator[k.split("::", 1)[-1]]) for k in (SDPA_OP, *POOL_OPS, SHARED_POOL_OP, INFORMATION_OP)
+        "custom_op_flops": {k: int(by_operator[k.split("::", 1)[-1]]) for k in (SDPA_OP, POOL_OP, SHARED_POOL_OP, INFORMATION_OP)
                             if k.split("::", 1)[-1] in by_operator},
         "unsupported_ops": dict(flops.unsupported_ops()),
         "batch": args.batch, "size": list(args.size),

@@ -687,7 +687,7 @@ def child_checks(args):
                     raise AssertionError(f"{differ} curvature signs differ in a row at (B, N) = ({B}, {N}), {dtype}")
                 if got.lengths.tolist() != valid.sum(1).tolist():
                     raise AssertionError(f"row lengths differ at (B, N) = ({B}, {N})")
-                if dtype == torch.float64 and got.runs.tolist() != enact_ops.count_runs(ref_sign, valid).tolist():
+                if dtype == torch.float64 and got.runs.tolist() != enact_ops.segmentation.count_runs(ref_sign, valid).tolist():
                     raise AssertionError(f"run counts differ at (B, N) = ({B}, {N})")
         return dict(max_rel_diff=worst, sizes=sizes)
 

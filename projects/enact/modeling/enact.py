@@ -11,25 +11,14 @@ For one image with valid key tokens k_1..k_n (row-major, pads removed) and value
     7. K_cl[c] = sum_{i in c} w_i k_i,   V_cl[c] = sum_{i in c} w_i v_i
     8. out = identity + W_o softmax(Q K_cl^T / sqrt(d_head)) V_cl     (N queries, M_b clusters)
 
-This module is the readable path, in that order: the functions below are steps 1-4,
-``EnactClustering`` runs steps 1-7 (5-7 on the ``enact_ops`` operators) and ``EnactAttention``
-adds step 8.  Where the compiled kernels run, steps 1-4 are one fused operator
-(``enact_ops.smoothed_information``: the same values, one kernel forward and one backward, and
-each row's valid length and number of runs for step 5 without another pass); these functions
-are its reference (tests/test_information.py).  Steps 1-6 run in float32 (float64 for float64
-inputs) on each image's valid sequence, as if the pads did not exist, so an image's result does
-not depend on its batch.
-``mode="uniform"`` replaces the runs by chunks of one batch-wide length L, as the authors'
-public code does; ``mode="identity"`` makes every valid token its own cluster (weights 1), so
-the layer equals standard attention (for ablations and equivalence checks).  What changes memory and speed but not values lives in :mod:`.enact_fused`.
-One host sync per call, forward only (tests/test_host_syncs.py): step 5 reads every image's valid
-length and number of runs in one copy, which sizes everything data-dependent (M_max, the
-segmentation) and checks that every image has a valid token; the ops are told those sizes.
-``EnactClustering.register_trace_hook`` hands steps 1-5's intermediates to analysis tools
-(:mod:`projects.enact.analysis`); without a hook nothing is kept.
-See ``docs/method.md`` for the exact conventions implemented here.
+In that order: the functions below are steps 1-4 (the reference of the compiled operator
+``enact_ops.smoothed_information``), ``EnactClustering.forward`` steps 1-7, ``EnactAttention`` step
+8.  Steps 1-6 run in float32 (float64 for float64 inputs) on each image's valid sequence, so an
+image's result does not depend on its batch; one host sync per call (step 5).  Memory, speed and
+dtype machinery lives in :mod:`.enact_fused`.  See ``docs/method.md`` (modes, conventions).
 """
 import math
+import warnings
 from collections import OrderedDict
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
@@ -39,23 +28,16 @@ from torch.profiler import record_function
 from torch.utils.hooks import RemovableHandle
 
 import enact_ops
+from enact_ops.ops import check_cluster_inputs
 from enact_ops.reference import correlate_rows, curvature_taps
+from enact_ops.segmentation import check_rows_have_tokens
 
 from . import enact_fused
 from .attention import MultiheadAttention
 
 __all__ = [
-    "CLUSTERING_MODES",
-    "ClusterOutput",
-    "ClusterTrace",
-    "EnactAttention",
-    "EnactClustering",
-    "check_sigma",
-    "curvature_sign",
-    "gaussian_kernel",
-    "self_information",
-    "smooth",
-    "smoothed_information",
+    "CLUSTERING_MODES", "ClusterOutput", "ClusterStatistics", "ClusterTrace", "EnactAttention", "EnactClustering",
+    "check_sigma", "curvature_sign", "gaussian_kernel", "self_information", "smooth", "smoothed_information",
 ]
 
 CLUSTERING_MODES = ("segments", "uniform", "identity")
@@ -124,7 +106,6 @@ class ClusterOutput(NamedTuple):
 
 class ClusterTrace(NamedTuple):
     """Steps 1-5 of one call, for the trace hooks of ``EnactClustering`` (analysis only)."""
-
     information: torch.Tensor  # (B, N) h of step 2, before smoothing (pads: not meaningful)
     smoothed: torch.Tensor  # (B, N) h~ of step 3 (pads: 0)
     sign: torch.Tensor  # (B, N) bool, s of step 4 (pads: False)
@@ -132,18 +113,25 @@ class ClusterTrace(NamedTuple):
     valid: Optional[torch.Tensor]  # (B, N) bool, True = valid token; None = nothing padded
 
 
+class ClusterStatistics(NamedTuple):
+    """What one call clustered, per image (device tensors)."""
+    num_clusters: torch.Tensor  # (B,) M_b
+    num_tokens: torch.Tensor  # (B,) valid tokens n_b
+
+    def summary(self) -> dict:
+        """Clusters per image and compression N / M, means over the images (floats)."""
+        m, n = self.num_clusters.double(), self.num_tokens.double()
+        return {"clusters_per_image": float(m.mean()), "compression": float((n / m).mean())}
+
+
 # ---------------------------------------------------------------- steps 1-7
 class EnactClustering(nn.Module):
     """Clusters keys, values (and any extra per-token tensors) by the keys' self-information.
-
-    Args:
-        embed_dim: C of the keys (W_prob: Linear(C, 1), Xavier-uniform weight, zero bias).
-        sigma: the Gaussian's standard deviation, a positive int (5 for DETR, 3 for Anchor DETR).
-        mode: "segments" (the paper: runs of equal curvature sign), "uniform" (the authors'
-            code: chunks of one batch-wide length L) or "identity" (every valid token its own
-            cluster: K_cl = K, V_cl = V, so attention is standard attention).
-        backend: enact_ops backend, "auto" | "compiled" | "reference".
-    """
+    embed_dim: C of the keys (W_prob: Linear(C, 1), Xavier-uniform weight, zero bias); sigma: the
+    Gaussian's standard deviation, a positive int (5 for DETR, 3 for Anchor DETR); mode: "segments"
+    (the paper), "uniform" (the authors' code: chunks of one batch-wide length L) or "identity"
+    (every valid token its own cluster: standard attention); backend: "auto" | "compiled" |
+    "reference" (runs the readable steps 1-4 above, ``self.smoothed_information`` included)."""
 
     def __init__(self, embed_dim: int, sigma: int = 5, mode: str = "segments", backend: str = "auto"):
         super().__init__()
@@ -159,9 +147,9 @@ class EnactClustering(nn.Module):
         self.w_prob = nn.Linear(embed_dim, 1)
         nn.init.xavier_uniform_(self.w_prob.weight)
         nn.init.zeros_(self.w_prob.bias)
-        self.last_num_clusters: Optional[torch.Tensor] = None  # (B,) of the last call
-        self.last_num_tokens: Optional[torch.Tensor] = None  # (B,) valid tokens of the last call
-        self._trace_hooks: Dict[int, Callable] = OrderedDict()  # see register_trace_hook
+        self.last_call: Optional[ClusterStatistics] = None  # the last call's, see statistics()
+        self._trace_hooks: Dict[int, Callable] = OrderedDict()
+        self._segmentation_hooks: Dict[int, Callable] = OrderedDict()
         self._taps: Dict[tuple, torch.Tensor] = {}  # see taps
 
     def extra_repr(self) -> str:
@@ -169,16 +157,13 @@ class EnactClustering(nn.Module):
 
     def register_trace_hook(self, hook: Callable[["EnactClustering", ClusterTrace], None]) -> RemovableHandle:
         """``hook(module, trace)`` runs after step 5 of every call with a :class:`ClusterTrace`
-        of steps 1-5 (``projects.enact.analysis`` records them).  Without hooks nothing is kept.
-        Returns a handle whose ``remove()`` unregisters the hook."""
-        handle = RemovableHandle(self._trace_hooks)
-        self._trace_hooks[handle.id] = hook
-        return handle
+        (``projects.enact.analysis`` records them).  Returns a removable handle."""
+        return enact_fused.add_hook(self._trace_hooks, hook)
 
-    def _trace(self, h, smoothed, sign, seg: enact_ops.Segmentation, valid) -> None:
-        trace = ClusterTrace(h.detach(), smoothed.detach(), sign, seg.cluster_ids, valid)
-        for hook in tuple(self._trace_hooks.values()):
-            hook(self, trace)
+    def register_segmentation_hook(self, hook: Callable[..., Optional[enact_ops.Segmentation]]) -> RemovableHandle:
+        """``hook(module, sign, key_padding_mask, seg)`` runs after step 5; a Segmentation it
+        returns replaces ``seg`` (to hold clusters fixed or force them; M_max is read from it)."""
+        return enact_fused.add_hook(self._segmentation_hooks, hook)
 
     def logits_of(self, key: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """W_prob's logits W_prob k of the keys (B, N, C), in ``dtype``.  (B, N)"""
@@ -194,208 +179,126 @@ class EnactClustering(nn.Module):
         return smoothed_information(h, valid, self.taps(h.dtype, h.device))
 
     def taps(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The Gaussian's samples of step 3, made once per dtype and device (not on every call:
-        on a GPU that would be five small kernel launches per layer)."""
+        """The Gaussian's samples of step 3, made once per dtype and device (not in every call)."""
         key = (self.sigma, self.radius, dtype, torch.device(device))
         if key not in self._taps:
             self._taps[key] = gaussian_kernel(self.sigma, self.radius, dtype, device)
         return self._taps[key]
 
-    def segment(self, sign: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> enact_ops.Segmentation:
-        """Step 5: runs of equal sign (segments), uniform chunks of the batch's mean run length,
-        or one cluster per valid token (identity)."""
-        return self.segment_with_sizes(sign, key_padding_mask)[0]
-
-    def segment_with_sizes(self, sign: torch.Tensor, key_padding_mask: Optional[torch.Tensor], row_sizes=None):
-        """Step 5 and its sizes: (Segmentation, SegmentationSizes).  The layer's one host sync is
-        here: every image's valid length and number of runs, read in one copy, give the sizes of
-        the segmentation and of the pooled outputs (M_max), uniform mode's L, and the check that
-        every image has a valid token; the ops then read nothing from the device.  ``row_sizes``:
-        those (lengths, runs) as (B,) device tensors when steps 1-4 computed them, else counted here."""
+    def segment(self, sign: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None, row_sizes=None,
+                return_sizes: bool = False):
+        """Step 5: runs of equal sign (segments), uniform chunks of the batch's mean run length or
+        one cluster per valid token (identity).  The one host sync: every image's valid length and
+        number of runs (``row_sizes``, (B,) tensors from steps 1-4, else counted here), read in one
+        copy, size the segmentation and M_max, give uniform mode's L and check that every image has
+        a token.  Returns the Segmentation, or (Segmentation, SegmentationSizes) with ``return_sizes``."""
         if row_sizes is not None:
             lengths, runs = torch.stack(row_sizes).tolist()
         else:
             valid = None if key_padding_mask is None else ~key_padding_mask
             lengths, runs = enact_ops.read_row_sizes(sign.shape, valid, None if self.mode == "identity" else sign)
-        enact_ops.check_rows_have_tokens(lengths)
+        check_rows_have_tokens(lengths)
         if self.mode == "segments":
             sizes = enact_ops.runs_sizes(lengths, runs)
-            return enact_ops.segment_runs(sign, key_padding_mask, backend=self.backend, sizes=sizes), sizes
-        chunk = 1 if self.mode == "identity" else enact_ops.chunk_length(lengths, runs)
-        sizes = enact_ops.uniform_sizes(lengths, chunk)
-        if key_padding_mask is None:
-            key_padding_mask = torch.zeros_like(sign)
-        return enact_ops.segment_uniform(key_padding_mask, chunk, backend=self.backend, sizes=sizes), sizes
+            seg = enact_ops.segment_runs(sign, key_padding_mask, backend=self.backend, sizes=sizes)
+        else:
+            chunk = 1 if self.mode == "identity" else enact_ops.chunk_length(lengths, runs)
+            sizes = enact_ops.uniform_sizes(lengths, chunk)
+            mask = torch.zeros_like(sign) if key_padding_mask is None else key_padding_mask
+            seg = enact_ops.segment_uniform(mask, chunk, backend=self.backend, sizes=sizes)
+        return (seg, sizes) if return_sizes else seg
 
-    def _segment(self, sign: torch.Tensor, mask: Optional[torch.Tensor], row_sizes=None):
-        """Step 5 for forward: (Segmentation, M_max).  A ``segment`` replaced on the instance or in
-        a subclass (tests force clusters so) is honoured; its M_max is then read from its result."""
-        if self._overridden("segment"):
-            seg = self.segment(sign, mask)
-            enact_ops.check_rows_have_tokens((seg.cluster_ids.shape[1] - mask.sum(1)).tolist() if mask is not None else ())
-            return seg, seg.max_clusters
-        seg, sizes = self.segment_with_sizes(sign, mask, row_sizes)
-        return seg, sizes.max_clusters
-
-    def _overridden(self, name: str) -> bool:
-        """Whether method ``name`` is replaced on this instance or in a subclass."""
-        return name in vars(self) or getattr(type(self), name) is not getattr(EnactClustering, name)
-
-    def _steps_1_to_4(self, logits: torch.Tensor, valid: Optional[torch.Tensor], mask: Optional[torch.Tensor]):
-        """Steps 1-4 from W_prob's logits (B, N): (h, h~, s, row sizes or None).  The fused operator
-        where the compiled kernels run (it also gives each row's valid length and number of runs,
-        (B,) tensors, for step 5; h, which it does not return, is computed apart only for a trace
-        hook, else None); the functions above otherwise (also when ``smoothed_information`` is
-        replaced on the instance or in a subclass)."""
-        if not self._overridden("smoothed_information") and enact_ops.use_compiled(self.backend, logits.device):
-            taps = self.taps(logits.dtype, logits.device)
-            info = enact_ops.smoothed_information(logits, taps, mask, backend="compiled")
-            h = self_information(logits.detach(), valid) if self._trace_hooks else None
-            return h, info.smoothed, info.sign, (info.lengths, info.runs)
-        h = self_information(logits, valid)
-        smoothed, sign = self.smoothed_information(h, valid)
-        return h, smoothed, sign, None
-
-    def forward(
-        self,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        key_padding_mask: Optional[torch.Tensor] = None,
-        extra: Sequence[torch.Tensor] = (),
-    ) -> ClusterOutput:
+    def forward(self, key: torch.Tensor, value: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None,
+                extra: Sequence[torch.Tensor] = (), *, shared: bool = False, key_pos: Optional[torch.Tensor] = None,
+                key_features: Optional[torch.Tensor] = None) -> ClusterOutput:
         """Steps 1-7.  key (B, N, C), value (B, N, C_v), key_padding_mask (B, N) bool (True = pad),
-        extra: more (B, N, *) tensors pooled with the same weights.  Returns a ClusterOutput."""
+        extra: more (B, N, *) tensors pooled with the same weights.  Returns a ClusterOutput.
+        ``shared=True``: key = value + key_pos (key_pos None: key = value), encoder self-attention;
+        on the compiled backend steps 6-7 are then one operator that sends the key's gradients to
+        ``value`` and ``key_pos`` (``key`` gets none) and pools ``key_features`` (the key in the
+        attention's dtype, default ``key``) and ``value`` cast to it."""
         extra = tuple(extra)
-        valid, mask = self._check_inputs(key, value, key_padding_mask, extra)
-        dtype = torch.float64 if key.dtype == torch.float64 else torch.float32
+        valid, mask = check_cluster_inputs(key, value, key_padding_mask, extra, self.embed_dim, check_values=False)
+        features = key if key_features is None else key_features
+        fused = shared and not extra and enact_fused.shared_path_applies(features, value, key_pos, self.backend)
+        compiled = fused or enact_ops.use_compiled(self.backend, key.device)
+        dtype = enact_fused.information_dtype(features)
+        taps = self.taps(dtype, key.device)
         with torch.autocast(device_type=key.device.type, enabled=False):
-            logits = self.logits_of(key, dtype)  # (B, N)
-            h, smoothed, sign, row_sizes = self._steps_1_to_4(logits, valid, mask)  # (B, N) each
-            seg, width = self._segment(sign, mask, row_sizes)  # step 5 (the one host sync)
-            if self._trace_hooks:
-                self._trace(h, smoothed, sign, seg, valid)
-            feats = [key, value, *extra]
-            common = torch.promote_types(key.dtype, value.dtype)
-            for e in extra:
-                common = torch.promote_types(common, e.dtype)
-            pooled, weights, cluster_mask = enact_ops.segment_softmax_pool(  # steps 6-7
-                smoothed, [f.to(common) for f in feats], seg, backend=self.backend, max_clusters=width
-            )
-        pooled = [p.to(f.dtype) for p, f in zip(pooled, feats)]
-        self._record(seg, valid, row_sizes)
+            # steps 1-4; on the fused path without autograd: the pooling operator runs their backward
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not fused):
+                logits = self.logits_of(key, dtype)  # (B, N)
+                if compiled:  # one operator; h is computed apart for a trace hook only
+                    smoothed, sign, probs, *row_sizes = torch.ops.enact_ops.smoothed_information(
+                        logits.contiguous(), valid, taps)
+                    h = self_information(logits.detach(), valid) if self._trace_hooks else None
+                else:
+                    h, row_sizes = self_information(logits, valid), None
+                    smoothed, sign = self.smoothed_information(h, valid)
+            # step 5, the one host sync
+            seg, sizes = self.segment(sign, mask, row_sizes, return_sizes=True)
+            seg, width = self._run_hooks(h, smoothed, sign, mask, valid, seg, sizes.max_clusters)
+            # steps 6-7
+            if fused:
+                pooled, weights, cluster_mask = enact_fused.pool_shared_key_value(
+                    features, value, key_pos, self.w_prob, (smoothed, probs, valid, taps), seg, width)
+            else:
+                pooled, weights, cluster_mask = enact_fused.pool(smoothed, [key, value, *extra], seg, self.backend, width)
+        num_tokens = row_sizes[0] if row_sizes else valid.sum(1) if valid is not None else \
+            torch.full_like(seg.num_clusters, key.shape[1])
+        self.last_call = ClusterStatistics(seg.num_clusters.detach(), num_tokens)
         return ClusterOutput(pooled[0], pooled[1], tuple(pooled[2:]), cluster_mask, seg.cluster_ids, weights)
 
-    def forward_shared(
-        self,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        key_pos: Optional[torch.Tensor] = None,
-        key_padding_mask: Optional[torch.Tensor] = None,
-        key_features: Optional[torch.Tensor] = None,
-    ) -> ClusterOutput:
-        """``forward(key, value, key_padding_mask)`` for key = value + key_pos (key = value if
-        key_pos is None), the encoder self-attention case: the same values and gradients, with
-        steps 6-7 on one registered operator where the compiled kernels run
-        (``enact_fused.pool_shared_key_value``: one (B, N, C) gradient for ``value`` instead of
-        three).  ``key`` must equal value + key_pos.  Steps 1-5 read ``key`` in float32 (float64
-        for float64).  ``key_features``: the key in the dtype steps 6-7 run in (default ``key``),
-        e.g. its autocast cast that the query projection shares; ``value`` is cast to its dtype
-        and the pooled outputs come in it."""
-        valid, mask = self._check_inputs(key, value, key_padding_mask, ())
-        features = key if key_features is None else key_features
-        if self._overridden("smoothed_information") or not enact_fused.shared_path_applies(
-            features, value, key_pos, self.backend
-        ):
-            return self.forward(key, value, key_padding_mask)
-        dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
-        with torch.autocast(device_type=key.device.type, enabled=False):
-            with torch.no_grad():  # steps 1-4; their backward runs inside the pooling operator's
-                logits = self.logits_of(key, dtype).contiguous()  # (B, N)
-                taps = self.taps(dtype, key.device)
-                smoothed, sign, probs, lengths, runs = torch.ops.enact_ops.smoothed_information(logits, valid, taps)
-                h = self_information(logits, valid) if self._trace_hooks else None
-            seg, width = self._segment(sign, mask, (lengths, runs))  # step 5 (the one host sync)
-            if self._trace_hooks:
-                self._trace(h, smoothed, sign, seg, valid)
-            pooled_key, pooled_value, weights = enact_fused.pool_shared_key_value(  # steps 6-7
-                features, value.to(features.dtype), key_pos, self.w_prob, (smoothed, probs, valid, taps), seg, width
-            )
-        self._record(seg, valid, (lengths, runs))
-        return ClusterOutput(pooled_key, pooled_value, (), seg.cluster_mask(width), seg.cluster_ids, weights)
-
-    def _check_inputs(self, key, value, key_padding_mask, extra):
-        """Shapes, dtypes and devices, without a host sync: (valid, mask), None when no mask is
-        given (a given mask is kept even when nothing is padded: telling would be a sync).  That
-        every image has a valid token is checked in step 5, on the lengths it reads anyway."""
-        return enact_ops.check_cluster_inputs(key, value, key_padding_mask, extra, self.embed_dim, check_values=False)
-
-    def _record(self, seg: enact_ops.Segmentation, valid: Optional[torch.Tensor], row_sizes=None) -> None:
-        """Keeps the call's clusters and valid tokens per image (the latter from steps 1-4's row
-        sizes when the fused operator gave them, else counted)."""
-        self.last_num_clusters = seg.num_clusters.detach()
-        if row_sizes is not None:
-            self.last_num_tokens = row_sizes[0]
-        elif valid is None:
-            self.last_num_tokens = torch.full_like(seg.num_clusters, seg.cluster_ids.shape[1])
-        else:
-            self.last_num_tokens = valid.sum(1)
+    def _run_hooks(self, h, smoothed, sign, mask, valid, seg, width):
+        """The segmentation hooks (a Segmentation returned replaces ``seg``), then the trace hooks."""
+        for hook in tuple(self._segmentation_hooks.values()):
+            replaced = hook(self, sign, mask, seg)
+            if replaced is not None:
+                seg, width = replaced, replaced.max_clusters
+        if self._trace_hooks:
+            trace = ClusterTrace(h.detach(), smoothed.detach(), sign, seg.cluster_ids, valid)
+            for hook in tuple(self._trace_hooks.values()):
+                hook(self, trace)
+        return seg, width
 
     def statistics(self) -> dict:
         """Clusters per image and compression N / M of the last call (floats; syncs on GPU)."""
-        if self.last_num_clusters is None:
-            return {}
-        m = self.last_num_clusters.double()
-        n = self.last_num_tokens.double()
-        return {"clusters_per_image": float(m.mean()), "compression": float((n / m).mean())}
+        return {} if self.last_call is None else self.last_call.summary()
+
+    last_num_clusters = property(lambda self: None if self.last_call is None else self.last_call.num_clusters)
+    last_num_tokens = property(lambda self: None if self.last_call is None else self.last_call.num_tokens)
+
+    def forward_shared(self, key, value, key_pos=None, key_padding_mask=None, key_features=None) -> ClusterOutput:
+        warnings.warn("EnactClustering.forward_shared is deprecated: call the module with shared=True",
+                      DeprecationWarning, stacklevel=2)
+        return self(key, value, key_padding_mask, shared=True, key_pos=key_pos, key_features=key_features)
+
+    def segment_with_sizes(self, sign, key_padding_mask, row_sizes=None):
+        warnings.warn("EnactClustering.segment_with_sizes is deprecated: use segment(..., return_sizes=True)",
+                      DeprecationWarning, stacklevel=2)
+        return self.segment(sign, key_padding_mask, row_sizes, return_sizes=True)
 
 
 # ---------------------------------------------------------------- step 8
 class EnactAttention(MultiheadAttention):
-    """Multi-head attention whose keys and values are clustered by ENACT; queries are not:
-
-        out = identity + proj_drop(W_o softmax(Q K_cl^T / sqrt(d_head)) V_cl)
-
-    with K_cl, V_cl = EnactClustering(key + key_pos, value).  Same call signature, parameters
-    (``attn.*``) and behaviour as detrex's ``MultiheadAttention`` plus ``clustering.w_prob``, so a
-    trained MHSA checkpoint loads with only ``clustering.w_prob.{weight,bias}`` missing.
-    A padded cluster slot gets exactly zero attention weight.  In encoder self-attention (value =
-    the key before its position) the clustering runs ``EnactClustering.forward_shared``; step 8
-    runs ``enact_fused.attend_clusters`` (no layout copies, residual fused into W_o).
-    ``unclustered_tail = T`` (default 0) keeps the last T keys and values out of the clustering,
-    each its own cluster (PnP-DETR's pooled background tokens, which have no place in the image:
-    :mod:`.pnp`); a padding mask must then leave them valid.
-    """
+    """out = identity + proj_drop(W_o softmax(Q K_cl^T / sqrt(d_head)) V_cl), K_cl, V_cl =
+    EnactClustering(key + key_pos, value); queries are not clustered.  detrex's
+    ``MultiheadAttention``'s signature, parameters (``attn.*``) and behaviour plus
+    ``clustering.w_prob`` (an MHSA checkpoint loads with only it missing); a padded cluster slot
+    gets exactly zero attention weight.  ``unclustered_tail = T`` (default 0) keeps the last T keys
+    out of the clustering, each its own cluster (PnP-DETR's pooled background tokens, :mod:`.pnp`;
+    a padding mask must leave them valid)."""
 
     unclustered_tail: int = 0
 
-    def __init__(
-        self,
-        embed_dim: int,
-        num_heads: int,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        batch_first: bool = False,
-        sigma: int = 5,
-        mode: str = "segments",
-        backend: str = "auto",
-        attn_implementation: str = "sdpa",
-        **kwargs,
-    ):
+    def __init__(self, embed_dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 batch_first: bool = False, sigma: int = 5, mode: str = "segments", backend: str = "auto",
+                 attn_implementation: str = "sdpa", **kwargs):
         super().__init__(embed_dim, num_heads, attn_drop, proj_drop, batch_first, attn_implementation, **kwargs)
         self.clustering = EnactClustering(embed_dim, sigma=sigma, mode=mode, backend=backend)
 
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: Optional[torch.Tensor] = None,
-        value: Optional[torch.Tensor] = None,
-        identity: Optional[torch.Tensor] = None,
-        query_pos: Optional[torch.Tensor] = None,
-        key_pos: Optional[torch.Tensor] = None,
-        attn_mask: Optional[torch.Tensor] = None,
-        key_padding_mask: Optional[torch.Tensor] = None,
-        **kwargs,
-    ) -> torch.Tensor:
+    def forward(self, query, key=None, value=None, identity=None, query_pos=None, key_pos=None, attn_mask=None,
+                key_padding_mask=None, **kwargs) -> torch.Tensor:
         if attn_mask is not None:
             raise ValueError("EnactAttention does not take attn_mask: its keys are clustered (use it in the encoder only)")
         key_in = query if key is None else key
@@ -405,27 +308,21 @@ class EnactAttention(MultiheadAttention):
         query, key, value, identity = self._prepare(query, key, value, identity, query_pos, key_pos)
         if shared and key_pos is not None and not self.batch_first:
             key_pos = key_pos.transpose(0, 1)
-        tail = self.unclustered_tail
-        if tail:  # (B, N, C) -> clustered (B, N - T, C) and kept (B, T, C)
-            kept_key, kept_value = key[:, -tail:], value[:, -tail:]
-            key, value = key[:, :-tail], value[:, :-tail]
-            key_pos = None if key_pos is None else key_pos[:, :-tail]
-            key_padding_mask = None if key_padding_mask is None else key_padding_mask[:, :-tail]
+        # unclustered_tail: the last T keys and values kept apart, (B, N - T, C) clustered
+        (key, value, key_pos, key_padding_mask), kept = enact_fused.split_tail(
+            self.unclustered_tail, key, value, key_pos, key_padding_mask)
         with record_function("enact::cluster_keys_values"):  # a range in torch.profiler's output
             if shared:
-                # steps 6-8 in autocast's dtype under mixed precision: the key cast once, shared by
-                # the pooling and (in self-attention, where query is key) the query projection
+                # steps 6-8 in autocast's dtype: the key cast once for the pooling and the query projection
                 features = key.to(enact_fused.attention_dtype(key))
-                clustered = self.clustering.forward_shared(key, value, key_pos, key_padding_mask, features)
+                clustered = self.clustering(key, value, key_padding_mask, shared=True, key_pos=key_pos,
+                                            key_features=features)
                 query = features if query is key else query
                 del key  # under autocast the float32 key is not needed past steps 1-5: free it now
             else:
                 clustered = self.clustering(key, value, key_padding_mask)  # (B, M_max, C) each
-        key, value, cluster_mask = clustered.key, clustered.value, clustered.cluster_mask
-        if tail:  # the kept tokens as clusters of their own, after the pooled ones
-            key = torch.cat([key, kept_key.to(key.dtype)], 1)  # (B, M_max + T, C)
-            value = torch.cat([value, kept_value.to(value.dtype)], 1)
-            cluster_mask = torch.cat([cluster_mask, cluster_mask.new_zeros(cluster_mask.shape[0], tail)], 1)
+        # the kept tokens as clusters of their own, after the pooled ones: (B, M_max + T, C)
+        key, value, cluster_mask = enact_fused.append_tail(clustered.key, clustered.value, clustered.cluster_mask, kept)
         with record_function("enact::attend_clusters"):
             return enact_fused.attend_clusters(self, query, key, value, cluster_mask, identity)
 

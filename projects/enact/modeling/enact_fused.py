@@ -13,9 +13,10 @@ and kept for backward:
 * ``attend_clusters``  step 8 with the queries' projections, the attention output and the
   output projection laid out like the query.
 
-The small interface ``EnactClustering`` / ``EnactAttention`` use: ``attention_dtype``,
-``shared_path_applies``, ``pool_shared_key_value``, ``project``, ``linear``, ``token_logits`` and
-``attend_clusters``.
+The small interface ``EnactClustering`` / ``EnactAttention`` use: ``information_dtype``,
+``attention_dtype``, ``token_logits``, ``pool``, ``shared_path_applies``, ``pool_shared_key_value``,
+``project``, ``linear``, ``attend_clusters`` and, for PnP-DETR's unclustered tail, ``split_tail`` /
+``append_tail``.
 
 Mixed precision (autocast bf16 / fp16, or a detector that hands the encoder bf16 tokens): steps
 1-5 run in float32 (W_prob's logits read the key as given, float32 under autocast, upcast from a
@@ -23,11 +24,13 @@ bf16 key); steps 6-8 run in ``attention_dtype`` (autocast's dtype): the key (= t
 encoder self-attention) and the value are cast once, the pooling kernels accumulate in float32,
 the projections keep their low-precision input for backward, as ``F.linear`` under autocast does.
 """
+import functools
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from torch.autograd.function import once_differentiable
 
 import enact_ops
@@ -35,8 +38,8 @@ import enact_ops
 from .attention import attend_heads, key_padding_bias
 
 __all__ = [
-    "attend_clusters", "attention_dtype", "linear", "pool_shared_key_value", "project", "shared_path_applies",
-    "token_logits",
+    "add_hook", "append_tail", "attend_clusters", "attention_dtype", "information_dtype", "linear", "pool", "pool_shared_key_value",
+    "project", "shared_path_applies", "split_tail", "token_logits",
 ]
 
 
@@ -182,6 +185,12 @@ def project(x, weight, bias=None, identity=None):
 
 
 # ---------------------------------------------------------------- dtypes
+def information_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype steps 1-6 run in for keys ``x``: float64 for float64, else float32 (1e-8
+    underflows in float16, -0 log2 0 would be NaN)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def attention_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype steps 6-8 run in for an input ``x``: autocast's dtype for a float32 ``x`` where
     autocast is on for its device (what ``F.linear`` would cast to), else ``x``'s own dtype."""
@@ -191,7 +200,18 @@ def attention_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-# ---------------------------------------------------------------- steps 6-7, one operator
+# ---------------------------------------------------------------- steps 6-7
+def pool(smoothed, features, seg, backend: str, max_clusters: int):
+    """Steps 6-7 for any (B, N, *) tensors (keys, values, extras): ``enact_ops.segment_softmax_pool``
+    in their promoted dtype, each pooled output returned in its own tensor's dtype.  Returns
+    (pooled list, weights, cluster_mask)."""
+    common = functools.reduce(torch.promote_types, [f.dtype for f in features])
+    pooled, weights, cluster_mask = enact_ops.segment_softmax_pool(
+        smoothed, [f.to(common) for f in features], seg, backend=backend, max_clusters=max_clusters
+    )
+    return [p.to(f.dtype) for p, f in zip(pooled, features)], weights, cluster_mask
+
+
 def shared_path_applies(key, value, key_pos, backend: str) -> bool:
     """True where ``pool_shared_key_value`` runs: floating key and value of one shape with unit
     channel stride, a key_pos of that shape (or None), and the compiled kernels for the device.
@@ -209,17 +229,47 @@ def pool_shared_key_value(key, value, key_pos, w_prob: nn.Linear, information, s
     """Steps 6-7 (K_cl, V_cl and the weights w) for key = value + key_pos on the registered
     operator ``torch.ops.enact_ops.pool_shared_key_value`` (``enact_ops/shared_pooling.py``): the
     gradients of the keys -- through the pooling and through W_prob's logits -- go to ``value`` /
-    ``key_pos`` / ``w_prob`` in one (B, N, C) buffer.  ``key`` and ``value`` in the dtype the pooling
-    runs in (one dtype); ``information`` = (smoothed, probs, valid, taps) of steps 1-4 (float32,
-    float64 for float64 features), computed without autograd.  Returns pooled key, pooled value
-    (B, M_max, C) and the weights (B, N)."""
+    ``key_pos`` / ``w_prob`` in one (B, N, C) buffer.  ``key`` in the dtype the pooling runs in
+    (``value`` is cast to it); ``information`` = (smoothed, probs, valid, taps) of steps 1-4
+    (float32, float64 for float64 features), computed without autograd.  Returns ([pooled key,
+    pooled value] (B, M_max, C) each, the weights (B, N), the cluster mask (B, M_max))."""
     smoothed, probs, valid, taps = information
+    value = value.to(key.dtype)
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
-    return torch.ops.enact_ops.pool_shared_key_value(
+    pooled_key, pooled_value, weights = torch.ops.enact_ops.pool_shared_key_value(
         key, value, key_pos, w_prob.weight, w_prob.bias, smoothed, probs, valid, taps,
         seg.tokens, seg.seg_starts, seg.seg_batch, seg.row_offsets, max_clusters,
     )
+    return [pooled_key, pooled_value], weights, seg.cluster_mask(max_clusters)
+
+
+def add_hook(hooks: dict, hook) -> RemovableHandle:
+    """Register ``hook`` in ``hooks`` (an OrderedDict, as nn.Module's hooks); the handle removes it."""
+    handle = RemovableHandle(hooks)
+    hooks[handle.id] = hook
+    return handle
+
+
+# ---------------------------------------------------------------- unclustered tail (PnP-DETR)
+def split_tail(tail: int, key, value, key_pos, key_padding_mask):
+    """The last ``tail`` keys and values kept out of the clustering: ((key, value, key_pos,
+    key_padding_mask) without them, (kept key, kept value) or None when ``tail`` is 0)."""
+    if not tail:
+        return (key, value, key_pos, key_padding_mask), None
+    cut = [None if t is None else t[:, :-tail] for t in (key, value, key_pos, key_padding_mask)]
+    return tuple(cut), (key[:, -tail:], value[:, -tail:])
+
+
+def append_tail(key, value, cluster_mask, kept):
+    """The kept keys and values (``split_tail``) as clusters of their own after the pooled ones,
+    in the pooled outputs' dtype: (B, M_max + T, C) each and the (B, M_max + T) cluster mask."""
+    if kept is None:
+        return key, value, cluster_mask
+    kept_key, kept_value = kept
+    mask = cluster_mask.new_zeros(cluster_mask.shape[0], kept_key.shape[1])
+    return (torch.cat([key, kept_key.to(key.dtype)], 1), torch.cat([value, kept_value.to(value.dtype)], 1),
+            torch.cat([cluster_mask, mask], 1))
 
 
 # ---------------------------------------------------------------- step 8, lean layout
