@@ -88,8 +88,8 @@ build-cuda-check: $(VENV)/.deps
 	  assert m.with_cuda and hasattr(torch.ops.enact_ops, 'segment_softmax_pool_forward'); \
 	  print('CUDA build of enact_ops: OK')"
 
-# The prepared GPU check (tools/gpu_check.py, docs/gpu_check.md): needs torch, a compiler and nvcc
-# only -- no venv, detectron2 or pytest -- so on the GPU machine: make gpu-check GPU_CHECK_PY=python3.
+# The prepared GPU check (tools/gpu_check.py, docs/gpu_check.md): needs torch, pytest, a compiler and
+# nvcc only -- no venv or detectron2 -- so on the GPU machine: make gpu-check GPU_CHECK_PY=python3.
 # Results under $(GPU_CHECK_OUT) as each stage ends; GPU_CHECK_OPTS e.g. "--budget-s 300 --detector off".
 .PHONY: gpu-check
 GPU_CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),python3)

@@ -183,3 +183,25 @@ def check_detections(inst: Instances, image_size: Tuple[int, int], num_classes: 
     assert (boxes[:, 2:] >= boxes[:, :2]).all()
     assert inst.scores.tolist() == sorted(inst.scores.tolist(), reverse=True)
     assert ((inst.pred_classes >= 0) & (inst.pred_classes < num_classes)).all()
+
+
+# ---------------------------------------------------------------------- evaluation
+def recomputed_coco_ap(predictions_json, datasets_root) -> Dict[str, float]:
+    """AP, AP50 and AP75 (in %) that pycocotools' COCOeval computes from the predictions a run wrote
+    (``coco_instances_results.json``) against the one validation json under ``datasets_root``:
+    what the run's own COCOEvaluator reports must equal it."""
+    import contextlib
+    import glob
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    (gt_json,) = glob.glob(os.path.join(str(datasets_root), "**", "annotations", "*_val.json"), recursive=True)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(gt_json)
+        ev = COCOeval(gt, gt.loadRes(str(predictions_json)), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {"AP": 100 * ev.stats[0], "AP50": 100 * ev.stats[1], "AP75": 100 * ev.stats[2]}

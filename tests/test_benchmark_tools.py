@@ -49,7 +49,7 @@ def test_benchmark(tmp_path):
     base, enact = rows["detr_r18_shapes"], rows["detr_r18_shapes_enact"]
     assert "clusters_per_layer" not in base and "train_memory_gain" not in base
     assert len(enact["clusters_per_layer"]) == 2 and all(m >= 1 for m in enact["clusters_per_layer"])
-    assert enact["compression_mean"] >= 1
+    assert enact["compression_mean"] > 1  # tokens clustered
     for key in ("train_memory_gain", "infer_memory_gain", "encoder_memory_gain", "train_time_ratio",
                 "infer_time_ratio", "encoder_time_ratio"):
         assert key in enact, key

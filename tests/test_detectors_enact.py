@@ -63,7 +63,7 @@ def test_training_step_and_inference(name, config, has_enact):
     assert bool(layers) == has_enact
     for _, m in layers:
         stats = m.statistics()
-        assert stats["compression"] >= 1.0 and stats["clusters_per_image"] >= 1
+        assert stats["compression"] > 1.0 and stats["clusters_per_image"] >= 1  # tokens clustered
         for w_prob in [mod for n, mod in m.named_modules() if n.endswith("w_prob")]:
             assert w_prob.weight.grad.abs().sum() > 0
     for inputs, inst in zip(batch(), infer(model, batch())):
@@ -74,13 +74,14 @@ def test_training_step_and_inference(name, config, has_enact):
 
 @pytest.mark.parametrize("name,config,has_enact", VARIANTS, ids=IDS)
 def test_overfits_fixed_images(name, config, has_enact):
-    """60 Adam steps on two fixed images: the summed weighted loss falls below 60% of its start.
+    """100 Adam steps on two fixed images: the summed weighted loss falls below 60% of its start.
 
     The randomly initialised backbone is frozen (it has no batch statistics); everything after
-    it, ENACT's W_prob included, learns.  Seed 1: when DETR leaves its loss plateau (~0.65 of the
-    start) depends on the initialisation; at seed 0 DETR + ENACT ends at 0.65, at seeds 0-3 DETR
-    ends at 0.21-0.63 and DETR + ENACT at 0.32-0.65 (seed 1: DETR 0.21, DETR + ENACT 0.32)."""
-    model = tiny_model(config, has_enact, freeze_at=5, seed=1, dropout=0.0)
+    it, ENACT's W_prob included, learns.  Seed 0, the default, not picked: at seed 0 the seven
+    variants end at 0.03-0.34 of the start (DETR + ENACT 0.34, DETR 0.22), at seeds 1 and 2 at
+    0.05-0.19 and 0.02-0.50 (DETR, which leaves its ~0.65 plateau last).  At 60 steps DETR + ENACT
+    was still on the plateau at seed 0 (0.65) and DETR at seed 2 (0.63)."""
+    model = tiny_model(config, has_enact, freeze_at=5, seed=0, dropout=0.0)
     model.train()
     data = [
         sample(128, 192, 10, [[8, 6, 100, 80], [120, 40, 180, 120]], [1, 3]),
@@ -88,6 +89,6 @@ def test_overfits_fixed_images(name, config, has_enact):
     ]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-3)
-    history = train_steps(model, data, optimizer, steps=60)
+    history = train_steps(model, data, optimizer, steps=100)
     assert all(math.isfinite(x) for x in history)
     assert history[-1] < 0.6 * history[0], (name, history[0], history[-1])

@@ -18,6 +18,12 @@ from detrex_helpers import DETREX_MODELS, padded_images, perturb_heads, predicti
 pytestmark = [pytest.mark.detrex, pytest.mark.usefixtures("single_thread")]
 
 MODELS = list(DETREX_MODELS)
+# identity ENACT vs detrex: the largest difference of the predictions (scores, boxes / image size) as
+# measured on the tiny models here (float32 rounding, 1-2 ulp); the tests allow IDENTITY_FACTOR times it
+IDENTITY_DIFF = {"detr": 1.43e-7, "conditional_detr": 1.43e-7, "dab_detr": 1.59e-7, "dn_detr": 2.38e-7,
+                 "group_detr": 1.91e-7, "anchor_detr_rcda": 1.64e-7, "anchor_detr_mhsa": 1.43e-7, "pnp_detr": 1.49e-7,
+                 "dab_detr_3patterns": 1.91e-7, "dab_detr_dc5": 2.38e-7}
+IDENTITY_FACTOR = 4
 
 
 def build(name, **overrides):
@@ -83,7 +89,7 @@ def test_identity_enact_equals_detrex(name, capsys):
     diff = prediction_diff(original, model, images)
     with capsys.disabled():
         print(f"\n{name}: identity ENACT vs detrex, max abs diff (scores, boxes / image size) {diff:.2e}")
-    assert diff < 1e-4
+    assert diff <= IDENTITY_FACTOR * IDENTITY_DIFF[name], (diff, IDENTITY_DIFF[name])
 
 
 # detrex models beyond the ones with a config here, through enact_encoder (docs/detrex.md lists more,
@@ -111,7 +117,7 @@ def test_identity_enact_equals_detrex_in_more_models(name, capsys):
     diff = prediction_diff(original, model, padded_images())
     with capsys.disabled():
         print(f"\n{name}: identity ENACT vs detrex, max abs diff (scores, boxes / image size) {diff:.2e}")
-    assert diff < 1e-4
+    assert diff <= IDENTITY_FACTOR * IDENTITY_DIFF[name], (diff, IDENTITY_DIFF[name])
 
 
 def training_step(model, name):

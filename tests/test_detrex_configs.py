@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from detection_helpers import recomputed_coco_ap
 from detrex_helpers import assert_detrex_except_results_folder, flat_config, shrink_detrex_model
 
 pytestmark = [pytest.mark.detrex, pytest.mark.usefixtures("single_thread")]
@@ -90,6 +91,7 @@ DERIVED = '''
 import sys
 sys.path.insert(0, {tests!r})
 from detectron2.config import LazyConfig
+from detection_helpers import recomputed_coco_ap
 from detrex_helpers import shrink_detrex_model
 
 _enact = LazyConfig.load({config!r})
@@ -125,13 +127,15 @@ def test_train_net_trains_and_evaluates_detrex_dab_detr_enact_on_cpu(tmp_path, m
     assert [m["iteration"] for m in losses] == [0, 1, 2]
     assert all(torch.isfinite(torch.tensor(m["total_loss"])) for m in losses)
     assert any("grad_norm" in m for m in metrics)  # detrex's train.clip_grad.enabled=True honoured
-    assert any(m.get("enact/compression", 0) >= 1 for m in metrics)  # ENACT's statistics logged
-    assert "bbox/AP" in metrics[-1] and 0.0 <= metrics[-1]["bbox/AP"] <= 100.0  # COCOEvaluator
+    assert any(m.get("enact/compression", 0) > 1 for m in metrics)  # ENACT's statistics logged: tokens clustered
+    # COCOEvaluator's AP is COCOeval's on the predictions the run wrote
+    recomputed = recomputed_coco_ap(out / "coco_instances_results.json", tmp_path / "datasets")
+    assert {k: metrics[-1][f"bbox/{k}"] for k in recomputed} == pytest.approx(recomputed, abs=1e-6)
     # evaluation alone, from the written checkpoint
     results = train_net.main(parser.parse_args(
         ["--config-file", str(config), "--eval-only", *TINY, f"train.output_dir={out}",
          f"train.init_checkpoint={out / 'model_final.pth'}"]))
-    assert 0.0 <= results["bbox"]["AP"] <= 100.0
+    assert {k: results["bbox"][k] for k in recomputed} == pytest.approx(recomputed, abs=1e-6)  # the same model
 
 
 def test_enact_checkpointer_loads_a_detrex_checkpoint_unchanged(tmp_path):
@@ -201,5 +205,5 @@ def test_benchmark_runs_a_detrex_model_with_and_without_enact(tmp_path):
         for key in ("train_s_per_img", "encoder_ms_per_img", "train_memory_bytes", "encoder_memory_bytes"):
             assert row[key] > 0, key
     enact = rows["dab_detr_r50_50ep_enact"]
-    assert len(enact["clusters_per_layer"]) == 1 and enact["compression_mean"] >= 1
+    assert len(enact["clusters_per_layer"]) == 1 and enact["compression_mean"] > 1
     assert "train_memory_gain" in enact and "train_time_ratio" in enact

@@ -163,8 +163,9 @@ def test_operator_checks_its_inputs_on_the_host():
         torch.ops.enact_ops.smoothed_information_backward(torch.randn(2, 7), probs, None, taps)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not (torch.cuda.is_available() and enact_ops.compiled_available("cuda")),
-                    reason="needs CUDA and the CUDA build")
+                    reason="no GPU with enact_ops CUDA kernels")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_cuda_matches_cpu(dtype):
     """The CUDA kernel (one block per row) against the CPU kernel at detector sizes."""

@@ -8,7 +8,10 @@ import enact_ops
 from enact_ops import reference, segment_runs, segment_softmax_pool, segment_uniform
 from enact_ops.segmentation import check_rows_have_tokens, count_runs
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# every device test on the CPU, and on the GPU where one is present (marked ``cuda``: `pytest -m cuda`)
+ON_GPU = [pytest.mark.cuda, pytest.mark.skipif(
+    not (torch.cuda.is_available() and enact_ops.compiled_available("cuda")), reason="no GPU with enact_ops CUDA kernels")]
+DEVICES = ["cpu", pytest.param("cuda", marks=ON_GPU)]
 needs_compiled_cpu = pytest.mark.skipif(
     not enact_ops.compiled_available("cpu"), reason="enact_ops._C is not built"
 )
@@ -34,11 +37,13 @@ def _assert_same_segmentation(a, b):
 
 
 SHAPES = [(1, 1, 4), (2, 7, 3), (3, 33, 8), (4, 129, 16), (2, 1000, 5)]
+# ... and on the GPU at detector sizes too (rows longer than a CUDA block)
+DEVICE_SHAPES = [("cpu", *s) for s in SHAPES] + [pytest.param("cuda", *s, marks=ON_GPU)
+                                                  for s in SHAPES + [(8, 3400, 32), (2, 20000, 4)]]
 
 
 @needs_compiled_cpu
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("B,N,C", SHAPES)
+@pytest.mark.parametrize("device,B,N,C", DEVICE_SHAPES)
 def test_segment_runs_matches_reference(device, B, N, C):
     sign, mask, *_ = _batch(B, N, C, pad_rows=range(0, B, 2), all_pad_rows=[B - 1] if B > 2 else [], device=device)
     ours = segment_runs(sign, mask, backend="compiled")
@@ -168,8 +173,7 @@ def test_row_sizes_and_the_empty_image_check():
 
 
 @needs_compiled_cpu
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("B,N,C", SHAPES)
+@pytest.mark.parametrize("device,B,N,C", DEVICE_SHAPES)
 @pytest.mark.parametrize("mode", ["runs", "uniform"])
 def test_pool_forward_backward_matches_reference(device, B, N, C, mode):
     sign, mask, scores, k, v = _batch(B, N, C, pad_rows=[0], all_pad_rows=[1] if B > 1 else [], device=device)
@@ -218,9 +222,10 @@ def test_pool_edge_segmentations():
 
 
 @needs_compiled_cpu
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["runs", "uniform"])
-def test_pool_gradcheck(mode):
-    sign, mask, scores, k, v = _batch(3, 13, 4, pad_rows=[1], seed=3)
+def test_pool_gradcheck(device, mode):
+    sign, mask, scores, k, v = _batch(3, 13, 4, pad_rows=[1], seed=3, device=device)
     seg = segment_runs(sign, mask) if mode == "runs" else segment_uniform(mask, 3)
     inputs = tuple(t.clone().requires_grad_() for t in (scores, k, v))
 
@@ -338,9 +343,10 @@ def test_bad_pool_input(backend):
 
 
 @needs_compiled_cpu
-def test_kernel_checks_inputs_on_host():
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_checks_inputs_on_host(device):
     """Calling the registered op directly with a wrong max_clusters is refused, not a crash."""
-    sign, mask, scores, k, _ = _batch(2, 9, 4)
+    sign, mask, scores, k, _ = _batch(2, 9, 4, device=device)
     seg = segment_runs(sign, mask)
     with pytest.raises(RuntimeError, match="max_clusters"):
         torch.ops.enact_ops.segment_softmax_pool_forward(

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from detection_helpers import recomputed_coco_ap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "shapes", "detr_r18_shapes_enact.py")
@@ -55,10 +56,11 @@ def test_train_then_evaluate_with_coco_evaluator(run):
     losses = [m for m in metrics if "total_loss" in m]
     assert [m["iteration"] for m in losses] == [0, 1, 2]
     assert all(torch.isfinite(torch.tensor(m["total_loss"])) for m in losses)
-    assert any("enact/compression" in m and m["enact/compression"] >= 1 for m in metrics)
+    assert any("enact/compression" in m and m["enact/compression"] > 1 for m in metrics)  # tokens clustered
     final = metrics[-1]
-    assert "bbox/AP" in final and 0.0 <= final["bbox/AP"] <= 100.0  # a real COCOeval number
-    assert (out / "coco_instances_results.json").is_file()
+    # the logged AP is COCOeval's on the predictions the run wrote
+    recomputed = recomputed_coco_ap(out / "coco_instances_results.json", tmp / "datasets")
+    assert {k: final[f"bbox/{k}"] for k in recomputed} == pytest.approx(recomputed, abs=1e-6)
     # --eval-only on the written checkpoint gives the same evaluation
     results = _run(f"train.init_checkpoint={out / 'model_final.pth'}", eval_only=True, output="eval")
     assert set(results["bbox"]) >= {"AP", "AP50", "AP75"}
