@@ -524,6 +524,7 @@ def test_steps_1_4_primitives_equal_linear_and_conv1d(seq_first):
     torch.testing.assert_close(enact_ops.reference.correlate_rows(h, taps), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 exists on CUDA only")
 def test_tf32_settings_do_not_change_the_clusters():
     """Steps 1-6 are exact float32 whatever the global TF32 settings: the same clusters and
