@@ -1,14 +1,13 @@
 """Checks that exist on a GPU only (all marked ``cuda``; `pytest -m cuda` on the GPU machine, which
 tools/gpu_check.py runs): a bad token index stops the CUDA kernel with a device-side assertion,
-EnactAttention on CUDA equals it on the CPU, and a training step on CUDA takes the fused path.
-The device-parametrised tests of test_ops.py, test_information.py and test_mixed_precision.py
-carry the same marker; without a GPU all of them skip."""
+and EnactAttention on CUDA equals it on the CPU.  The device-parametrised tests of test_ops.py,
+test_information.py, test_mixed_precision.py and test_enact.py (the fused path taken, TF32) carry
+the same marker; without a GPU all of them skip."""
 import subprocess
 import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import enact_ops
 from projects.enact import EnactAttention
@@ -66,32 +65,3 @@ def test_enact_attention_on_cuda_equals_cpu():
     assert int(b["ids"].max()) + 1 < N * 0.9  # tokens were clustered, not left alone
     for key, tol in (("out", 1e-4), ("grad_x", 1e-4), ("grad_w_prob", 1e-3)):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=tol * max(1.0, float(b[key].abs().max())))
-
-
-class _OpNames(TorchDispatchMode):
-    """The enact_ops operators dispatch sees, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket)
-        if name.startswith("enact_ops."):
-            self.names.append(name.split(".", 1)[1])
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.mark.parametrize("amp", [None, torch.bfloat16])
-def test_training_step_takes_the_fused_path(amp):
-    """On CUDA, float32 and under bf16 autocast, a training step runs smoothed_information,
-    segment_runs and pool_shared_key_value forward and its two kernels backward."""
-    torch.manual_seed(0)
-    m = EnactAttention(16, 4).cuda()
-    x = torch.randn(30, 2, 16, device="cuda")
-    with torch.autocast("cuda", dtype=amp or torch.bfloat16, enabled=amp is not None), _OpNames() as fwd:
-        out = m(x, query_pos=torch.randn_like(x))
-    with _OpNames() as bwd:
-        out.float().sum().backward()
-    assert fwd.names == ["smoothed_information", "segment_runs", "pool_shared_key_value"]
-    assert bwd.names == ["segment_softmax_pool_backward_sum", "smoothed_information_backward"]

@@ -562,19 +562,23 @@ class _OpNames(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.skipif(not enact_ops.compiled_available("cpu"), reason="enact_ops._C is not built")
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(not enact_ops.compiled_available("cpu"), reason="enact_ops._C is not built")),
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not (torch.cuda.is_available() and enact_ops.compiled_available("cuda")), reason="no GPU with enact_ops CUDA kernels")]),
+])
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
-def test_encoder_self_attention_takes_the_fused_path(amp):
+def test_encoder_self_attention_takes_the_fused_path(amp, device):
     """With the extension built, EnactAttention in encoder self-attention runs steps 1-4 and 6-7 on
     the registered operators (smoothed_information, pool_shared_key_value; backward: its formula's
     two kernels), in training and inference, float32 and under bf16
     autocast: not a silent fallback to the reference path or the plain pooling."""
     torch.manual_seed(0)
-    m = EnactAttention(16, 4)
-    x = torch.randn(30, 2, 16, requires_grad=True)
+    m = EnactAttention(16, 4).to(device)
+    x = torch.randn(30, 2, 16, device=device, requires_grad=True)
     pos = torch.randn_like(x)
     fused = ["smoothed_information", "segment_runs", "pool_shared_key_value"]
-    with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+    with torch.autocast(device, dtype=amp or torch.bfloat16, enabled=amp is not None):
         with _OpNames() as ops:
             out = m(x, query_pos=pos)
     assert ops.names == fused
