@@ -1,0 +1,220 @@
+"""Sparse DETR's encoder query sparsification (Roh et al., ICLR 2022) for the dense (MHSA) encoder
+of DETR, Conditional DETR and Anchor DETR, alone or with ENACT's clustered keys and values.
+
+:class:`SparseTransformerEncoder` is a :class:`~.transformer.TransformerEncoder` (same layers,
+same parameter names, same call ``encoder(src, pos, mask)`` -> memory (N, B, C)) plus a scoring
+network ``scorer``; a config swaps the encoder class and sets ``query_ratio`` (rho)::
+
+    model.transformer.encoder._target_ = SparseTransformerEncoder
+    model.transformer.encoder.query_ratio = 0.3
+
+For a batch with valid tokens n_b in image b (``mask`` True = padding)::
+
+    s = scorer(src)                                   (B, N) one score per input token
+    k_b = ceil(rho * n_b)                             rho = self.query_ratio, read at every call
+    S_b = the k_b valid tokens of image b with the highest s (ties: lower index first)
+    per layer l, with x the current tokens (N, B, C) (x = src before the first layer):
+        y   = norm1(attention(query=x[S], key=x, value=x, query_pos=pos[S], key_pos=pos,
+                              key_padding_mask=mask))            only the selected queries,
+        y   = norm2(y + dropout2(FFN(y)))                          all valid tokens as keys
+        x[S] = y                                     the other tokens are not touched
+    memory = x
+
+so a token outside S_b leaves the encoder bit-identical to its input and a pad is never
+selected (pads also leave unchanged).  The attention is the layer's own module, called with a
+query shorter than its keys: ``MultiheadAttention`` attends to every valid token,
+``EnactAttention`` clusters all valid tokens (key = value = x, its shared self-attention path)
+and the k_b queries attend to the M_b clusters: rho N x M instead of N x N.  With rho = 1 every
+valid token is selected and the encoder computes the dense encoder's function on the valid
+tokens.  The selection is gathered with a padded index (B, K), K = max_b k_b (one host sync per
+call, to read K), and written back with a scatter whose empty slots go to a discarded extra row:
+no Python loop over images, and an image's selection does not depend on the rest of the batch
+(a stable sort ranks each row by itself).
+
+The scoring network (:class:`TokenScorer`) reads the encoder's input tokens ``src`` (the
+projected backbone features, without the positional embedding).  The selection is an index
+(``torch.sort`` of detached scores), so **no gradient reaches the scorer through the memory**:
+the scorer learns only from a loss on its scores (Sparse DETR's ``loss_dam``, still to come).
+
+How the scores and the selection reach the losses (design)
+----------------------------------------------------------
+No per-call state is kept on the module.  ``encoder(src, pos, mask)`` returns the memory tensor
+as every encoder does; ``encoder(src, pos, mask, return_selection=True)`` returns a
+:class:`SparseEncoderOutput` ``(memory, selection)`` whose :class:`TokenSelection` holds the
+scores (with their graph, for the loss), the valid-token mask, the padded index and its slot
+mask.  A transformer that knows about it (``returns_selection`` is True on this class) calls
+the encoder with ``return_selection=True`` and hands the selection up in its return value, so
+the detector's ``forward`` can give it to the criterion next to the decoder's outputs (the DAM
+target needs the decoder's cross-attention weights, which only the detector's forward sees
+together with the scores); statistics tools call the encoder (or the transformer) the same way.
+"""
+from numbers import Real
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from .transformer import TransformerEncoder, feed_forward
+
+__all__ = [
+    "SparseEncoderOutput",
+    "SparseTransformerEncoder",
+    "TokenScorer",
+    "TokenSelection",
+    "check_query_ratio",
+    "gather_tokens",
+    "scatter_tokens",
+    "select_tokens",
+]
+
+
+def check_query_ratio(query_ratio) -> float:
+    """rho, the share of each image's valid tokens that are encoder queries, in (0, 1]."""
+    if isinstance(query_ratio, bool) or not isinstance(query_ratio, Real) or not 0.0 < float(query_ratio) <= 1.0:
+        raise ValueError(f"query_ratio (rho) must be a number in (0, 1], got {query_ratio!r}")
+    return float(query_ratio)
+
+
+class TokenSelection(NamedTuple):
+    """The tokens a :class:`SparseTransformerEncoder` call updated.  B images, N tokens, K slots."""
+
+    scores: torch.Tensor  # (B, N) the scorer's logits (with autograd graph); pads: not meaningful
+    valid: torch.Tensor  # (B, N) bool, True = valid token
+    index: torch.Tensor  # (B, K) int64 selected token positions, ascending; empty slots hold N
+    slots: torch.Tensor  # (B, K) bool, True = a selected token (the first num_selected[b] slots)
+    num_selected: torch.Tensor  # (B,) int64, k_b = ceil(rho * n_b)
+
+    def token_mask(self) -> torch.Tensor:
+        """(B, N) bool, True = selected token (never a pad)."""
+        b, n = self.scores.shape
+        mask = torch.zeros(b, n + 1, dtype=torch.bool, device=self.index.device)
+        return mask.scatter(1, self.index, self.slots)[:, :n]
+
+
+class SparseEncoderOutput(NamedTuple):
+    memory: torch.Tensor  # (N, B, C)
+    selection: TokenSelection
+
+
+class TokenScorer(nn.Module):
+    """The scoring network: a per-token MLP, LayerNorm(C) -> Linear(C, H) -> GELU ->
+    Linear(H, H/2) -> GELU -> Linear(H/2, 1) (H = ``hidden_dim``, default C).  (N, B, C) -> (N, B).
+    Per token, so an image's scores do not depend on its batch."""
+
+    def __init__(self, embed_dim: int, hidden_dim: Optional[int] = None):
+        super().__init__()
+        hidden = embed_dim if hidden_dim is None else hidden_dim
+        if hidden < 2:
+            raise ValueError(f"hidden_dim must be >= 2, got {hidden}")
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(embed_dim),
+            nn.Linear(embed_dim, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden // 2),
+            nn.GELU(),
+            nn.Linear(hidden // 2, 1),
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.mlp(tokens).squeeze(-1)
+
+
+def select_tokens(scores: torch.Tensor, valid: torch.Tensor, query_ratio: float) -> TokenSelection:
+    """The top ceil(rho * n_b) valid tokens of every row of ``scores`` (B, N) (``valid`` (B, N)
+    bool).  Ranked by a stable descending sort of the detached scores, valid tokens first, so
+    ties go to the lower position and a row's choice depends on that row only.  One host sync
+    (K = max_b k_b).  ceil is taken after subtracting 1e-6, so that e.g. 0.3 * 10 gives 3."""
+    rho = check_query_ratio(query_ratio)
+    b, n = scores.shape
+    num_valid = valid.sum(1)
+    k = torch.ceil(num_valid.double() * rho - 1e-6).long().clamp(min=1).minimum(num_valid)  # (B,)
+    width = int(k.max()) if b else 0  # the host sync
+    order = torch.sort(scores.detach(), dim=1, descending=True, stable=True).indices  # (B, N)
+    pads_last = torch.sort((~valid).gather(1, order).to(torch.uint8), dim=1, stable=True).indices
+    order = order.gather(1, pads_last)[:, :width]  # (B, K) best first, valid tokens before pads
+    slots = torch.arange(width, device=scores.device)[None, :] < k[:, None]  # (B, K)
+    index = torch.where(slots, order, torch.full_like(order, n)).sort(dim=1).values  # ascending, N last
+    return TokenSelection(scores, valid, index, slots, k)
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (N, B, C), index (B, K) with N for an empty slot -> (K, B, C) (empty slots: token N - 1)."""
+    idx = index.clamp(max=x.shape[0] - 1).t()  # (K, B)
+    return torch.gather(x, 0, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def scatter_tokens(x: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """x (N, B, C) with ``values`` (K, B, C) written at ``index`` (B, K); empty slots (index N)
+    go to a discarded extra row.  Every other token of x is copied bit for bit."""
+    n, b, c = x.shape
+    extended = torch.cat((x, x.new_zeros(1, b, c)), dim=0)  # (N + 1, B, C)
+    idx = index.t()[..., None].expand(-1, -1, c)  # (K, B, C)
+    return extended.scatter(0, idx, values.to(x.dtype))[:n]
+
+
+class SparseTransformerEncoder(TransformerEncoder):
+    """:class:`TransformerEncoder` whose layers update only the top ``query_ratio`` of each
+    image's valid tokens, chosen once by ``scorer`` (see the module docstring).
+
+    Args:
+        attention, num_layers, embed_dim, ffn_dim, dropout, activation, num_heads: as
+            :class:`TransformerEncoder` (same layers and parameter names: a dense encoder's
+            state dict loads with only ``scorer.*`` missing).
+        query_ratio: rho in (0, 1]; an attribute read (and checked) at every call, so it may be
+            changed between calls (e.g. a lower rho at inference).
+        scorer_hidden_dim: hidden width of the :class:`TokenScorer` (default ``embed_dim``).
+    """
+
+    returns_selection = True  # forward(..., return_selection=True) gives a SparseEncoderOutput
+
+    def __init__(
+        self,
+        attention: Optional[nn.Module] = None,
+        num_layers: int = 6,
+        embed_dim: int = 256,
+        ffn_dim: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        num_heads: int = 8,
+        query_ratio: float = 0.3,
+        scorer_hidden_dim: Optional[int] = None,
+    ):
+        super().__init__(attention, num_layers, embed_dim, ffn_dim, dropout, activation, num_heads)
+        self.query_ratio = check_query_ratio(query_ratio)
+        self.scorer = TokenScorer(embed_dim, scorer_hidden_dim)
+
+    def extra_repr(self) -> str:
+        return f"query_ratio={self.query_ratio}"
+
+    def select(self, src: torch.Tensor, mask: Optional[torch.Tensor] = None) -> TokenSelection:
+        """Scores src (N, B, C) and selects each image's top rho valid tokens."""
+        rho = check_query_ratio(self.query_ratio)
+        scores = self.scorer(src).transpose(0, 1)  # (B, N)
+        valid = torch.ones_like(scores, dtype=torch.bool) if mask is None else ~mask
+        return select_tokens(scores, valid, rho)
+
+    @staticmethod
+    def sparse_layer(layer: nn.Module, query, x, query_pos, pos, mask) -> torch.Tensor:
+        """One post-norm encoder layer (a :class:`TransformerEncoderLayer`) on the selected
+        tokens ``query`` (K, B, C) with all tokens ``x`` (N, B, C) as keys and values."""
+        y = layer.self_attn(query=query, key=x, value=x, query_pos=query_pos, key_pos=pos, key_padding_mask=mask)
+        y = layer.norm1(y)  # (K, B, C), residual included by the attention
+        return layer.norm2(y + layer.dropout2(feed_forward(layer, y)))
+
+    def forward(
+        self,
+        src: torch.Tensor,
+        pos: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+        return_selection: bool = False,
+    ):
+        """src, pos (N, B, C); mask (B, N) bool, True = padding.  Returns the memory (N, B, C),
+        or a :class:`SparseEncoderOutput` (memory, selection) with ``return_selection``."""
+        selection = self.select(src, mask)
+        index = selection.index
+        query_pos = None if pos is None else gather_tokens(pos, index)  # (K, B, C)
+        x = src
+        for layer in self.layers:
+            y = self.sparse_layer(layer, gather_tokens(x, index), x, query_pos, pos, mask)
+            x = scatter_tokens(x, index, y)
+        return SparseEncoderOutput(x, selection) if return_selection else x

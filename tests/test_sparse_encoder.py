@@ -1,0 +1,215 @@
+"""Sparse DETR's encoder query sparsification (projects/enact/modeling/sparse_encoder.py): rho = 1
+is the dense encoder, unselected tokens and pads pass through bit for bit, the selected ones match
+a plainly written reference, batch independence, gradients, bad rho; the shapes configs build,
+train a step and load the baseline's checkpoint."""
+import math
+import os
+
+import pytest
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detection_helpers import sample, tiny_config
+
+from projects.enact import EnactAttention
+from projects.enact.modeling.sparse_encoder import (
+    SparseTransformerEncoder,
+    check_query_ratio,
+    select_tokens,
+)
+from projects.enact.modeling.transformer import TransformerEncoder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+C, HEADS, LAYERS = 16, 4, 2
+LENGTHS = (40, 27, 9)  # valid tokens of the three images; N = 40
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def attention(kind):
+    return None if kind == "mhsa" else EnactAttention(C, HEADS, sigma=1)
+
+
+def encoders(kind, rho, dtype=torch.float64, seed=0):
+    """A sparse encoder and the dense encoder with the same layer weights, in eval mode."""
+    torch.manual_seed(seed)
+    kwargs = dict(num_layers=LAYERS, embed_dim=C, ffn_dim=32, dropout=0.0, num_heads=HEADS)
+    sparse = SparseTransformerEncoder(attention(kind), query_ratio=rho, **kwargs).to(dtype).eval()
+    dense = TransformerEncoder(attention(kind), **kwargs).to(dtype).eval()
+    missing, unexpected = dense.load_state_dict(sparse.state_dict(), strict=False)
+    assert not missing and all(k.startswith("scorer.") for k in unexpected)
+    return sparse, dense
+
+
+def inputs(lengths=LENGTHS, n=40, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randn(n, len(lengths), C, generator=g).to(dtype)
+    pos = torch.randn(n, len(lengths), C, generator=g).to(dtype)
+    mask = torch.arange(n)[None, :] >= torch.tensor(lengths)[:, None]  # (B, N), True = pad
+    src[mask.t()] = 1e3  # pads with values that would show if they leaked into a valid token
+    return src, pos, mask
+
+
+@pytest.mark.parametrize("kind", ["mhsa", "enact"])
+def test_rho_one_equals_the_dense_encoder_on_valid_tokens(kind):
+    sparse, dense = encoders(kind, 1.0)
+    src, pos, mask = inputs()
+    out = sparse(src, pos, mask, return_selection=True)
+    assert out.selection.num_selected.tolist() == list(LENGTHS)
+    assert torch.equal(out.selection.token_mask(), ~mask)
+    valid = (~mask).t()
+    torch.testing.assert_close(out.memory[valid], dense(src, pos, mask)[valid], rtol=0, atol=1e-12)
+    assert torch.equal(out.memory[~valid], src[~valid])  # pads are not touched
+
+
+@pytest.mark.parametrize("kind", ["mhsa", "enact"])
+@pytest.mark.parametrize("rho", [0.1, 0.3, 0.75])
+def test_unselected_tokens_and_pads_pass_through_bit_for_bit(kind, rho):
+    sparse, _ = encoders(kind, 0.5, dtype=torch.float32)
+    sparse.query_ratio = rho  # read at every call
+    src, pos, mask = inputs(dtype=torch.float32)
+    memory, sel = sparse(src, pos, mask, return_selection=True)
+    chosen = sel.token_mask()  # (B, N)
+    assert sel.num_selected.tolist() == [max(1, math.ceil(round(rho * n, 6))) for n in LENGTHS]
+    assert chosen.sum(1).tolist() == sel.num_selected.tolist()
+    assert not (chosen & mask).any()  # pads never selected
+    # the selected tokens are the best-scored valid ones
+    scores = sel.scores.detach()
+    for b in range(len(LENGTHS)):
+        others = scores[b][~chosen[b] & ~mask[b]]
+        assert others.numel() == 0 or scores[b][chosen[b]].min() >= others.max()
+    assert torch.equal(memory.transpose(0, 1)[~chosen], src.transpose(0, 1)[~chosen])
+    assert not torch.isclose(memory.transpose(0, 1)[chosen], src.transpose(0, 1)[chosen]).all(-1).any()
+
+
+def reference_sparse_encoder(encoder, src, pos, mask, chosen):
+    """Each image alone, its selected tokens updated by hand-written post-norm layers (standard
+    multi-head attention over all valid tokens), every other token frozen."""
+    out = src.clone()
+    for b in range(src.shape[1]):
+        valid = ~mask[b]
+        x, p = src[valid, b], pos[valid, b]  # (n, C)
+        sel = chosen[b][valid]
+        for layer in encoder.layers:
+            attn = layer.self_attn.attn
+            wq, wk, wv = attn.in_proj_weight.chunk(3)
+            bq, bk, bv = attn.in_proj_bias.chunk(3)
+            q = (x[sel] + p[sel]) @ wq.t() + bq
+            k = (x + p) @ wk.t() + bk
+            v = x @ wv.t() + bv
+            d = C // HEADS
+            heads = []
+            for h in range(HEADS):
+                qs, ks, vs = (t[:, h * d:(h + 1) * d] for t in (q, k, v))
+                heads.append(torch.softmax(qs @ ks.t() / math.sqrt(d), -1) @ vs)
+            y = layer.norm1(x[sel] + torch.cat(heads, -1) @ attn.out_proj.weight.t() + attn.out_proj.bias)
+            y = layer.norm2(y + layer.linear2(torch.relu(layer.linear1(y))))
+            x = x.clone()
+            x[sel] = y
+        out[valid, b] = x
+    return out
+
+
+def test_selected_tokens_match_a_plainly_written_reference():
+    sparse, _ = encoders("mhsa", 0.3, dtype=torch.float32)
+    src, pos, mask = inputs(dtype=torch.float32)
+    with torch.no_grad():
+        memory, sel = sparse(src, pos, mask, return_selection=True)
+        expected = reference_sparse_encoder(sparse, src, pos, mask, sel.token_mask())
+    torch.testing.assert_close(memory, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mhsa", "enact"])
+def test_an_image_gives_the_same_result_alone_and_in_a_batch(kind):
+    sparse, _ = encoders(kind, 0.3)
+    src, pos, mask = inputs()
+    batch = sparse(src, pos, mask, return_selection=True)
+    for b, n in enumerate(LENGTHS):  # alone, cropped to its own valid tokens (no pads)
+        alone = sparse(src[:n, b:b + 1], pos[:n, b:b + 1], mask[b:b + 1, :n], return_selection=True)
+        assert torch.equal(alone.selection.token_mask()[0], batch.selection.token_mask()[b, :n])
+        torch.testing.assert_close(alone.memory[:, 0], batch.memory[:n, b], rtol=0, atol=1e-12)
+
+
+def test_gradients_reach_the_scorer_only_through_its_scores():
+    sparse, _ = encoders("mhsa", 0.3, dtype=torch.float32)
+    sparse.train()
+    src, pos, mask = inputs(dtype=torch.float32)
+    src.requires_grad_(True)
+    memory, sel = sparse(src, pos, mask, return_selection=True)
+    memory.square().sum().backward(retain_graph=True)
+    assert all(p.grad is None for p in sparse.scorer.parameters())  # the selection is an index
+    assert all(p.grad is not None for n, p in sparse.named_parameters() if not n.startswith("scorer."))
+    sel.scores[sel.valid].sum().backward()  # a loss on the scores (loss_dam) is the scorer's one route
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in sparse.scorer.parameters())
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, float("nan"), True, "0.3", None])
+def test_a_bad_query_ratio_is_a_clear_value_error(bad):
+    with pytest.raises(ValueError, match="query_ratio"):
+        check_query_ratio(bad)
+    with pytest.raises(ValueError, match="query_ratio"):
+        SparseTransformerEncoder(num_layers=1, embed_dim=C, ffn_dim=8, num_heads=HEADS, query_ratio=bad)
+    sparse, _ = encoders("mhsa", 0.3)
+    sparse.query_ratio = bad  # checked at every call
+    src, pos, mask = inputs()
+    with pytest.raises(ValueError, match="query_ratio"):
+        sparse(src, pos, mask)
+
+
+def test_select_tokens_ties_and_all_valid():
+    scores = torch.zeros(2, 5)  # all tied: the lowest positions win
+    valid = torch.tensor([[True] * 5, [False, True, True, False, True]])
+    sel = select_tokens(scores, valid, 0.5)
+    assert sel.num_selected.tolist() == [3, 2]
+    assert sel.token_mask().tolist() == [[True, True, True, False, False], [False, True, True, False, False]]
+    assert sel.index[1, 2] == 5 and not sel.slots[1, 2]  # an empty slot points past the tokens
+
+
+# ---------------------------------------------------------------------- detectors and configs
+def load(path):
+    cfg = LazyConfig.load(os.path.join(ROOT, path))
+    cfg.train.device = "cpu"
+    cfg.model.device = "cpu"
+    return cfg
+
+
+def one_training_step(model, images):
+    model.train()
+    losses = model(images)
+    sum(losses.values()).backward()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if ".scorer." in name:  # no loss on the scores yet: the scorer gets no gradient
+            assert p.grad is None, name
+        else:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    return losses
+
+
+@pytest.mark.parametrize("config", ["detr_r50_300ep", "anchor_detr_r50_dc5_50ep_mhsa"])
+def test_the_sparse_encoder_drops_into_every_mhsa_detector(config):
+    cfg = tiny_config(config)
+    cfg.transformer.encoder._target_ = SparseTransformerEncoder
+    cfg.transformer.encoder.query_ratio = 0.3
+    torch.manual_seed(0)
+    model = instantiate(cfg)
+    assert isinstance(model.transformer.encoder, SparseTransformerEncoder)
+    one_training_step(model, [sample(64, 96, 0, [[5, 6, 40, 50]], [1]), sample(48, 64, 1)])
+
+
+@pytest.mark.parametrize("name", ["sparse", "sparse_enact"])
+def test_shapes_config_trains_a_step_and_loads_the_baseline_checkpoint(name):
+    cfg = load(f"configs/shapes/conditional_detr_r18_shapes_{name}.py")
+    torch.manual_seed(0)
+    model = instantiate(cfg.model)
+    encoder = model.transformer.encoder
+    assert isinstance(encoder, SparseTransformerEncoder) and encoder.query_ratio == 0.3
+    assert isinstance(encoder.layers[0].self_attn, EnactAttention) == name.endswith("enact")
+    base = instantiate(load("configs/shapes/conditional_detr_r18_shapes.py").model)
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected
+    new = ("transformer.encoder.scorer.",) + (("w_prob",) if name.endswith("enact") else ())
+    assert any(k.startswith(new[0]) for k in missing)
+    assert all(k.startswith(new[0]) or (len(new) > 1 and "w_prob" in k) for k in missing), missing
+    losses = one_training_step(model, [sample(64, 80, 0, [[5, 6, 40, 50]], [1]), sample(48, 64, 1)])
+    assert all(torch.isfinite(v) for v in losses.values())
