@@ -13,7 +13,10 @@ from detection_helpers import sample, tiny_config
 from projects.enact import EnactAttention
 from projects.enact.modeling.sparse_encoder import (
     SparseTransformerEncoder,
+    attention_map,
     check_query_ratio,
+    dam_loss,
+    dam_target,
     select_tokens,
 )
 from projects.enact.modeling.transformer import TransformerEncoder
@@ -213,3 +216,22 @@ def test_shapes_config_trains_a_step_and_loads_the_baseline_checkpoint(name):
     assert all(k.startswith(new[0]) or (len(new) > 1 and "w_prob" in k) for k in missing), missing
     losses = one_training_step(model, [sample(64, 80, 0, [[5, 6, 40, 50]], [1]), sample(48, 64, 1)])
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+# ---------------------------------------------------------------------- the scorer's target and loss
+def test_dam_target_and_loss_on_a_hand_computed_case():
+    # one head, d = 1, two queries (0 and 1), three keys (0, 0, ln 2); key 1 is a pad
+    q = torch.tensor([0.0, 1.0], dtype=torch.float64).reshape(1, 1, 2, 1)
+    k = torch.tensor([0.0, 0.0, math.log(2.0)], dtype=torch.float64).reshape(1, 1, 3, 1)
+    # no mask: query 0 -> 1/3 each, query 1 -> (1, 1, 2) / 4
+    torch.testing.assert_close(attention_map(q, k)[0], torch.tensor([7 / 12, 7 / 12, 5 / 6], dtype=torch.float64))
+    pad = torch.tensor([[False, True, False]])
+    dam = attention_map(q, k, pad)  # query 0 -> (1/2, 0, 1/2), query 1 -> (1/3, 0, 2/3)
+    torch.testing.assert_close(dam[0], torch.tensor([5 / 6, 0.0, 7 / 6], dtype=torch.float64))
+    target = dam_target(dam, ~pad, 0.5)  # ceil(0.5 * 2) = 1 token: the last
+    assert target.tolist() == [[0.0, 0.0, 1.0]]
+    scores = torch.tensor([[0.0, 50.0, 0.0]], requires_grad=True)  # the pad's score counts nothing
+    loss = dam_loss(scores, target, ~pad)
+    torch.testing.assert_close(loss, torch.tensor(math.log(2.0)))
+    loss.backward()
+    torch.testing.assert_close(scores.grad, torch.tensor([[0.25, 0.0, -0.25]]))  # (sigmoid(0) - t) / 2

@@ -34,7 +34,11 @@ no Python loop over images, and an image's selection does not depend on the rest
 The scoring network (:class:`TokenScorer`) reads the encoder's input tokens ``src`` (the
 projected backbone features, without the positional embedding).  The selection is an index
 (``torch.sort`` of detached scores), so **no gradient reaches the scorer through the memory**:
-the scorer learns only from a loss on its scores (Sparse DETR's ``loss_dam``, still to come).
+the scorer learns only from a loss on its scores.  The pieces of Sparse DETR's ``loss_dam`` are
+here: :func:`attention_map` (one cross-attention's weights summed over heads and queries, without
+gradient), :func:`dam_target` (the top rho of the decoder cross-attention map per image, binary)
+and :func:`dam_loss` (BCE of the scores, mean over valid tokens); the decoders do not hand their
+maps up yet, so no criterion computes it (issue 23).
 
 How the scores and the selection reach the losses (design)
 ----------------------------------------------------------
@@ -52,6 +56,7 @@ from numbers import Real
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .transformer import TransformerEncoder, feed_forward
@@ -61,7 +66,10 @@ __all__ = [
     "SparseTransformerEncoder",
     "TokenScorer",
     "TokenSelection",
+    "attention_map",
     "check_query_ratio",
+    "dam_target",
+    "dam_loss",
     "gather_tokens",
     "scatter_tokens",
     "select_tokens",
@@ -218,3 +226,33 @@ class SparseTransformerEncoder(TransformerEncoder):
             y = self.sparse_layer(layer, gather_tokens(x, index), x, query_pos, pos, mask)
             x = scatter_tokens(x, index, y)
         return SparseEncoderOutput(x, selection) if return_selection else x
+
+
+# ---------------------------------------------------------------------- the scorer's target and loss
+@torch.no_grad()
+def attention_map(q: torch.Tensor, k: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One attention's share of the decoder cross-attention map (DAM): the attention weights
+    softmax(q k^T / sqrt(d) + mask) summed over heads and queries, per key token, without
+    gradient (recomputed where the attention kernel returns no weights).  q (B, h, L, d),
+    k (B, h, S, d), key_padding_mask (B, S) bool (True = pad: weight 0).  Returns (B, S), float32
+    or float64.  The DAM of a decoder is the sum of this over its layers."""
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    logits = torch.matmul(q.to(dtype), k.to(dtype).transpose(-2, -1)) / (q.shape[-1] ** 0.5)  # (B, h, L, S)
+    if key_padding_mask is not None:
+        logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    return torch.softmax(logits, dim=-1).sum(dim=(1, 2))
+
+
+def dam_target(dam: torch.Tensor, valid: torch.Tensor, query_ratio: float) -> torch.Tensor:
+    """Sparse DETR's binary target of the scorer: 1 on the top ceil(rho * n_b) valid tokens of
+    each image by the DAM (B, N) (ranked as :func:`select_tokens` ranks scores), else 0.  (B, N)
+    in the DAM's dtype, detached."""
+    return select_tokens(dam.detach(), valid, query_ratio).token_mask().to(dam.dtype)
+
+
+def dam_loss(scores: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the scorer's logits ``scores`` (B, N) against ``target`` (B, N),
+    the mean over the batch's valid tokens (pads count nothing).  A scalar; its weight is the
+    criterion's."""
+    bce = F.binary_cross_entropy_with_logits(scores, target.to(scores.dtype), reduction="none")
+    return (bce * valid).sum() / valid.sum().clamp(min=1)
