@@ -175,29 +175,71 @@ def load(path):
     return cfg
 
 
-def one_training_step(model, images):
+def one_training_step(model, images, scorer_learns=True):
+    """A training step; every trainable parameter gets a finite gradient, the scorer's only
+    with ``scorer_learns`` (loss_dam computed and weighted).  Returns the weighted losses."""
     model.train()
+    model.zero_grad(set_to_none=True)
     losses = model(images)
+    assert ("loss_dam" in losses) == scorer_learns and not any(k.startswith("loss_dam_") for k in losses)
     sum(losses.values()).backward()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if ".scorer." in name:  # no loss on the scores yet: the scorer gets no gradient
+        if ".scorer." in name and not scorer_learns:  # the selection is an index: no gradient
             assert p.grad is None, name
         else:
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
     return losses
 
 
-@pytest.mark.parametrize("config", ["detr_r50_300ep", "anchor_detr_r50_dc5_50ep_mhsa"])
+IMAGES = [sample(64, 96, 0, [[5, 6, 40, 50]], [1]), sample(48, 64, 1)]
+
+
+@pytest.mark.parametrize("config", ["detr_r50_300ep", "conditional_detr_r50_50ep", "anchor_detr_r50_dc5_50ep_mhsa"])
 def test_the_sparse_encoder_drops_into_every_mhsa_detector(config):
     cfg = tiny_config(config)
     cfg.transformer.encoder._target_ = SparseTransformerEncoder
     cfg.transformer.encoder.query_ratio = 0.3
+    cfg.criterion.weight_dict["loss_dam"] = 0.5
     torch.manual_seed(0)
     model = instantiate(cfg)
     assert isinstance(model.transformer.encoder, SparseTransformerEncoder)
-    one_training_step(model, [sample(64, 96, 0, [[5, 6, 40, 50]], [1]), sample(48, 64, 1)])
+    has_dam = not config.startswith("anchor")  # Anchor DETR's row-column DAM: not yet
+    losses = one_training_step(model, IMAGES, scorer_learns=has_dam)
+    if has_dam:  # the weight is applied once; the loss reaches the scorer only
+        model.zero_grad(set_to_none=True)
+        losses = model(IMAGES)
+        losses["loss_dam"].backward()
+        grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert any(".scorer." in n for n in grads)
+        assert all(".scorer." in n or n.startswith(("backbone.", "input_proj.")) for n in grads), grads
+        model.criterion.weight_dict.pop("loss_dam")  # no weight: no loss, no gradient
+        one_training_step(model, IMAGES, scorer_learns=False)
+
+
+def test_the_dam_is_the_decoders_cross_attention_summed():
+    """DETR's decoder: the DAM equals the eager cross-attention weights summed over queries,
+    heads and layers, taken from nn.MultiheadAttention's own weights."""
+    from projects.enact.modeling.transformer import TransformerDecoder
+
+    torch.manual_seed(0)
+    dec = TransformerDecoder(num_layers=2, embed_dim=C, num_heads=HEADS, ffn_dim=32, dropout=0.0).double().eval()
+    tgt, qpos = torch.randn(5, 2, C).double(), torch.randn(5, 2, C).double()
+    memory, pos, mask = inputs(lengths=(40, 27))
+    hs, dam = dec(tgt, memory, pos, qpos, mask, return_attention_map=True)
+    torch.testing.assert_close(hs, dec(tgt, memory, pos, qpos, mask), rtol=0, atol=0)
+    expected, x = 0, tgt
+    for layer in dec.layers:
+        x1 = layer.norm1(layer.self_attn(query=x, key=x, value=x, query_pos=qpos, key_pos=qpos))
+        _, w = layer.cross_attn.attn(
+            (x1 + qpos).transpose(0, 1), (memory + pos).transpose(0, 1), memory.transpose(0, 1),
+            key_padding_mask=mask, average_attn_weights=False,
+        )  # (B, h, Q, N)
+        expected = expected + w.sum((1, 2))
+        x = layer(x, memory, pos, qpos, mask)
+    torch.testing.assert_close(dam, expected, rtol=0, atol=1e-12)
+    assert (dam[mask] == 0).all()
 
 
 @pytest.mark.parametrize("name", ["sparse", "sparse_enact"])
@@ -228,7 +270,7 @@ def test_dam_target_and_loss_on_a_hand_computed_case():
     pad = torch.tensor([[False, True, False]])
     dam = attention_map(q, k, pad)  # query 0 -> (1/2, 0, 1/2), query 1 -> (1/3, 0, 2/3)
     torch.testing.assert_close(dam[0], torch.tensor([5 / 6, 0.0, 7 / 6], dtype=torch.float64))
-    target = dam_target(dam, ~pad, 0.5)  # ceil(0.5 * 2) = 1 token: the last
+    target = dam_target(dam, ~pad, torch.tensor([1]))  # ceil(0.5 * 2) = 1 token: the last
     assert target.tolist() == [[0.0, 0.0, 1.0]]
     scores = torch.tensor([[0.0, 50.0, 0.0]], requires_grad=True)  # the pad's score counts nothing
     loss = dam_loss(scores, target, ~pad)

@@ -4,12 +4,13 @@
 # layer updates the top rho = 0.3 of every image's valid tokens (ranked once by the scorer); the
 # other tokens pass through unchanged.  rho can be overridden, also at evaluation:
 #   model.transformer.encoder.query_ratio=0.1
-# The scorer learns only from loss_dam, which is not there yet (issue 23): until then the selection
-# comes from the scorer's initial weights.
+# The scorer learns only from loss_dam (BCE against the top rho of the decoder cross-attention map,
+# counted once, weight 1).
 from projects.enact.modeling.sparse_encoder import SparseTransformerEncoder
 
 from .conditional_detr_r18_shapes import dataloader, lr_multiplier, model, optimizer, train
 
 model.transformer.encoder._target_ = SparseTransformerEncoder
 model.transformer.encoder.query_ratio = 0.3
+model.criterion.weight_dict["loss_dam"] = 1.0
 train.output_dir = "./output/shapes/conditional_detr_r18_sparse"

@@ -35,6 +35,7 @@ from torch import nn
 
 from .attention import attend_heads, check_attn_implementation, check_embed_heads, key_padding_bias
 from .detr import MLP, ReferencePointDETR, inverse_sigmoid
+from .sparse_selection import attention_map as sum_attention_weights
 from .position_encoding import sine_embedding_2d
 from .transformer import Transformer, decoder_outputs, feed_forward, feed_forward_modules
 
@@ -194,9 +195,12 @@ class ConditionalCrossAttention(_ConditionalAttention):
         query_pos: torch.Tensor,
         query_sine_embed: torch.Tensor,
         key_padding_mask: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+        attention_map: bool = False,
+    ):
         """x, query_pos, query_sine_embed (Q, B, C); memory, pos (N, B, C);
-        key_padding_mask (B, N) bool, True = padding.  Returns (Q, B, C), residual included."""
+        key_padding_mask (B, N) bool, True = padding.  Returns (Q, B, C), residual included; with
+        ``attention_map`` also the attention weights summed over queries and heads (B, N),
+        recomputed without gradient (Sparse DETR's DAM)."""
         q_content = self.query_content_proj(x)  # (Q, B, C)
         k_content = self.key_content_proj(memory)  # (N, B, C)
         k_pos = self.key_pos_proj(pos)  # (N, B, C)
@@ -209,7 +213,8 @@ class ConditionalCrossAttention(_ConditionalAttention):
         q = torch.cat((_split_heads(q_content, h), _split_heads(q_spatial, h)), dim=-1)
         k = torch.cat((_split_heads(k_content, h), _split_heads(k_pos, h)), dim=-1)
         # q (B, h, Q, 2C/h), k (B, h, N, 2C/h), v (B, h, N, C/h)
-        return self.attend(x, q, k, _split_heads(v, h), key_padding_mask)
+        out = self.attend(x, q, k, _split_heads(v, h), key_padding_mask)
+        return (out, sum_attention_weights(q, k, key_padding_mask)) if attention_map else out
 
 
 class ConditionalDecoderLayer(nn.Module):
@@ -259,13 +264,18 @@ class ConditionalDecoderLayer(nn.Module):
         query_pos: torch.Tensor,
         query_sine_embed: torch.Tensor,
         memory_key_padding_mask: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """tgt, query_pos, query_sine_embed (Q, B, C); memory, pos (N, B, C).  -> (Q, B, C)."""
+        attention_map: bool = False,
+    ):
+        """tgt, query_pos, query_sine_embed (Q, B, C); memory, pos (N, B, C).  -> (Q, B, C), and
+        with ``attention_map`` the cross-attention's summed weights (B, N)."""
         tgt = self.norm1(self.self_attn(tgt, query_pos))
-        tgt = self.norm2(
-            self.cross_attn(tgt, memory, pos, query_pos, query_sine_embed, memory_key_padding_mask)
+        out = self.cross_attn(
+            tgt, memory, pos, query_pos, query_sine_embed, memory_key_padding_mask, attention_map
         )
-        return self.norm3(tgt + self.dropout3(feed_forward(self, tgt)))
+        out, dam = out if attention_map else (out, None)
+        tgt = self.norm2(out)
+        tgt = self.norm3(tgt + self.dropout3(feed_forward(self, tgt)))
+        return (tgt, dam) if attention_map else tgt
 
 
 class ConditionalTransformerDecoder(nn.Module):
@@ -314,18 +324,25 @@ class ConditionalTransformerDecoder(nn.Module):
         pos: torch.Tensor,
         query_pos: torch.Tensor,
         memory_key_padding_mask: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        return_attention_map: bool = False,
+    ):
         """tgt, query_pos (Q, B, C); memory, pos (N, B, C); memory_key_padding_mask (B, N).
 
-        Returns hs (L, Q, B, C) and the reference points (Q, B, 2), sigmoid (x, y)."""
+        Returns hs (L, Q, B, C) and the reference points (Q, B, 2), sigmoid (x, y); with
+        ``return_attention_map`` also the DAM (B, N): the cross-attention weights summed over
+        queries, heads and layers, without gradient."""
         reference = self.ref_point_head(query_pos).sigmoid()  # (Q, B, 2)
         sine = point_sine_embedding(reference, self.embed_dim // 2)  # (Q, B, C)
-        states = []
+        states, dam = [], 0
         for idx, layer in enumerate(self.layers):
             query_sine_embed = sine if idx == 0 else sine * self.query_scale(tgt)
-            tgt = layer(tgt, memory, pos, query_pos, query_sine_embed, memory_key_padding_mask)
+            tgt = layer(tgt, memory, pos, query_pos, query_sine_embed, memory_key_padding_mask, return_attention_map)
+            if return_attention_map:
+                tgt, layer_map = tgt
+                dam = dam + layer_map
             states.append(tgt)
-        return decoder_outputs(states, self.norm, self.return_intermediate), reference
+        hs = decoder_outputs(states, self.norm, self.return_intermediate)
+        return (hs, reference, dam) if return_attention_map else (hs, reference)
 
 
 class ConditionalTransformer(Transformer):
@@ -341,18 +358,22 @@ class ConditionalTransformer(Transformer):
         mask: torch.Tensor,
         query_embed: torch.Tensor,
         pos_embed: torch.Tensor,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return_sparse: bool = False,
+    ):
         """
         Args:
             src: projected features (B, C, H, W); mask: padding mask (B, H, W), True = padding;
-            query_embed: learnt query embedding (Q, C); pos_embed: (B, C, H, W).
+            query_embed: learnt query embedding (Q, C); pos_embed: (B, C, H, W);
+            return_sparse: see :meth:`.transformer.Transformer.forward`.
 
         Returns:
-            hs (L, B, Q, C), reference points (B, Q, 2) in [0, 1], memory (B, C, H, W).
+            hs (L, B, Q, C), reference points (B, Q, 2) in [0, 1], memory (B, C, H, W), and with
+            ``return_sparse`` the sparse encoder's SparseOutputs (or None).
         """
-        (hs, reference), memory = self.encode_decode(src, mask, query_embed, pos_embed)
+        (hs, reference), memory, sparse = self.encode_decode(src, mask, query_embed, pos_embed, return_sparse)
         # hs (L, Q, B, C), reference (Q, B, 2)
-        return hs.transpose(1, 2), reference.transpose(0, 1), memory
+        out = hs.transpose(1, 2), reference.transpose(0, 1), memory
+        return (*out, sparse) if return_sparse else out
 
 
 class ConditionalDETR(ReferencePointDETR):
@@ -379,6 +400,10 @@ class ConditionalDETR(ReferencePointDETR):
     def run_transformer(
         self, src: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """hs (L, B, Q, C) and the reference points (B, Q, 2) of the learnt queries."""
+        """hs (L, B, Q, C) and the reference points (B, Q, 2) of the learnt queries; in training
+        with a sparse encoder also its SparseOutputs (for ``loss_dam``)."""
+        if self.training and self.sparse_encoder:
+            hs, reference, _, sparse = self.transformer(src, mask, self.query_embed.weight, pos, return_sparse=True)
+            return hs, reference, sparse
         hs, reference, _ = self.transformer(src, mask, self.query_embed.weight, pos)
         return hs, reference

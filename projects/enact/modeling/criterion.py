@@ -167,12 +167,13 @@ class SetCriterion(nn.Module):
         """
         Args:
             outputs: {"pred_logits": (B, Q, K), "pred_boxes": (B, Q, 4), optionally
-                "aux_outputs": list of dicts with the same two keys}.
+                "aux_outputs": list of dicts with the same two keys, and "sparse": a sparse
+                encoder's :class:`~.sparse_selection.SparseOutputs`}.
             targets: B dicts with "labels" (n_i,) int64 and "boxes" (n_i, 4) normalised cxcywh.
 
         Returns:
             unweighted losses: loss_ce / loss_bbox / loss_giou, and ``{name}_{i}`` for the i-th
-            auxiliary output.
+            auxiliary output; with "sparse" (and a DAM) ``loss_dam``, once (no auxiliary copies).
         """
         num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
         main_outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
@@ -182,6 +183,10 @@ class SetCriterion(nn.Module):
             aux_indices = self.matcher(aux, targets)
             aux_losses = self.get_losses(aux, targets, aux_indices, num_boxes)
             losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
+        sparse = outputs.get("sparse")  # a sparse encoder's SparseOutputs: its scorer's loss, once
+        loss_dam = None if sparse is None else sparse.loss_dam()
+        if loss_dam is not None:
+            losses["loss_dam"] = loss_dam
         return losses
 
     def weight_losses(self, losses: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -319,14 +319,16 @@ class DETR(nn.Module):
         targets = self.prepare_targets(batched_inputs, images) if self.training else None
 
         src, mask, pos = self.encode_images(images)  # (B, C, h, w), (B, h, w), (B, C, h, w)
-        hs, reference = self.run_transformer(src, mask, pos)  # (L, B, Q, C), (B, Q, 2) or None
+        hs, reference, *sparse = self.run_transformer(src, mask, pos)  # (L, B, Q, C), (B, Q, 2) or None
         outputs = self.predict(hs, reference)
+        if sparse and sparse[0] is not None:  # a sparse encoder's selection and DAM: loss_dam
+            outputs["sparse"] = sparse[0]
 
         if self.training:
             losses = self.weight_losses(self.criterion(outputs, targets))
             if self.mtkd_act is not None:  # MTKD: the ACT branch on the same features
                 with act_branch(self.transformer.encoder, self.mtkd_act):
-                    act_outputs = self.predict(*self.run_transformer(src, mask, pos))
+                    act_outputs = self.predict(*self.run_transformer(src, mask, pos)[:2])
                 losses["loss_mtkd"] = self.mtkd_weight * mtkd_loss(act_outputs["pred_boxes"], outputs["pred_boxes"])
             return losses
         return self.postprocess(batched_inputs, outputs, images)
@@ -348,9 +350,18 @@ class DETR(nn.Module):
         self, src: torch.Tensor, mask: torch.Tensor, pos: Optional[torch.Tensor]
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The decoder outputs hs (L, B, Q, C) and the queries' reference points (B, Q, 2)
-        (``None``: DETR has none)."""
+        (``None``: DETR has none); in training with a sparse encoder also its
+        :class:`~.sparse_selection.SparseOutputs` (the criterion's ``loss_dam``)."""
+        if self.training and self.sparse_encoder:
+            hs, _, sparse = self.transformer(src, mask, self.query_embed.weight, pos, return_sparse=True)
+            return hs, None, sparse
         hs, _ = self.transformer(src, mask, self.query_embed.weight, pos)  # (L, B, Q, C)
         return hs, None
+
+    @property
+    def sparse_encoder(self) -> bool:
+        """Whether the encoder is Sparse DETR's (it returns its token selection on request)."""
+        return bool(getattr(getattr(self.transformer, "encoder", None), "returns_selection", False))
 
     def predict(self, hs: torch.Tensor, reference: Optional[torch.Tensor] = None) -> Dict:
         """hs (L, B, Q, C) -> the criterion's outputs dict (see :meth:`head_outputs`)."""

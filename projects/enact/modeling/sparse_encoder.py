@@ -52,51 +52,36 @@ the detector's ``forward`` can give it to the criterion next to the decoder's ou
 target needs the decoder's cross-attention weights, which only the detector's forward sees
 together with the scores); statistics tools call the encoder (or the transformer) the same way.
 """
-from numbers import Real
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .sparse_selection import (  # noqa: F401  (re-exported)
+    SparseOutputs,
+    TokenSelection,
+    attention_map,
+    check_query_ratio,
+    dam_loss,
+    dam_target,
+    select_tokens,
+)
 from .transformer import TransformerEncoder, feed_forward
 
 __all__ = [
     "SparseEncoderOutput",
+    "SparseOutputs",
     "SparseTransformerEncoder",
     "TokenScorer",
     "TokenSelection",
     "attention_map",
     "check_query_ratio",
-    "dam_target",
     "dam_loss",
+    "dam_target",
     "gather_tokens",
     "scatter_tokens",
     "select_tokens",
 ]
-
-
-def check_query_ratio(query_ratio) -> float:
-    """rho, the share of each image's valid tokens that are encoder queries, in (0, 1]."""
-    if isinstance(query_ratio, bool) or not isinstance(query_ratio, Real) or not 0.0 < float(query_ratio) <= 1.0:
-        raise ValueError(f"query_ratio (rho) must be a number in (0, 1], got {query_ratio!r}")
-    return float(query_ratio)
-
-
-class TokenSelection(NamedTuple):
-    """The tokens a :class:`SparseTransformerEncoder` call updated.  B images, N tokens, K slots."""
-
-    scores: torch.Tensor  # (B, N) the scorer's logits (with autograd graph); pads: not meaningful
-    valid: torch.Tensor  # (B, N) bool, True = valid token
-    index: torch.Tensor  # (B, K) int64 selected token positions, ascending; empty slots hold N
-    slots: torch.Tensor  # (B, K) bool, True = a selected token (the first num_selected[b] slots)
-    num_selected: torch.Tensor  # (B,) int64, k_b = ceil(rho * n_b)
-
-    def token_mask(self) -> torch.Tensor:
-        """(B, N) bool, True = selected token (never a pad)."""
-        b, n = self.scores.shape
-        mask = torch.zeros(b, n + 1, dtype=torch.bool, device=self.index.device)
-        return mask.scatter(1, self.index, self.slots)[:, :n]
 
 
 class SparseEncoderOutput(NamedTuple):
@@ -125,24 +110,6 @@ class TokenScorer(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.mlp(tokens).squeeze(-1)
-
-
-def select_tokens(scores: torch.Tensor, valid: torch.Tensor, query_ratio: float) -> TokenSelection:
-    """The top ceil(rho * n_b) valid tokens of every row of ``scores`` (B, N) (``valid`` (B, N)
-    bool).  Ranked by a stable descending sort of the detached scores, valid tokens first, so
-    ties go to the lower position and a row's choice depends on that row only.  One host sync
-    (K = max_b k_b).  ceil is taken after subtracting 1e-6, so that e.g. 0.3 * 10 gives 3."""
-    rho = check_query_ratio(query_ratio)
-    b, n = scores.shape
-    num_valid = valid.sum(1)
-    k = torch.ceil(num_valid.double() * rho - 1e-6).long().clamp(min=1).minimum(num_valid)  # (B,)
-    width = int(k.max()) if b else 0  # the host sync
-    order = torch.sort(scores.detach(), dim=1, descending=True, stable=True).indices  # (B, N)
-    pads_last = torch.sort((~valid).gather(1, order).to(torch.uint8), dim=1, stable=True).indices
-    order = order.gather(1, pads_last)[:, :width]  # (B, K) best first, valid tokens before pads
-    slots = torch.arange(width, device=scores.device)[None, :] < k[:, None]  # (B, K)
-    index = torch.where(slots, order, torch.full_like(order, n)).sort(dim=1).values  # ascending, N last
-    return TokenSelection(scores, valid, index, slots, k)
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -226,33 +193,3 @@ class SparseTransformerEncoder(TransformerEncoder):
             y = self.sparse_layer(layer, gather_tokens(x, index), x, query_pos, pos, mask)
             x = scatter_tokens(x, index, y)
         return SparseEncoderOutput(x, selection) if return_selection else x
-
-
-# ---------------------------------------------------------------------- the scorer's target and loss
-@torch.no_grad()
-def attention_map(q: torch.Tensor, k: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """One attention's share of the decoder cross-attention map (DAM): the attention weights
-    softmax(q k^T / sqrt(d) + mask) summed over heads and queries, per key token, without
-    gradient (recomputed where the attention kernel returns no weights).  q (B, h, L, d),
-    k (B, h, S, d), key_padding_mask (B, S) bool (True = pad: weight 0).  Returns (B, S), float32
-    or float64.  The DAM of a decoder is the sum of this over its layers."""
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    logits = torch.matmul(q.to(dtype), k.to(dtype).transpose(-2, -1)) / (q.shape[-1] ** 0.5)  # (B, h, L, S)
-    if key_padding_mask is not None:
-        logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-    return torch.softmax(logits, dim=-1).sum(dim=(1, 2))
-
-
-def dam_target(dam: torch.Tensor, valid: torch.Tensor, query_ratio: float) -> torch.Tensor:
-    """Sparse DETR's binary target of the scorer: 1 on the top ceil(rho * n_b) valid tokens of
-    each image by the DAM (B, N) (ranked as :func:`select_tokens` ranks scores), else 0.  (B, N)
-    in the DAM's dtype, detached."""
-    return select_tokens(dam.detach(), valid, query_ratio).token_mask().to(dam.dtype)
-
-
-def dam_loss(scores: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy of the scorer's logits ``scores`` (B, N) against ``target`` (B, N),
-    the mean over the batch's valid tokens (pads count nothing).  A scalar; its weight is the
-    criterion's."""
-    bce = F.binary_cross_entropy_with_logits(scores, target.to(scores.dtype), reduction="none")
-    return (bce * valid).sum() / valid.sum().clamp(min=1)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import MultiheadAttention, check_attn_implementation
+from .sparse_selection import SparseOutputs, mha_attention_map
 
 __all__ = [
     "decoder_outputs",
@@ -255,14 +256,22 @@ class TransformerDecoderLayer(nn.Module):
         pos: Optional[torch.Tensor] = None,
         query_pos: Optional[torch.Tensor] = None,
         memory_key_padding_mask: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+        attention_map: bool = False,
+    ):
         """tgt, query_pos (Q, B, C); memory, pos (N, B, C); memory_key_padding_mask (B, N).
 
-        Returns (Q, B, C)."""
+        Returns (Q, B, C); with ``attention_map`` also the cross-attention weights summed over
+        queries and heads (B, N), without gradient (Sparse DETR's DAM, see
+        :mod:`.sparse_selection`)."""
         # Self-attention: queries and keys carry the query embedding, values do not.
         tgt = self.norm1(
             self.self_attn(query=tgt, key=tgt, value=tgt, query_pos=query_pos, key_pos=query_pos)
         )
+        dam = None
+        if attention_map:
+            q_in = tgt if query_pos is None else tgt + query_pos
+            k_in = memory if pos is None else memory + pos
+            dam = mha_attention_map(self.cross_attn, q_in, k_in, memory_key_padding_mask)
         # Cross-attention: keys are memory + spatial position, values the bare memory.
         tgt = self.norm2(
             self.cross_attn(
@@ -274,7 +283,8 @@ class TransformerDecoderLayer(nn.Module):
                 key_padding_mask=memory_key_padding_mask,
             )
         )
-        return self.norm3(tgt + self.dropout3(feed_forward(self, tgt)))
+        tgt = self.norm3(tgt + self.dropout3(feed_forward(self, tgt)))
+        return (tgt, dam) if attention_map else tgt
 
 
 class TransformerDecoder(nn.Module):
@@ -317,13 +327,20 @@ class TransformerDecoder(nn.Module):
         pos: Optional[torch.Tensor] = None,
         query_pos: Optional[torch.Tensor] = None,
         memory_key_padding_mask: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """tgt, query_pos (Q, B, C); memory, pos (N, B, C).  Returns (L, Q, B, C)."""
-        states = []
+        return_attention_map: bool = False,
+    ):
+        """tgt, query_pos (Q, B, C); memory, pos (N, B, C).  Returns (L, Q, B, C); with
+        ``return_attention_map`` also the DAM (B, N): the cross-attention weights summed over
+        queries, heads and layers, without gradient."""
+        states, dam = [], 0
         for layer in self.layers:
-            tgt = layer(tgt, memory, pos, query_pos, memory_key_padding_mask)
+            tgt = layer(tgt, memory, pos, query_pos, memory_key_padding_mask, return_attention_map)
+            if return_attention_map:
+                tgt, layer_map = tgt
+                dam = dam + layer_map
             states.append(tgt)
-        return decoder_outputs(states, self.norm, self.return_intermediate)  # (L, Q, B, C)
+        hs = decoder_outputs(states, self.norm, self.return_intermediate)  # (L, Q, B, C)
+        return (hs, dam) if return_attention_map else hs
 
 
 class Transformer(nn.Module):
@@ -363,12 +380,16 @@ class Transformer(nn.Module):
         mask: torch.Tensor,
         query_embed: torch.Tensor,
         pos_embed: torch.Tensor,
+        return_sparse: bool = False,
     ):
         """Flattens the map, runs the encoder and the decoder (from zero targets).
 
         Args: as :meth:`forward`.
         Returns: the decoder's result as it returns it (hs (L, Q, B, C), or a tuple starting
-        with hs for a decoder that returns more) and the memory (B, C, H, W).
+        with hs for a decoder that returns more), the memory (B, C, H, W) and, with
+        ``return_sparse`` and a sparse encoder (``encoder.returns_selection``), a
+        :class:`~.sparse_selection.SparseOutputs` (the encoder's selection and the decoder's
+        cross-attention map), else None.
         """
         bs, c, h, w = src.shape
         src = src.flatten(2).permute(2, 0, 1)  # (HW, B, C)
@@ -377,11 +398,22 @@ class Transformer(nn.Module):
         query_embed = query_embed.unsqueeze(1).expand(-1, bs, -1)  # (Q, B, C)
         tgt = torch.zeros_like(query_embed)  # (Q, B, C)
 
-        memory = self.encoder(src, pos=pos_embed, mask=mask)  # (HW, B, C)
-        decoded = self.decoder(
-            tgt, memory, pos=pos_embed, query_pos=query_embed, memory_key_padding_mask=mask
-        )  # hs (L, Q, B, C) or (hs, ...)
-        return decoded, memory.permute(1, 2, 0).reshape(bs, c, h, w)
+        sparse = return_sparse and getattr(self.encoder, "returns_selection", False)
+        if sparse:  # Sparse DETR: the selection and the DAM for the scorer's loss
+            memory, selection = self.encoder(src, pos=pos_embed, mask=mask, return_selection=True)
+            *decoded, dam = self.decoder(
+                tgt, memory, pos=pos_embed, query_pos=query_embed, memory_key_padding_mask=mask,
+                return_attention_map=True,
+            )
+            decoded = decoded[0] if len(decoded) == 1 else tuple(decoded)
+            sparse = SparseOutputs(selection, dam)
+        else:
+            memory = self.encoder(src, pos=pos_embed, mask=mask)  # (HW, B, C)
+            decoded = self.decoder(
+                tgt, memory, pos=pos_embed, query_pos=query_embed, memory_key_padding_mask=mask
+            )  # hs (L, Q, B, C) or (hs, ...)
+            sparse = None
+        return decoded, memory.permute(1, 2, 0).reshape(bs, c, h, w), sparse
 
     def forward(
         self,
@@ -389,17 +421,21 @@ class Transformer(nn.Module):
         mask: torch.Tensor,
         query_embed: torch.Tensor,
         pos_embed: torch.Tensor,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        return_sparse: bool = False,
+    ):
         """
         Args:
             src: projected features (B, C, H, W).
             mask: padding mask (B, H, W), True = padding.
             query_embed: learnt object queries (Q, C).
             pos_embed: positional embedding (B, C, H, W).
+            return_sparse: also return the sparse encoder's :class:`SparseOutputs` (None for a
+                dense encoder).
 
         Returns:
             hs: decoder outputs (L, B, Q, C), L = decoder layers (or 1).
             memory: encoder output (B, C, H, W).
+            sparse: with ``return_sparse`` only.
         """
-        hs, memory = self.encode_decode(src, mask, query_embed, pos_embed)  # (L, Q, B, C)
-        return hs.transpose(1, 2), memory
+        hs, memory, sparse = self.encode_decode(src, mask, query_embed, pos_embed, return_sparse)  # (L, Q, B, C)
+        return (hs.transpose(1, 2), memory, sparse) if return_sparse else (hs.transpose(1, 2), memory)
