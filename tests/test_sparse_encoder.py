@@ -141,8 +141,14 @@ def test_gradients_reach_the_scorer_only_through_its_scores():
     memory.square().sum().backward(retain_graph=True)
     assert all(p.grad is None for p in sparse.scorer.parameters())  # the selection is an index
     assert all(p.grad is not None for n, p in sparse.named_parameters() if not n.startswith("scorer."))
+    src.grad = None
     sel.scores[sel.valid].sum().backward()  # a loss on the scores (loss_dam) is the scorer's one route
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in sparse.scorer.parameters())
+    assert src.grad is not None  # through the scorer's input, to the backbone
+    src.grad = None
+    sparse.detach_scorer_input = True  # the option keeps the scorer's loss at the scorer
+    sparse(src, pos, mask, return_selection=True).selection.scores.sum().backward()
+    assert src.grad is None
 
 
 @pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, float("nan"), True, "0.3", None])

@@ -32,25 +32,38 @@ no Python loop over images, and an image's selection does not depend on the rest
 (a stable sort ranks each row by itself).
 
 The scoring network (:class:`TokenScorer`) reads the encoder's input tokens ``src`` (the
-projected backbone features, without the positional embedding).  The selection is an index
-(``torch.sort`` of detached scores), so **no gradient reaches the scorer through the memory**:
-the scorer learns only from a loss on its scores.  The pieces of Sparse DETR's ``loss_dam`` are
-here: :func:`attention_map` (one cross-attention's weights summed over heads and queries, without
-gradient), :func:`dam_target` (the top rho of the decoder cross-attention map per image, binary)
-and :func:`dam_loss` (BCE of the scores, mean over valid tokens); the decoders do not hand their
-maps up yet, so no criterion computes it (issue 23).
+projected backbone features, without the positional embedding; ``detach_scorer_input=True``
+keeps ``loss_dam`` out of the backbone and the input projection -- the default lets it in, as
+long as no measurement says otherwise).  The selection is an index (``torch.sort`` of detached
+scores), so **no gradient reaches the scorer through the memory**: the scorer learns only from
+``loss_dam`` (:mod:`.sparse_selection`): BCE of its scores against the top k_b tokens of the
+decoder cross-attention map (DAM: the weights of all queries, heads and decoder layers on each
+memory token, summed, without gradient), mean over valid tokens, counted once.
 
 How the scores and the selection reach the losses (design)
 ----------------------------------------------------------
-No per-call state is kept on the module.  ``encoder(src, pos, mask)`` returns the memory tensor
-as every encoder does; ``encoder(src, pos, mask, return_selection=True)`` returns a
-:class:`SparseEncoderOutput` ``(memory, selection)`` whose :class:`TokenSelection` holds the
-scores (with their graph, for the loss), the valid-token mask, the padded index and its slot
-mask.  A transformer that knows about it (``returns_selection`` is True on this class) calls
-the encoder with ``return_selection=True`` and hands the selection up in its return value, so
-the detector's ``forward`` can give it to the criterion next to the decoder's outputs (the DAM
-target needs the decoder's cross-attention weights, which only the detector's forward sees
-together with the scores); statistics tools call the encoder (or the transformer) the same way.
+No per-call state is kept on any module; everything travels in return values.
+
+* ``encoder(src, pos, mask)`` returns the memory tensor as every encoder does;
+  ``encoder(src, pos, mask, return_selection=True)`` returns a :class:`SparseEncoderOutput`
+  ``(memory, selection)``, whose :class:`~.sparse_selection.TokenSelection` holds the scores
+  (with their graph), the valid-token mask, the padded index, its slot mask and k_b.  The class
+  attribute ``returns_selection = True`` tells callers that the keyword exists.
+* ``Transformer.forward(..., return_sparse=True)`` (DETR's and Conditional DETR's) calls the
+  encoder so, asks its decoder for the DAM (``return_attention_map=True``: each cross-attention
+  recomputes its weights from its own q and k without gradient) and returns a third (fourth
+  for Conditional DETR) value, :class:`~.sparse_selection.SparseOutputs` ``(selection, dam)``
+  (None for a dense encoder).
+* ``DETR.run_transformer`` asks for it in training when the encoder is sparse and returns it
+  as an extra value; ``DETR.forward`` puts it into the criterion's outputs as
+  ``outputs["sparse"]``; ``SetCriterion`` adds ``loss_dam = outputs["sparse"].loss_dam()`` once
+  (not per decoder layer), weighted by ``weight_dict["loss_dam"]`` (no weight: dropped, and the
+  scorer gets no gradient).
+* Statistics tools call the encoder with ``return_selection=True`` (or the transformer with
+  ``return_sparse=True``) the same way.
+
+Anchor DETR (MHSA) takes the sparse encoder, but its row-column decoder does not yet compute the
+DAM (the product of its row and column weights), so its scorer does not learn there yet.
 """
 from typing import NamedTuple, Optional
 
@@ -138,6 +151,7 @@ class SparseTransformerEncoder(TransformerEncoder):
         query_ratio: rho in (0, 1]; an attribute read (and checked) at every call, so it may be
             changed between calls (e.g. a lower rho at inference).
         scorer_hidden_dim: hidden width of the :class:`TokenScorer` (default ``embed_dim``).
+        detach_scorer_input: score ``src.detach()`` (the scorer's loss then stops at the scorer).
     """
 
     returns_selection = True  # forward(..., return_selection=True) gives a SparseEncoderOutput
@@ -153,18 +167,20 @@ class SparseTransformerEncoder(TransformerEncoder):
         num_heads: int = 8,
         query_ratio: float = 0.3,
         scorer_hidden_dim: Optional[int] = None,
+        detach_scorer_input: bool = False,
     ):
         super().__init__(attention, num_layers, embed_dim, ffn_dim, dropout, activation, num_heads)
         self.query_ratio = check_query_ratio(query_ratio)
+        self.detach_scorer_input = bool(detach_scorer_input)
         self.scorer = TokenScorer(embed_dim, scorer_hidden_dim)
 
     def extra_repr(self) -> str:
-        return f"query_ratio={self.query_ratio}"
+        return f"query_ratio={self.query_ratio}, detach_scorer_input={self.detach_scorer_input}"
 
     def select(self, src: torch.Tensor, mask: Optional[torch.Tensor] = None) -> TokenSelection:
         """Scores src (N, B, C) and selects each image's top rho valid tokens."""
         rho = check_query_ratio(self.query_ratio)
-        scores = self.scorer(src).transpose(0, 1)  # (B, N)
+        scores = self.scorer(src.detach() if self.detach_scorer_input else src).transpose(0, 1)  # (B, N)
         valid = torch.ones_like(scores, dtype=torch.bool) if mask is None else ~mask
         return select_tokens(scores, valid, rho)
 
