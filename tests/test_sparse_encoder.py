@@ -211,17 +211,28 @@ def test_the_sparse_encoder_drops_into_every_mhsa_detector(config):
     torch.manual_seed(0)
     model = instantiate(cfg)
     assert isinstance(model.transformer.encoder, SparseTransformerEncoder)
-    has_dam = not config.startswith("anchor")  # Anchor DETR's row-column DAM: not yet
-    losses = one_training_step(model, IMAGES, scorer_learns=has_dam)
-    if has_dam:  # the weight is applied once; the loss reaches the scorer only
-        model.zero_grad(set_to_none=True)
-        losses = model(IMAGES)
-        losses["loss_dam"].backward()
-        grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-        assert any(".scorer." in n for n in grads)
-        assert all(".scorer." in n or n.startswith(("backbone.", "input_proj.")) for n in grads), grads
-        model.criterion.weight_dict.pop("loss_dam")  # no weight: no loss, no gradient
-        one_training_step(model, IMAGES, scorer_learns=False)
+    seen = []
+    handle = model.criterion.register_forward_pre_hook(lambda m, args: seen.append(args[0]["sparse"]))
+    one_training_step(model, IMAGES)
+    handle.remove()
+    # the DAM: every query's weights of every head and decoder layer sum to 1 over the valid tokens
+    sel, dam = seen[0]
+    layers, heads = 2, 4
+    torch.testing.assert_close(dam.sum(1), torch.full((2,), float(layers * heads * model.num_queries)))
+    assert (dam[~sel.valid] == 0).all() and sel.valid.shape == dam.shape
+    # the weight is applied once; the loss reaches the scorer (and, through src, the backbone) only
+    model.zero_grad(set_to_none=True)
+    losses = model(IMAGES)
+    losses["loss_dam"].backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any(".scorer." in n for n in grads)
+    assert all(".scorer." in n or n.startswith(("backbone.", "input_proj.")) for n in grads), grads
+    model.criterion.weight_dict.pop("loss_dam")  # no weight: no loss, no gradient
+    one_training_step(model, IMAGES, scorer_learns=False)
+    model.eval()  # inference at another rho
+    model.transformer.encoder.query_ratio = 0.1
+    with torch.no_grad():
+        assert len(model(IMAGES)) == 2
 
 
 def test_the_dam_is_the_decoders_cross_attention_summed():

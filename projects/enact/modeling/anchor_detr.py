@@ -47,6 +47,7 @@ from .attention import MultiheadAttention
 from .detr import MLP, ReferencePointDETR, inverse_sigmoid
 from .position_encoding import sine_embedding, sine_embedding_2d
 from .rcda import MultiheadRCDA, check_key_pooling
+from .sparse_selection import SparseOutputs
 from .transformer import (
     EncoderStack,
     feed_forward,
@@ -216,7 +217,8 @@ class AnchorDecoderLayer(nn.Module):
         key_x: torch.Tensor,
         key_y: torch.Tensor,
         mask: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+        attention_map: bool = False,
+    ):
         """
         Args:
             tgt: query content (B, Q, C).
@@ -225,17 +227,31 @@ class AnchorDecoderLayer(nn.Module):
             query_pos_x, query_pos_y: 1-D encodings of the anchors' x and y (B, Q, C).
             key_x, key_y: memory + encoding of x / y (B, H, W, C).
             mask: (B, H, W) bool, True = padding.
+            attention_map: also return the cross-attention's weight on every pixel, summed over
+                queries and heads (B, H * W): the product of the row and column weights,
+                recomputed without gradient (Sparse DETR's DAM).
 
-        Returns (B, Q, C).
+        Returns (B, Q, C) (and the map).
         """
         tgt = self.norm1(
             self.self_attn(query=tgt, key=tgt, value=tgt, query_pos=query_pos, key_pos=query_pos)
         )
+        dam = None
+        if attention_map:
+            with torch.no_grad():
+                a_x, a_y = self.cross_attn.attention_weights(
+                    tgt + query_pos_x, tgt + query_pos_y, key_x, key_y, mask
+                )  # (B, n, Q, W), (B, n, Q, H)
+                dam = torch.einsum("bnqh,bnqw->bhw", a_y.float(), a_x.float())  # (B, H, W)
+                if mask is not None:
+                    dam = dam.masked_fill(mask, 0.0)
+                dam = dam.flatten(1)
         out = self.cross_attn(
             tgt + query_pos_x, tgt + query_pos_y, key_x, key_y, memory, key_padding_mask=mask
         )
         tgt = self.norm2(tgt + self.dropout2(out))
-        return self.norm3(tgt + self.dropout3(feed_forward(self, tgt)))
+        tgt = self.norm3(tgt + self.dropout3(feed_forward(self, tgt)))
+        return (tgt, dam) if attention_map else tgt
 
 
 # ---------------------------------------------------------------------- transformer
@@ -335,8 +351,9 @@ class AnchorDETRTransformer(nn.Module):
         reference = reference.reshape(1, self.num_queries, 2).expand(batch_size, -1, -1)
         return content, reference
 
-    def encode(self, src: torch.Tensor, mask: torch.Tensor, pos_x, pos_y, x, y) -> torch.Tensor:
-        """src (B, H, W, C) -> memory (B, H, W, C)."""
+    def encode(self, src: torch.Tensor, mask: torch.Tensor, pos_x, pos_y, x, y, return_selection: bool = False):
+        """src (B, H, W, C) -> memory (B, H, W, C); with ``return_selection`` (a sparse
+        sequence encoder only) also its token selection."""
         if self.encoder_type == "rcda":
             return self.encoder(src, pos_x, pos_y, mask)
         b, h, w, c = src.shape
@@ -344,32 +361,42 @@ class AnchorDETRTransformer(nn.Module):
             (x[:, None, :].expand(-1, h, -1), y[:, :, None].expand(-1, -1, w)), dim=-1
         )  # (B, H, W, 2)
         pos = self.adapt_pos2d(sine_embedding_2d(grid, c // 2).to(src.dtype))  # (B, H, W, C)
+        extra = {"return_selection": True} if return_selection else {}
         memory = self.encoder(
             src.reshape(b, h * w, c).transpose(0, 1),
             pos=pos.reshape(b, h * w, c).transpose(0, 1),
             mask=mask.reshape(b, h * w),
-        )  # (HW, B, C)
+            **extra,
+        )  # (HW, B, C), or (memory, selection)
+        if return_selection:
+            memory, selection = memory
+            return memory.transpose(0, 1).reshape(b, h, w, c), selection
         return memory.transpose(0, 1).reshape(b, h, w, c)
 
-    def forward(
-        self, src: torch.Tensor, mask: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, src: torch.Tensor, mask: torch.Tensor, return_sparse: bool = False):
         """
         Args:
             src: projected features (B, C, H, W).
             mask: padding mask (B, H, W), True = padding.
+            return_sparse: also return a sparse encoder's SparseOutputs (its selection and the
+                decoder's cross-attention map), None for another encoder.
 
         Returns:
             hs: decoder outputs (L, B, Q, C);
             reference: anchor point of every query (B, Q, 2), (x, y) in [0, 1];
-            memory: encoder output (B, C, H, W).
+            memory: encoder output (B, C, H, W);
+            sparse: with ``return_sparse`` only.
         """
         b, c, h, w = src.shape
         src = src.permute(0, 2, 3, 1)  # (B, H, W, C)
         x, y = mask_to_positions(mask)  # (B, W), (B, H)
         pos_x = self.adapt_pos1d(sine_embedding(x, c).to(src.dtype))  # (B, W, C)
         pos_y = self.adapt_pos1d(sine_embedding(y, c).to(src.dtype))  # (B, H, C)
-        memory = self.encode(src, mask, pos_x, pos_y, x, y)  # (B, H, W, C)
+        sparse = return_sparse and self.encoder_type == "mhsa" and getattr(self.encoder, "returns_selection", False)
+        if sparse:
+            memory, selection = self.encode(src, mask, pos_x, pos_y, x, y, return_selection=True)
+        else:
+            memory = self.encode(src, mask, pos_x, pos_y, x, y)  # (B, H, W, C)
 
         tgt, reference = self.queries(b)  # (B, Q, C), (B, Q, 2)
         query_pos = self.adapt_pos2d(sine_embedding_2d(reference, c // 2).to(src.dtype))
@@ -377,11 +404,17 @@ class AnchorDETRTransformer(nn.Module):
         query_pos_y = self.adapt_pos1d(sine_embedding(reference[..., 1], c).to(src.dtype))
         key_x = memory + pos_x[:, None, :, :]
         key_y = memory + pos_y[:, :, None, :]
-        outputs = []
+        outputs, dam = [], 0
         for layer in self.decoder_layers:
-            tgt = layer(tgt, memory, query_pos, query_pos_x, query_pos_y, key_x, key_y, mask)
+            tgt = layer(tgt, memory, query_pos, query_pos_x, query_pos_y, key_x, key_y, mask, bool(sparse))
+            if sparse:
+                tgt, layer_map = tgt
+                dam = dam + layer_map
             outputs.append(tgt)
-        return torch.stack(outputs), reference, memory.permute(0, 3, 1, 2)
+        out = torch.stack(outputs), reference, memory.permute(0, 3, 1, 2)
+        if return_sparse:
+            return (*out, SparseOutputs(selection, dam) if sparse else None)
+        return out
 
 
 # ---------------------------------------------------------------------- meta-architecture
@@ -453,6 +486,10 @@ class AnchorDETR(ReferencePointDETR):
         self, src: torch.Tensor, mask: torch.Tensor, pos: Optional[torch.Tensor]
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """hs (L, B, Q, C) and the anchor point of every query (B, Q, 2); the transformer
-        computes the positions from the mask itself (``pos`` is None)."""
+        computes the positions from the mask itself (``pos`` is None); in training with a sparse
+        encoder also its SparseOutputs (for ``loss_dam``)."""
+        if self.training and self.sparse_encoder:
+            hs, reference, _, sparse = self.transformer(src, mask, return_sparse=True)
+            return hs, reference, sparse
         hs, reference, _ = self.transformer(src, mask)
         return hs, reference
