@@ -62,8 +62,8 @@ No per-call state is kept on any module; everything travels in return values.
 * Statistics tools call the encoder with ``return_selection=True`` (or the transformer with
   ``return_sparse=True``) the same way.
 
-Anchor DETR (MHSA) takes the sparse encoder, but its row-column decoder does not yet compute the
-DAM (the product of its row and column weights), so its scorer does not learn there yet.
+Anchor DETR (MHSA) does the same: ``AnchorDETRTransformer.forward(..., return_sparse=True)``,
+its row-column cross-attention's DAM being the product of its row and column weights per pixel.
 """
 from typing import NamedTuple, Optional
 
