@@ -138,6 +138,10 @@ def test_variants_and_groups():
     assert [runner.variant(p) for p in paths] == ["act", "enact", "baseline"]
     assert {runner.detector_key(p) for p in paths} == {"detr_r50_300ep"}
     assert group_configs(paths) == {"detr_r50_300ep": [paths[2], paths[0], paths[1]]}
+    sparse = ["configs/shapes/conditional_detr_r18_shapes_sparse_enact.py", "configs/shapes/conditional_detr_r18_shapes.py",
+              "configs/shapes/conditional_detr_r18_shapes_sparse.py"]  # Sparse DETR (issue 23): the same group
+    assert [runner.variant(p) for p in sparse] == ["sparse+enact", "baseline", "sparse"]
+    assert group_configs(sparse) == {"conditional_detr_r18_shapes": [sparse[1], sparse[0], sparse[2]]}
 
 
 def test_analyze_model(tmp_path):

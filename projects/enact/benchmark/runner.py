@@ -24,7 +24,8 @@ ORIENTATIONS = ("same", "mixed")
 PROFILE_RANGES = ("enact::cluster_keys_values", "enact::attend_clusters", "act::cluster_queries",
                   "act::attend_prototypes", "mhsa::attend_heads")
 # config-name suffix -> variant label: X.py is detector X's baseline, X_enact.py / X_act.py its variants
-VARIANT_SUFFIXES = {"_enact": "enact", "_act": "act"}
+# longest first: X_sparse_enact.py is a variant of X, not of X_sparse
+VARIANT_SUFFIXES = {"_sparse_enact": "sparse+enact", "_sparse": "sparse", "_enact": "enact", "_act": "act"}
 _BACKWARD = "autograd::engine::evaluate_function: "
 
 
@@ -44,8 +45,9 @@ def config_name(path: str) -> str:
 
 
 def detector_key(path: str) -> str:
-    """Configs ``X.py``, ``X_enact.py`` and ``X_act.py`` are the baseline, the ENACT and the ACT
-    variant of detector X."""
+    """Configs ``X.py``, ``X_enact.py``, ``X_act.py``, ``X_sparse.py`` and ``X_sparse_enact.py``
+    are the baseline, the ENACT, the ACT, the Sparse DETR and the Sparse DETR + ENACT variant of
+    detector X."""
     name = config_name(path)
     for suffix in VARIANT_SUFFIXES:
         if name.endswith(suffix):
@@ -54,7 +56,8 @@ def detector_key(path: str) -> str:
 
 
 def variant(path: str) -> str:
-    """The variant label of a config: "enact" (``X_enact.py``), "act" (``X_act.py``) or "baseline"."""
+    """The variant label of a config: "enact" (``X_enact.py``), "act" (``X_act.py``), "sparse"
+    (``X_sparse.py``), "sparse+enact" (``X_sparse_enact.py``) or "baseline"."""
     name = config_name(path)
     return next((label for suffix, label in VARIANT_SUFFIXES.items() if name.endswith(suffix)), "baseline")
 

@@ -1,0 +1,13 @@
+# Anchor DETR R50-DC5 (standard self-attention encoder) + Sparse DETR's encoder query sparsification (issue 23): each encoder layer updates the
+# top rho = 0.3 of every image's valid tokens, ranked once by a token scorer; the other tokens pass
+# through unchanged.  Differs from anchor_detr_r50_dc5_50ep_mhsa.py only in the encoder class (same layers, plus
+# `scorer.*`, which a baseline checkpoint lacks) and loss_dam (the scorer's BCE against the top rho
+# of the decoder cross-attention map, counted once).  rho: model.transformer.encoder.query_ratio.
+from projects.enact.modeling.sparse_encoder import SparseTransformerEncoder
+
+from .anchor_detr_r50_dc5_50ep_mhsa import dataloader, lr_multiplier, model, optimizer, train
+
+model.transformer.encoder._target_ = SparseTransformerEncoder
+model.transformer.encoder.query_ratio = 0.3
+model.criterion.weight_dict["loss_dam"] = 1.0
+train.output_dir = "./output/anchor_detr_r50_dc5_50ep_mhsa_sparse"
