@@ -10,4 +10,5 @@ from .conditional_detr_r50_50ep import dataloader, lr_multiplier, model, optimiz
 model.transformer.encoder._target_ = SparseTransformerEncoder
 model.transformer.encoder.query_ratio = 0.3
 model.criterion.weight_dict["loss_dam"] = 1.0
+model.criterion.weight_dict["loss_os"] = 1.0  # the objectness target instead: encoder.scorer_target="objectness"
 train.output_dir = "./output/conditional_detr_r50_50ep_sparse"

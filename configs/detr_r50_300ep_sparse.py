@@ -10,4 +10,5 @@ from .detr_r50_300ep import dataloader, lr_multiplier, model, optimizer, train
 model.transformer.encoder._target_ = SparseTransformerEncoder
 model.transformer.encoder.query_ratio = 0.3
 model.criterion.weight_dict["loss_dam"] = 1.0
+model.criterion.weight_dict["loss_os"] = 1.0  # the objectness target instead: encoder.scorer_target="objectness"
 train.output_dir = "./output/detr_r50_300ep_sparse"

@@ -17,6 +17,7 @@ from projects.enact.modeling.sparse_encoder import (
     check_query_ratio,
     dam_loss,
     dam_target,
+    objectness_target,
     select_tokens,
 )
 from projects.enact.modeling.transformer import TransformerEncoder
@@ -181,13 +182,13 @@ def load(path):
     return cfg
 
 
-def one_training_step(model, images, scorer_learns=True):
+def one_training_step(model, images, scorer_learns=True, loss="loss_dam"):
     """A training step; every trainable parameter gets a finite gradient, the scorer's only
     with ``scorer_learns`` (loss_dam computed and weighted).  Returns the weighted losses."""
     model.train()
     model.zero_grad(set_to_none=True)
     losses = model(images)
-    assert ("loss_dam" in losses) == scorer_learns and not any(k.startswith("loss_dam_") for k in losses)
+    assert (loss in losses) == scorer_learns and not any(k.startswith(("loss_dam_", "loss_os_")) for k in losses)
     sum(losses.values()).backward()
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -216,7 +217,7 @@ def test_the_sparse_encoder_drops_into_every_mhsa_detector(config):
     one_training_step(model, IMAGES)
     handle.remove()
     # the DAM: every query's weights of every head and decoder layer sum to 1 over the valid tokens
-    sel, dam = seen[0]
+    sel, dam = seen[0].selection, seen[0].dam
     layers, heads = 2, 4
     torch.testing.assert_close(dam.sum(1), torch.full((2,), float(layers * heads * model.num_queries)))
     assert (dam[~sel.valid] == 0).all() and sel.valid.shape == dam.shape
@@ -294,3 +295,30 @@ def test_dam_target_and_loss_on_a_hand_computed_case():
     torch.testing.assert_close(loss, torch.tensor(math.log(2.0)))
     loss.backward()
     torch.testing.assert_close(scores.grad, torch.tensor([[0.25, 0.0, -0.25]]))  # (sigmoid(0) - t) / 2
+
+
+def test_objectness_target_on_a_hand_computed_case():
+    # a 2 x 3 map; image 0 is all valid, image 1 has its last column padded (2 x 2 valid tokens)
+    valid = torch.tensor([[True] * 6, [True, True, False, True, True, False]])
+    boxes = [torch.tensor([[0.25, 0.5, 0.5, 1.0]]),  # x in [0, 0.5]: centres 1/6 (in), 1/2 (in), 5/6
+             torch.tensor([[0.75, 0.75, 0.5, 0.5], [0.1, 0.1, 0.01, 0.01]])]  # x, y in [0.5, 1]: token (1, 1)
+    target = objectness_target(valid, (2, 3), boxes)
+    assert target.tolist() == [[1, 1, 0, 1, 1, 0], [0, 0, 0, 0, 1, 0]]
+    assert objectness_target(valid, (2, 3), [torch.zeros(0, 4)] * 2).sum() == 0  # no boxes: all 0
+
+
+@pytest.mark.parametrize("config", ["conditional_detr_r50_50ep", "anchor_detr_r50_dc5_50ep_mhsa"])
+def test_the_objectness_target_trains_the_scorer_without_a_dam(config):
+    cfg = tiny_config(config)
+    cfg.transformer.encoder._target_ = SparseTransformerEncoder
+    cfg.transformer.encoder.scorer_target = "objectness"
+    cfg.criterion.weight_dict.update(loss_dam=1.0, loss_os=1.0)
+    torch.manual_seed(0)
+    model = instantiate(cfg)
+    seen = []
+    handle = model.criterion.register_forward_pre_hook(lambda m, args: seen.append(args[0]["sparse"]))
+    losses = one_training_step(model, IMAGES, loss="loss_os")
+    handle.remove()
+    assert "loss_dam" not in losses and seen[0].dam is None and seen[0].target == "objectness"
+    with pytest.raises(ValueError, match="scorer_target"):
+        SparseTransformerEncoder(num_layers=1, embed_dim=C, ffn_dim=8, num_heads=HEADS, scorer_target="os")

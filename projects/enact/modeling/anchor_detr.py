@@ -393,8 +393,10 @@ class AnchorDETRTransformer(nn.Module):
         pos_x = self.adapt_pos1d(sine_embedding(x, c).to(src.dtype))  # (B, W, C)
         pos_y = self.adapt_pos1d(sine_embedding(y, c).to(src.dtype))  # (B, H, C)
         sparse = return_sparse and self.encoder_type == "mhsa" and getattr(self.encoder, "returns_selection", False)
+        want_dam = False
         if sparse:
             memory, selection = self.encode(src, mask, pos_x, pos_y, x, y, return_selection=True)
+            want_dam = getattr(self.encoder, "scorer_target", "dam") == "dam"
         else:
             memory = self.encode(src, mask, pos_x, pos_y, x, y)  # (B, H, W, C)
 
@@ -406,14 +408,15 @@ class AnchorDETRTransformer(nn.Module):
         key_y = memory + pos_y[:, :, None, :]
         outputs, dam = [], 0
         for layer in self.decoder_layers:
-            tgt = layer(tgt, memory, query_pos, query_pos_x, query_pos_y, key_x, key_y, mask, bool(sparse))
-            if sparse:
+            tgt = layer(tgt, memory, query_pos, query_pos_x, query_pos_y, key_x, key_y, mask, want_dam)
+            if want_dam:
                 tgt, layer_map = tgt
                 dam = dam + layer_map
             outputs.append(tgt)
         out = torch.stack(outputs), reference, memory.permute(0, 3, 1, 2)
         if return_sparse:
-            return (*out, SparseOutputs(selection, dam) if sparse else None)
+            target = "dam" if want_dam else "objectness"
+            return (*out, SparseOutputs(selection, dam if want_dam else None, (h, w), target) if sparse else None)
         return out
 
 

@@ -173,7 +173,8 @@ class SetCriterion(nn.Module):
 
         Returns:
             unweighted losses: loss_ce / loss_bbox / loss_giou, and ``{name}_{i}`` for the i-th
-            auxiliary output; with "sparse" (and a DAM) ``loss_dam``, once (no auxiliary copies).
+            auxiliary output; with "sparse" the scorer's ``loss_dam`` (or ``loss_os`` for the
+            objectness target), once (no auxiliary copies).
         """
         num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
         main_outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
@@ -184,9 +185,8 @@ class SetCriterion(nn.Module):
             aux_losses = self.get_losses(aux, targets, aux_indices, num_boxes)
             losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
         sparse = outputs.get("sparse")  # a sparse encoder's SparseOutputs: its scorer's loss, once
-        loss_dam = None if sparse is None else sparse.loss_dam()
-        if loss_dam is not None:
-            losses["loss_dam"] = loss_dam
+        if sparse is not None:
+            losses.update(sparse.losses(targets))
         return losses
 
     def weight_losses(self, losses: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

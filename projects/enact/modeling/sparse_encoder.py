@@ -38,7 +38,9 @@ long as no measurement says otherwise).  The selection is an index (``torch.sort
 scores), so **no gradient reaches the scorer through the memory**: the scorer learns only from
 ``loss_dam`` (:mod:`.sparse_selection`): BCE of its scores against the top k_b tokens of the
 decoder cross-attention map (DAM: the weights of all queries, heads and decoder layers on each
-memory token, summed, without gradient), mean over valid tokens, counted once.
+memory token, summed, without gradient), mean over valid tokens, counted once.  The paper's
+alternative, ``scorer_target="objectness"`` (OS), trains the scorer on the tokens whose centre
+lies inside a ground-truth box instead (``loss_os``; the decoders then compute no map).
 
 How the scores and the selection reach the losses (design)
 ----------------------------------------------------------
@@ -75,8 +77,10 @@ from .sparse_selection import (  # noqa: F401  (re-exported)
     TokenSelection,
     attention_map,
     check_query_ratio,
+    check_scorer_target,
     dam_loss,
     dam_target,
+    objectness_target,
     select_tokens,
 )
 from .transformer import TransformerEncoder, feed_forward
@@ -92,6 +96,7 @@ __all__ = [
     "dam_loss",
     "dam_target",
     "gather_tokens",
+    "objectness_target",
     "scatter_tokens",
     "select_tokens",
 ]
@@ -152,6 +157,9 @@ class SparseTransformerEncoder(TransformerEncoder):
             changed between calls (e.g. a lower rho at inference).
         scorer_hidden_dim: hidden width of the :class:`TokenScorer` (default ``embed_dim``).
         detach_scorer_input: score ``src.detach()`` (the scorer's loss then stops at the scorer).
+        scorer_target: what the scorer learns: "dam" (Sparse DETR: the top rho of the decoder
+            cross-attention map, ``loss_dam``) or "objectness" (the paper's OS alternative: the
+            tokens inside ground-truth boxes, ``loss_os``; the decoders then compute no map).
     """
 
     returns_selection = True  # forward(..., return_selection=True) gives a SparseEncoderOutput
@@ -168,14 +176,17 @@ class SparseTransformerEncoder(TransformerEncoder):
         query_ratio: float = 0.3,
         scorer_hidden_dim: Optional[int] = None,
         detach_scorer_input: bool = False,
+        scorer_target: str = "dam",
     ):
         super().__init__(attention, num_layers, embed_dim, ffn_dim, dropout, activation, num_heads)
         self.query_ratio = check_query_ratio(query_ratio)
         self.detach_scorer_input = bool(detach_scorer_input)
+        self.scorer_target = check_scorer_target(scorer_target)
         self.scorer = TokenScorer(embed_dim, scorer_hidden_dim)
 
     def extra_repr(self) -> str:
-        return f"query_ratio={self.query_ratio}, detach_scorer_input={self.detach_scorer_input}"
+        return (f"query_ratio={self.query_ratio}, detach_scorer_input={self.detach_scorer_input}, "
+                f"scorer_target={self.scorer_target!r}")
 
     def select(self, src: torch.Tensor, mask: Optional[torch.Tensor] = None) -> TokenSelection:
         """Scores src (N, B, C) and selects each image's top rho valid tokens."""

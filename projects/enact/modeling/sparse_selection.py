@@ -2,23 +2,35 @@
 (:mod:`.sparse_encoder`), the decoders (which sum their cross-attention maps) and the criterion.
 Depends on torch only, so that :mod:`.transformer` can import it."""
 from numbers import Real
-from typing import NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "SCORER_TARGETS",
     "SparseOutputs",
     "TokenSelection",
     "attention_map",
     "check_query_ratio",
+    "check_scorer_target",
     "dam_loss",
     "dam_target",
     "mha_attention_map",
     "num_selected",
+    "objectness_target",
     "select_tokens",
     "top_tokens",
 ]
+
+
+SCORER_TARGETS = ("dam", "objectness")  # what the scorer learns: Sparse DETR's DAM, or its OS alternative
+
+
+def check_scorer_target(scorer_target: str) -> str:
+    if scorer_target not in SCORER_TARGETS:
+        raise ValueError(f"scorer_target must be one of {SCORER_TARGETS}, got {scorer_target!r}")
+    return scorer_target
 
 
 def check_query_ratio(query_ratio) -> float:
@@ -119,13 +131,52 @@ def dam_loss(scores: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) ->
     return (bce * valid).sum() / valid.sum().clamp(min=1)
 
 
+def objectness_target(valid: torch.Tensor, shape: Tuple[int, int], boxes: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The objectness-score (OS) target: 1 on the valid tokens whose centre lies inside one of
+    their image's ground-truth boxes, else 0.  valid (B, H * W) bool, ``shape`` (H, W) of the
+    map, boxes: per image (n_b, 4) cxcywh normalised by the unpadded image (the criterion's
+    targets).  Token (i, j) of an image whose valid region is h_b x w_b tokens has its centre
+    at ((j + 0.5) / w_b, (i + 0.5) / h_b).  (B, H * W) float."""
+    height, width = shape
+    grid = valid.view(-1, height, width)
+    rows = grid.any(2).sum(1).clamp(min=1)  # (B,) h_b
+    cols = grid.any(1).sum(1).clamp(min=1)  # (B,) w_b
+    dtype = torch.float32
+    cy = (torch.arange(height, device=valid.device, dtype=dtype)[None] + 0.5) / rows[:, None]  # (B, H)
+    cx = (torch.arange(width, device=valid.device, dtype=dtype)[None] + 0.5) / cols[:, None]  # (B, W)
+    inside: List[torch.Tensor] = []
+    for b, box in enumerate(boxes):  # targets come as a list; boxes per image vary in number
+        box = box.to(valid.device, dtype)
+        x1, y1 = box[:, 0] - box[:, 2] / 2, box[:, 1] - box[:, 3] / 2
+        x2, y2 = box[:, 0] + box[:, 2] / 2, box[:, 1] + box[:, 3] / 2  # (n,)
+        in_x = (x1[:, None] <= cx[b][None]) & (cx[b][None] <= x2[:, None])  # (n, W)
+        in_y = (y1[:, None] <= cy[b][None]) & (cy[b][None] <= y2[:, None])  # (n, H)
+        inside.append((in_y[:, :, None] & in_x[:, None, :]).any(0))  # (H, W)
+    return (torch.stack(inside).flatten(1) & valid).to(dtype)
+
+
 class SparseOutputs(NamedTuple):
     """What a transformer with a sparse encoder hands up for the criterion: the encoder's
-    selection and the decoder cross-attention map (B, N) (summed over queries, heads and layers,
-    no gradient), or None where the decoder does not compute one."""
+    selection; the decoder cross-attention map (B, N) (summed over queries, heads and layers,
+    no gradient), or None where it is not computed (the objectness target needs none); the
+    map's (H, W); the scorer's target, "dam" or "objectness"."""
 
     selection: TokenSelection
     dam: Optional[torch.Tensor]
+    shape: Optional[Tuple[int, int]] = None
+    target: str = "dam"
+
+    def losses(self, targets: Optional[List[Dict[str, torch.Tensor]]] = None) -> Dict[str, torch.Tensor]:
+        """The scorer's loss, once: ``loss_dam`` (target "dam") or ``loss_os`` (target
+        "objectness": the tokens inside the ``targets``' boxes); empty where it cannot be made."""
+        sel = self.selection
+        if self.target == "objectness":
+            if targets is None or self.shape is None:
+                return {}
+            target = objectness_target(sel.valid, self.shape, [t["boxes"] for t in targets])
+            return {"loss_os": dam_loss(sel.scores, target, sel.valid)}
+        loss = self.loss_dam()
+        return {} if loss is None else {"loss_dam": loss}
 
     def loss_dam(self) -> Optional[torch.Tensor]:
         """BCE of the scores against the top k_b tokens of the DAM (None without a DAM)."""

@@ -401,12 +401,16 @@ class Transformer(nn.Module):
         sparse = return_sparse and getattr(self.encoder, "returns_selection", False)
         if sparse:  # Sparse DETR: the selection and the DAM for the scorer's loss
             memory, selection = self.encoder(src, pos=pos_embed, mask=mask, return_selection=True)
-            *decoded, dam = self.decoder(
+            target = getattr(self.encoder, "scorer_target", "dam")
+            decoded = self.decoder(
                 tgt, memory, pos=pos_embed, query_pos=query_embed, memory_key_padding_mask=mask,
-                return_attention_map=True,
+                return_attention_map=target == "dam",
             )
-            decoded = decoded[0] if len(decoded) == 1 else tuple(decoded)
-            sparse = SparseOutputs(selection, dam)
+            dam = None
+            if target == "dam":
+                *decoded, dam = decoded
+                decoded = decoded[0] if len(decoded) == 1 else tuple(decoded)
+            sparse = SparseOutputs(selection, dam, (h, w), target)
         else:
             memory = self.encoder(src, pos=pos_embed, mask=mask)  # (HW, B, C)
             decoded = self.decoder(
