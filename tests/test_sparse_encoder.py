@@ -19,7 +19,9 @@ from projects.enact.modeling.sparse_encoder import (
     dam_target,
     objectness_target,
     select_tokens,
+    selection_statistics,
 )
+from projects.enact.modeling.sparse_selection import SparseOutputs
 from projects.enact.modeling.transformer import TransformerEncoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -322,3 +324,15 @@ def test_the_objectness_target_trains_the_scorer_without_a_dam(config):
     assert "loss_dam" not in losses and seen[0].dam is None and seen[0].target == "objectness"
     with pytest.raises(ValueError, match="scorer_target"):
         SparseTransformerEncoder(num_layers=1, embed_dim=C, ffn_dim=8, num_heads=HEADS, scorer_target="os")
+
+
+def test_selection_statistics_on_a_hand_computed_case():
+    # one 1 x 4 image, rho = 0.5: the scorer picks tokens 0 and 1, the DAM's best are 1 and 3
+    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    sel = select_tokens(scores, torch.ones(1, 4, dtype=torch.bool), 0.5)
+    dam = torch.tensor([[0.1, 0.5, 0.0, 0.4]])
+    box = [{"boxes": torch.tensor([[0.125, 0.5, 0.25, 1.0]])}]  # covers token 0 only
+    stats = selection_statistics(SparseOutputs(sel, dam, (1, 4)), box)
+    expected = {"selected_share": 0.5, "dam_overlap": 0.5, "dam_mass": 0.6 / 0.9, "in_box_share": 0.5}
+    assert {k: round(float(v[0]), 6) for k, v in stats.items()} == {k: round(v, 6) for k, v in expected.items()}
+    assert set(selection_statistics(SparseOutputs(sel, None))) == {"selected_share"}

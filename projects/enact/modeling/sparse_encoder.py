@@ -82,6 +82,7 @@ from .sparse_selection import (  # noqa: F401  (re-exported)
     dam_target,
     objectness_target,
     select_tokens,
+    selection_statistics,
 )
 from .transformer import TransformerEncoder, feed_forward
 
@@ -99,6 +100,7 @@ __all__ = [
     "objectness_target",
     "scatter_tokens",
     "select_tokens",
+    "selection_statistics",
 ]
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "num_selected",
     "objectness_target",
     "select_tokens",
+    "selection_statistics",
     "top_tokens",
 ]
 
@@ -184,3 +185,30 @@ class SparseOutputs(NamedTuple):
             return None
         sel = self.selection
         return dam_loss(sel.scores, dam_target(self.dam, sel.valid, sel.num_selected), sel.valid)
+
+
+@torch.no_grad()
+def selection_statistics(sparse: SparseOutputs, targets: Optional[List[Dict[str, torch.Tensor]]] = None) -> Dict[str, torch.Tensor]:
+    """How well a call's selection S_b matches what the decoder used, per image ((B,) float):
+
+    * ``selected_share``: k_b / n_b;
+    * ``dam_overlap``: |S_b & T_b| / k_b, T_b the top k_b tokens of the DAM (the scorer's target);
+    * ``dam_mass``: the DAM's mass on S_b over its mass on T_b (1 = S_b captures as much of the
+      decoder's attention as the best k_b tokens could) -- the paper's correlation analysis;
+    * ``in_box_share``: the share of S_b inside ground-truth boxes (with ``targets``; see
+      :func:`objectness_target`).
+
+    Keys whose inputs are missing (no DAM, no targets) are left out."""
+    sel = sparse.selection
+    chosen = sel.token_mask()
+    k = sel.num_selected.to(torch.float64)
+    stats = {"selected_share": k / sel.valid.sum(1).clamp(min=1).to(torch.float64)}
+    if sparse.dam is not None:
+        dam = sparse.dam.to(torch.float64)
+        best = dam_target(dam, sel.valid, sel.num_selected).bool()
+        stats["dam_overlap"] = (chosen & best).sum(1) / k.clamp(min=1)
+        stats["dam_mass"] = (dam * chosen).sum(1) / (dam * best).sum(1).clamp(min=1e-12)
+    if targets is not None and sparse.shape is not None:
+        inside = objectness_target(sel.valid, sparse.shape, [t["boxes"] for t in targets]).bool()
+        stats["in_box_share"] = (chosen & inside).sum(1) / k.clamp(min=1)
+    return stats
