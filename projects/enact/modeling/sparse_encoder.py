@@ -58,11 +58,13 @@ No per-call state is kept on any module; everything travels in return values.
   (None for a dense encoder).
 * ``DETR.run_transformer`` asks for it in training when the encoder is sparse and returns it
   as an extra value; ``DETR.forward`` puts it into the criterion's outputs as
-  ``outputs["sparse"]``; ``SetCriterion`` adds ``loss_dam = outputs["sparse"].loss_dam()`` once
-  (not per decoder layer), weighted by ``weight_dict["loss_dam"]`` (no weight: dropped, and the
-  scorer gets no gradient).
+  ``outputs["sparse"]``; ``SetCriterion`` adds ``outputs["sparse"].losses(targets)``
+  (``loss_dam``, or ``loss_os`` for the objectness target) once, not per decoder layer,
+  weighted by ``weight_dict["loss_dam"]`` / ``["loss_os"]`` (no weight: dropped, and the scorer
+  gets no gradient).
 * Statistics tools call the encoder with ``return_selection=True`` (or the transformer with
-  ``return_sparse=True``) the same way.
+  ``return_sparse=True``) the same way; :func:`~.sparse_selection.selection_statistics` measures
+  a selection against the DAM and the ground-truth boxes.
 
 Anchor DETR (MHSA) does the same: ``AnchorDETRTransformer.forward(..., return_sparse=True)``,
 its row-column cross-attention's DAM being the product of its row and column weights per pixel.
