@@ -86,7 +86,7 @@ from .sparse_selection import (  # noqa: F401  (re-exported)
     select_tokens,
     selection_statistics,
 )
-from .transformer import TransformerEncoder, feed_forward
+from .transformer import TransformerEncoder
 
 __all__ = [
     "SparseEncoderOutput",
@@ -199,14 +199,6 @@ class SparseTransformerEncoder(TransformerEncoder):
         valid = torch.ones_like(scores, dtype=torch.bool) if mask is None else ~mask
         return select_tokens(scores, valid, rho)
 
-    @staticmethod
-    def sparse_layer(layer: nn.Module, query, x, query_pos, pos, mask) -> torch.Tensor:
-        """One post-norm encoder layer (a :class:`TransformerEncoderLayer`) on the selected
-        tokens ``query`` (K, B, C) with all tokens ``x`` (N, B, C) as keys and values."""
-        y = layer.self_attn(query=query, key=x, value=x, query_pos=query_pos, key_pos=pos, key_padding_mask=mask)
-        y = layer.norm1(y)  # (K, B, C), residual included by the attention
-        return layer.norm2(y + layer.dropout2(feed_forward(layer, y)))
-
     def forward(
         self,
         src: torch.Tensor,
@@ -221,6 +213,6 @@ class SparseTransformerEncoder(TransformerEncoder):
         query_pos = None if pos is None else gather_tokens(pos, index)  # (K, B, C)
         x = src
         for layer in self.layers:
-            y = self.sparse_layer(layer, gather_tokens(x, index), x, query_pos, pos, mask)
+            y = layer(x, pos, mask, query=gather_tokens(x, index), query_pos=query_pos)  # (K, B, C)
             x = scatter_tokens(x, index, y)
         return SparseEncoderOutput(x, selection) if return_selection else x

@@ -126,13 +126,19 @@ class TransformerEncoderLayer(nn.Module):
         src: torch.Tensor,
         pos: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
+        query: Optional[torch.Tensor] = None,
+        query_pos: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """src, pos (N, B, C); mask (B, N) bool, True = padding.  Returns (N, B, C)."""
-        src = self.self_attn(
-            query=src, key=src, value=src, query_pos=pos, key_pos=pos, key_padding_mask=mask
-        )  # (N, B, C), residual included
-        src = self.norm1(src)
-        return self.norm2(src + self.dropout2(feed_forward(self, src)))
+        """src, pos (N, B, C); mask (B, N) bool, True = padding.  Returns (N, B, C).
+        ``query`` (K, B, C) with ``query_pos``: only those tokens are updated (a sparse encoder's
+        selected ones; keys and values stay all of src), and (K, B, C) is returned."""
+        if query is None:
+            query, query_pos = src, pos
+        x = self.self_attn(
+            query=query, key=src, value=src, query_pos=query_pos, key_pos=pos, key_padding_mask=mask
+        )  # (K, B, C), residual included
+        x = self.norm1(x)
+        return self.norm2(x + self.dropout2(feed_forward(self, x)))
 
 
 class EncoderStack(nn.Module):
