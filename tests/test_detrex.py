@@ -240,13 +240,19 @@ def holder_of(encoder_cfg, cls_name="Holder"):
     return type(cls_name, (nn.Module,), {"__init__": __init__})()
 
 
-def test_deformable_encoders_are_refused_naming_only_their_attention():
-    from projects.enact import act_encoder, enact_encoder
+def one_layer_encoder_of(config_path, cls_name):
+    """A model named cls_name holding the encoder of a detrex config, shrunk to one small layer."""
     from projects.enact.detrex_support import detrex_config
 
-    cfg = detrex_config("projects/deformable_detr/configs/deformable_detr_r50_50ep.py").model
+    cfg = detrex_config(config_path).model
     cfg.transformer.encoder.num_layers, cfg.transformer.encoder.feedforward_dim = 1, 32
-    deformable = holder_of(cfg.transformer.encoder, "DeformableDETR")
+    return holder_of(cfg.transformer.encoder, cls_name)
+
+
+def test_deformable_encoders_are_refused_naming_only_their_attention():
+    from projects.enact import act_encoder, enact_encoder
+
+    deformable = one_layer_encoder_of("projects/deformable_detr/configs/deformable_detr_r50_50ep.py", "DeformableDETR")
     with pytest.raises(ValueError) as e:
         enact_encoder(deformable)
     assert str(e.value) == (
@@ -254,9 +260,8 @@ def test_deformable_encoders_are_refused_naming_only_their_attention():
         "self-attention (ENACT replaces an encoder self-attention that is detrex's MultiheadAttention, torch's "
         "nn.MultiheadAttention or detrex's MultiheadRCDA)")
     # Focus-DETR: no 'self_attn' at all; its MultiheadAttention (over the tokens it selects) is not named
-    cfg = detrex_config("projects/focus_detr/configs/focus_detr_resnet/focus_detr_r50_4scale_12ep.py").model
-    cfg.transformer.encoder.num_layers, cfg.transformer.encoder.feedforward_dim = 1, 32
-    focus = holder_of(cfg.transformer.encoder, "FOCUS_DETR")
+    focus = one_layer_encoder_of("projects/focus_detr/configs/focus_detr_resnet/focus_detr_r50_4scale_12ep.py",
+                                 "FOCUS_DETR")
     with pytest.raises(ValueError) as e:
         act_encoder(focus)
     assert str(e.value) == (

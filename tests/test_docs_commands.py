@@ -135,6 +135,13 @@ def _matches(table, command):
 COMMANDS = all_commands()
 
 
+def _checked_commands():
+    """(page, command, argv without leading VAR=value) of every command not listed in NOT_CHECKED."""
+    for page, cmd, argv in COMMANDS:
+        if not _matches(NOT_CHECKED, cmd):
+            yield page, cmd, _strip_env(argv)
+
+
 def test_commands_found():
     assert len(COMMANDS) > 30, COMMANDS
     for page in PAGES:
@@ -145,10 +152,7 @@ def test_commands_found():
 def test_every_command_is_known():
     """Every command is one the rules below check, or is listed with a reason."""
     unknown = []
-    for page, cmd, argv in COMMANDS:
-        if _matches(NOT_CHECKED, cmd):
-            continue
-        argv = _strip_env(argv)
+    for page, cmd, argv in _checked_commands():
         if argv[0] == "export":
             names = [a.split("=", 1)[0] for a in argv[1:]]
             if names and set(names) <= KNOWN_ENV:
@@ -164,10 +168,7 @@ def test_every_command_is_known():
 
 def test_referenced_files_exist():
     missing = []
-    for page, cmd, argv in COMMANDS:
-        if _matches(NOT_CHECKED, cmd):
-            continue
-        argv = _strip_env(argv)
+    for page, cmd, argv in _checked_commands():
         for p in dict.fromkeys(_repo_paths(argv) + _config_files(argv)):
             if not os.path.exists(os.path.join(ROOT, p)):
                 missing.append(f"{page}: {p}  ({cmd})")
@@ -237,10 +238,7 @@ print("RESULTS " + json.dumps(results))
 
 def _tool_commands():
     out = []
-    for page, cmd, argv in COMMANDS:
-        if _matches(NOT_CHECKED, cmd):
-            continue
-        argv = _strip_env(argv)
+    for page, cmd, argv in _checked_commands():
         if argv[0] in ("python", "python3") and argv[1:2] and argv[1].startswith("tools/"):
             out.append((page, cmd, argv[1], argv[2:]))
     # make's recipes that call the tools (make demo, benchmark-ops, gpu-check, ...)
@@ -289,10 +287,7 @@ def test_config_overrides_name_existing_keys():
 
     targets, variables = _makefile()
     checks = []  # (page, command, config file, override)
-    for page, cmd, argv in COMMANDS:
-        if _matches(NOT_CHECKED, cmd):
-            continue
-        argv = _strip_env(argv)
+    for page, cmd, argv in _checked_commands():
         if argv[:2] == ["make", "demo"]:
             for t in argv[2:]:
                 if t.startswith("DEMO_OPTS="):
