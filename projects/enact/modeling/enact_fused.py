@@ -122,18 +122,17 @@ class _Projection(torch.autograd.Function):
         rows, batch_major = _rows(x)
         B, N = x.shape[:2]
         id_rows, id_order = _rows(identity) if identity is not None else (None, None)
-        if identity is not None and identity.dtype != x.dtype:  # mixed precision: a wider residual
-            out = torch.addmm(bias, rows, weight.t()) if bias is not None else rows.mm(weight.t())
-            y = _add_in_blocks(identity, _view_like_rows(out, batch_major, B, N))
-        elif id_rows is not None and id_order == batch_major:
+        if id_rows is not None and id_order == batch_major and identity.dtype == x.dtype:
             out = id_rows + bias if bias is not None else id_rows.clone()
             out.addmm_(rows, weight.t())  # identity + b + x W^T: one pass and one GEMM
             y = _view_like_rows(out, batch_major, B, N)
-        else:  # one GEMM over x's rows, y laid out like x
+        else:  # one GEMM over x's rows, y laid out like x, then the residual in identity's layout
             out = torch.addmm(bias, rows, weight.t()) if bias is not None else rows.mm(weight.t())
             y = _view_like_rows(out, batch_major, B, N)
-            if identity is not None:
-                y = torch.add(identity, y, out=torch.empty_like(identity))  # identity's layout
+            if identity is not None and identity.dtype != x.dtype:  # mixed precision: a wider residual
+                y = _add_in_blocks(identity, y)
+            elif identity is not None:
+                y = torch.add(identity, y, out=torch.empty_like(identity))
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         return y
