@@ -333,6 +333,7 @@ def test_selection_statistics_on_a_hand_computed_case():
     dam = torch.tensor([[0.1, 0.5, 0.0, 0.4]])
     box = [{"boxes": torch.tensor([[0.125, 0.5, 0.25, 1.0]])}]  # covers token 0 only
     stats = selection_statistics(SparseOutputs(sel, dam, (1, 4)), box)
-    expected = {"selected_share": 0.5, "dam_overlap": 0.5, "dam_mass": 0.6 / 0.9, "in_box_share": 0.5}
+    expected = {"selected_share": 0.5, "dam_overlap": 0.5, "dam_mass": 0.6 / 0.9, "dam_top_share": 0.9 / 1.0,
+                "in_box_share": 0.5, "box_token_share": 0.25}
     assert {k: round(float(v[0]), 6) for k, v in stats.items()} == {k: round(v, 6) for k, v in expected.items()}
     assert set(selection_statistics(SparseOutputs(sel, None))) == {"selected_share"}

@@ -435,7 +435,8 @@ class AnchorDETR(ReferencePointDETR):
         transformer: :class:`AnchorDETRTransformer`.
         num_classes: number of object classes K (sigmoid logits, no "no object" class).
         in_features, in_channels, embed_dim, criterion, aux_loss, pixel_mean, pixel_std, device,
-            select_box_nums_for_evaluation: as :class:`DETR` (the criterion must use focal loss).
+            select_box_nums_for_evaluation, encoder_aux_loss: as :class:`DETR` (the criterion must
+            use focal loss).
     """
 
     def __init__(
@@ -452,6 +453,7 @@ class AnchorDETR(ReferencePointDETR):
         pixel_std: Optional[Sequence[float]] = None,
         device: str = "cpu",
         select_box_nums_for_evaluation: int = 100,
+        encoder_aux_loss: bool = False,
     ):
         super().__init__(
             backbone=backbone,
@@ -468,6 +470,7 @@ class AnchorDETR(ReferencePointDETR):
             pixel_std=pixel_std,
             device=device,
             select_box_nums_for_evaluation=select_box_nums_for_evaluation,
+            encoder_aux_loss=encoder_aux_loss,
         )
         if criterion is not None and not getattr(criterion, "use_focal", True):
             raise ValueError("AnchorDETR predicts sigmoid class scores: use a focal criterion")
@@ -486,12 +489,12 @@ class AnchorDETR(ReferencePointDETR):
         self.to(device)
 
     def run_transformer(
-        self, src: torch.Tensor, mask: torch.Tensor, pos: Optional[torch.Tensor]
+        self, src: torch.Tensor, mask: torch.Tensor, pos: Optional[torch.Tensor], return_sparse: Optional[bool] = None
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """hs (L, B, Q, C) and the anchor point of every query (B, Q, 2); the transformer
-        computes the positions from the mask itself (``pos`` is None); in training with a sparse
-        encoder also its SparseOutputs (for ``loss_dam``)."""
-        if self.training and self.sparse_encoder:
+        computes the positions from the mask itself (``pos`` is None); with a sparse encoder and
+        ``return_sparse`` (default: in training) also its SparseOutputs (for ``loss_dam``)."""
+        if self.want_sparse(return_sparse):
             hs, reference, _, sparse = self.transformer(src, mask, return_sparse=True)
             return hs, reference, sparse
         hs, reference, _ = self.transformer(src, mask)

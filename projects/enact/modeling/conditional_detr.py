@@ -398,11 +398,11 @@ class ConditionalDETR(ReferencePointDETR):
         self.to(self.device)
 
     def run_transformer(
-        self, src: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor
+        self, src: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, return_sparse: Optional[bool] = None
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """hs (L, B, Q, C) and the reference points (B, Q, 2) of the learnt queries; in training
-        with a sparse encoder also its SparseOutputs (for ``loss_dam``)."""
-        if self.training and self.sparse_encoder:
+        """hs (L, B, Q, C) and the reference points (B, Q, 2) of the learnt queries; with a sparse
+        encoder and ``return_sparse`` (default: in training) also its SparseOutputs (for ``loss_dam``)."""
+        if self.want_sparse(return_sparse):
             hs, reference, _, sparse = self.transformer(src, mask, self.query_embed.weight, pos, return_sparse=True)
             return hs, reference, sparse
         hs, reference, _ = self.transformer(src, mask, self.query_embed.weight, pos)

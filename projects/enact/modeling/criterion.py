@@ -123,16 +123,23 @@ class SetCriterion(nn.Module):
         )  # (B, Q)
         classes[batch_idx, query_idx] = matched_labels.to(logits.device, torch.int64)
 
+        valid = outputs.get("pred_valid")  # (B, Q) bool: filled slots (encoder aux outputs), else all
         if self.use_focal:
             onehot = F.one_hot(classes, self.num_classes + 1)[..., :-1]  # (B, Q, K), drop no-object
             onehot = onehot.to(logits.dtype)
             loss = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma)
+            if valid is not None:
+                loss = loss * valid[..., None]
             # mean over queries * Q == sum over queries; kept in this form as in Conditional DETR.
             loss_ce = loss.mean(1).sum() / num_boxes * num_queries
-        else:
+        elif valid is None:
             weight = self.class_weight.to(logits.dtype)
             # logits (B, K, Q) against classes (B, Q)
             loss_ce = F.cross_entropy(logits.transpose(1, 2), classes, weight)
+        else:  # the same weighted mean over the filled slots only
+            weight = self.class_weight.to(logits.dtype)[classes] * valid  # (B, Q)
+            ce = F.cross_entropy(logits.transpose(1, 2), classes, reduction="none")  # (B, Q)
+            loss_ce = (ce * weight).sum() / weight.sum().clamp(min=1e-12)
         return {"loss_ce": loss_ce}
 
     def loss_boxes(self, outputs, targets, indices, num_boxes) -> Dict[str, torch.Tensor]:
@@ -167,23 +174,29 @@ class SetCriterion(nn.Module):
         """
         Args:
             outputs: {"pred_logits": (B, Q, K), "pred_boxes": (B, Q, 4), optionally
-                "aux_outputs": list of dicts with the same two keys, and "sparse": a sparse
-                encoder's :class:`~.sparse_selection.SparseOutputs`}.
+                "aux_outputs": list of dicts with the same two keys, "encoder_aux_outputs": the
+                same per encoder layer with "pred_valid" (B, Q) bool (only filled slots are
+                matched and classified), and "sparse": a sparse encoder's
+                :class:`~.sparse_selection.SparseOutputs`}.
             targets: B dicts with "labels" (n_i,) int64 and "boxes" (n_i, 4) normalised cxcywh.
 
         Returns:
-            unweighted losses: loss_ce / loss_bbox / loss_giou, and ``{name}_{i}`` for the i-th
-            auxiliary output; with "sparse" the scorer's ``loss_dam`` (or ``loss_os`` for the
+            unweighted losses: loss_ce / loss_bbox / loss_giou, ``{name}_{i}`` for the i-th
+            auxiliary output, ``{name}_enc_{l}`` for encoder layer l's; with "sparse" the scorer's ``loss_dam`` (or ``loss_os`` for the
             objectness target), once (no auxiliary copies).
         """
         num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
-        main_outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
+        main_outputs = {k: v for k, v in outputs.items() if k not in ("aux_outputs", "encoder_aux_outputs")}
         indices = self.matcher(main_outputs, targets)
         losses = self.get_losses(main_outputs, targets, indices, num_boxes)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             aux_indices = self.matcher(aux, targets)
             aux_losses = self.get_losses(aux, targets, aux_indices, num_boxes)
             losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
+        for i, aux in enumerate(outputs.get("encoder_aux_outputs", [])):  # Sparse DETR's encoder layers
+            aux_indices = self.matcher(aux, targets)
+            aux_losses = self.get_losses(aux, targets, aux_indices, num_boxes)
+            losses.update({f"{k}_enc_{i}": v for k, v in aux_losses.items()})
         sparse = outputs.get("sparse")  # a sparse encoder's SparseOutputs: its scorer's loss, once
         if sparse is not None:
             losses.update(sparse.losses(targets))

@@ -36,6 +36,7 @@ from torch import nn
 
 from .act import act_branch, act_twins, mtkd_loss
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from .encoder_aux import EncoderAuxHeads
 
 __all__ = [
     "MLP",
@@ -48,7 +49,7 @@ __all__ = [
 DEFAULT_PIXEL_MEAN = (103.530, 116.280, 123.675)
 DEFAULT_PIXEL_STD = (57.375, 57.120, 58.395)
 
-_AUX_SUFFIX = re.compile(r"_\d+$")
+_AUX_SUFFIX = re.compile(r"(_enc)?_\d+$")  # decoder layer i: _{i}; encoder layer l: _enc_{l}
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -101,6 +102,9 @@ class DETR(nn.Module):
             layer's boxes, summed over coordinates, mean over queries).  Inference is unchanged
             (the full branch); evaluate the ACT branch with the ``_act`` config.
         mtkd_weight: the weight of ``loss_mtkd`` (the paper: 1).
+        encoder_aux_loss: with a sparse encoder (Sparse DETR), also supervise the tokens every
+            encoder layer updated with detection heads of their own (:mod:`.encoder_aux`), the
+            losses ``{name}_enc_{l}`` weighted as ``name``.
         device: device the model is moved to.
         select_box_nums_for_evaluation: detections kept per image at inference (at most Q).
     """
@@ -123,6 +127,7 @@ class DETR(nn.Module):
         select_box_nums_for_evaluation: int = 100,
         mtkd_attention: Optional[nn.Module] = None,
         mtkd_weight: float = 1.0,
+        encoder_aux_loss: bool = False,
     ):
         super().__init__()
         if num_classes < 1 or num_queries < 1:
@@ -164,6 +169,14 @@ class DETR(nn.Module):
         self.query_embed = nn.Embedding(num_queries, embed_dim)
         self.class_embed = nn.Linear(embed_dim, num_classes + 1)
         self.bbox_embed = MLP(embed_dim, embed_dim, 4, num_layers=3)
+        self.encoder_aux = None  # Sparse DETR's encoder auxiliary heads
+        if encoder_aux_loss:
+            if not self.sparse_encoder:
+                raise ValueError(
+                    "encoder_aux_loss=True needs a sparse encoder (e.g. SparseTransformerEncoder, "
+                    f"model.transformer.encoder._target_); the encoder is {type(getattr(transformer, 'encoder', None)).__name__}"
+                )
+            self.encoder_aux = EncoderAuxHeads(embed_dim, num_classes + 1)
 
         pixel_mean = DEFAULT_PIXEL_MEAN if pixel_mean is None else pixel_mean
         pixel_std = DEFAULT_PIXEL_STD if pixel_std is None else pixel_std
@@ -323,6 +336,8 @@ class DETR(nn.Module):
         outputs = self.predict(hs, reference)
         if sparse and sparse[0] is not None:  # a sparse encoder's selection and DAM: loss_dam
             outputs["sparse"] = sparse[0]
+            if self.encoder_aux is not None:  # heads on every encoder layer's selected tokens
+                outputs["encoder_aux_outputs"] = self.encoder_aux(sparse[0].selection, sparse[0].shape)
 
         if self.training:
             losses = self.weight_losses(self.criterion(outputs, targets))
@@ -347,16 +362,21 @@ class DETR(nn.Module):
         return src, mask, pos
 
     def run_transformer(
-        self, src: torch.Tensor, mask: torch.Tensor, pos: Optional[torch.Tensor]
+        self, src: torch.Tensor, mask: torch.Tensor, pos: Optional[torch.Tensor], return_sparse: Optional[bool] = None
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The decoder outputs hs (L, B, Q, C) and the queries' reference points (B, Q, 2)
-        (``None``: DETR has none); in training with a sparse encoder also its
-        :class:`~.sparse_selection.SparseOutputs` (the criterion's ``loss_dam``)."""
-        if self.training and self.sparse_encoder:
+        (``None``: DETR has none); with a sparse encoder and ``return_sparse`` (default: in
+        training) also its :class:`~.sparse_selection.SparseOutputs` (the criterion's
+        ``loss_dam``; the statistics tools ask for it in eval mode)."""
+        if self.want_sparse(return_sparse):
             hs, _, sparse = self.transformer(src, mask, self.query_embed.weight, pos, return_sparse=True)
             return hs, None, sparse
         hs, _ = self.transformer(src, mask, self.query_embed.weight, pos)  # (L, B, Q, C)
         return hs, None
+
+    def want_sparse(self, return_sparse: Optional[bool]) -> bool:
+        """Whether :meth:`run_transformer` returns a sparse encoder's outputs (None: in training)."""
+        return self.sparse_encoder and (self.training if return_sparse is None else bool(return_sparse))
 
     @property
     def sparse_encoder(self) -> bool:
@@ -453,6 +473,8 @@ class ReferencePointDETR(DETR):
         nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
         nn.init.zeros_(self.bbox_embed.layers[-1].weight)
         nn.init.zeros_(self.bbox_embed.layers[-1].bias)
+        if self.encoder_aux is not None:  # K focal logits, like the class head
+            self.encoder_aux = EncoderAuxHeads(self.embed_dim, self.num_classes, prior_prob).to(self.device)
 
     def predict(self, hs: torch.Tensor, reference: torch.Tensor) -> Dict:
         """hs (L, B, Q, C), reference (B, Q, 2) -> the criterion's outputs dict: pred_logits

@@ -23,6 +23,8 @@ from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 __all__ = ["HungarianMatcher"]
 
 
+_EMPTY_SLOT_COST = 1e8  # an unfilled slot: dearer than any real pair, still finite for the solver
+
 class HungarianMatcher(nn.Module):
     """One-to-one assignment of targets to queries (no parameters, no gradients).
 
@@ -76,11 +78,13 @@ class HungarianMatcher(nn.Module):
     ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """
         Args:
-            outputs: {"pred_logits": (B, Q, K), "pred_boxes": (B, Q, 4) normalised cxcywh}.
+            outputs: {"pred_logits": (B, Q, K), "pred_boxes": (B, Q, 4) normalised cxcywh,
+                optionally "pred_valid": (B, Q) bool, the slots that may be matched}.
             targets: B dicts with "labels" (n_i,) int64 and "boxes" (n_i, 4) normalised cxcywh.
 
         Returns:
-            B pairs (index_i, index_j) of int64 tensors of length min(Q, n_i): query index_i[k]
+            B pairs (index_i, index_j) of int64 tensors of length min(Q, n_i) (min(valid slots,
+            n_i) with "pred_valid"): query index_i[k]
             is matched to target index_j[k].  index_i is sorted.
         """
         logits = outputs["pred_logits"]
@@ -110,10 +114,17 @@ class HungarianMatcher(nn.Module):
         if not bool(torch.isfinite(cost).all()):
             raise ValueError("HungarianMatcher: the matching cost has NaN or infinite entries")
 
+        valid = outputs.get("pred_valid")  # (B, Q) bool: only these slots may be matched
+        if valid is not None:
+            valid = valid.cpu()
+            cost = cost.masked_fill(~valid[..., None], _EMPTY_SLOT_COST)
+
         indices = []
         for i, block in enumerate(cost.split(sizes, dim=-1)):  # block (B, Q, n_i)
             rows, cols = linear_sum_assignment(block[i].numpy())
-            indices.append(
-                (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
-            )
+            rows, cols = torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
+            if valid is not None:  # fewer filled slots than targets: the rest stay unmatched
+                keep = valid[i, rows]
+                rows, cols = rows[keep], cols[keep]
+            indices.append((rows, cols))
         return indices

@@ -212,7 +212,11 @@ class SparseTransformerEncoder(TransformerEncoder):
         index = selection.index
         query_pos = None if pos is None else gather_tokens(pos, index)  # (K, B, C)
         x = src
+        layer_tokens = []
         for layer in self.layers:
             y = layer(x, pos, mask, query=gather_tokens(x, index), query_pos=query_pos)  # (K, B, C)
+            layer_tokens.append(y)
             x = scatter_tokens(x, index, y)
-        return SparseEncoderOutput(x, selection) if return_selection else x
+        if not return_selection:
+            return x
+        return SparseEncoderOutput(x, selection._replace(layer_tokens=tuple(layer_tokens)))

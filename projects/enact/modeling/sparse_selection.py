@@ -21,6 +21,7 @@ __all__ = [
     "objectness_target",
     "select_tokens",
     "selection_statistics",
+    "token_centres",
     "top_tokens",
 ]
 
@@ -49,6 +50,9 @@ class TokenSelection(NamedTuple):
     index: torch.Tensor  # (B, K) int64 selected token positions, ascending; empty slots hold N
     slots: torch.Tensor  # (B, K) bool, True = a selected token (the first num_selected[b] slots)
     num_selected: torch.Tensor  # (B,) int64, k_b = ceil(rho * n_b)
+    # per encoder layer, the selected tokens after it (K, B, C) (empty slots: not meaningful),
+    # with their graph: the inputs of the encoder auxiliary loss (:mod:`.encoder_aux`)
+    layer_tokens: Tuple[torch.Tensor, ...] = ()
 
     def token_mask(self) -> torch.Tensor:
         """(B, N) bool, True = selected token (never a pad)."""
@@ -132,19 +136,28 @@ def dam_loss(scores: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) ->
     return (bce * valid).sum() / valid.sum().clamp(min=1)
 
 
+def token_centres(valid: torch.Tensor, shape: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The centres of the columns and rows of a (H, W) token map, normalised by each image's
+    valid region: valid (B, H * W) bool, the valid tokens of image b a top-left h_b x w_b block.
+    Column j's centre is (j + 0.5) / w_b, row i's (i + 0.5) / h_b.  Returns cx (B, W), cy (B, H)
+    float32."""
+    height, width = shape
+    grid = valid.view(-1, height, width)
+    rows = grid.any(2).sum(1).clamp(min=1)  # (B,) h_b
+    cols = grid.any(1).sum(1).clamp(min=1)  # (B,) w_b
+    cy = (torch.arange(height, device=valid.device, dtype=torch.float32)[None] + 0.5) / rows[:, None]  # (B, H)
+    cx = (torch.arange(width, device=valid.device, dtype=torch.float32)[None] + 0.5) / cols[:, None]  # (B, W)
+    return cx, cy
+
+
 def objectness_target(valid: torch.Tensor, shape: Tuple[int, int], boxes: Sequence[torch.Tensor]) -> torch.Tensor:
     """The objectness-score (OS) target: 1 on the valid tokens whose centre lies inside one of
     their image's ground-truth boxes, else 0.  valid (B, H * W) bool, ``shape`` (H, W) of the
     map, boxes: per image (n_b, 4) cxcywh normalised by the unpadded image (the criterion's
     targets).  Token (i, j) of an image whose valid region is h_b x w_b tokens has its centre
     at ((j + 0.5) / w_b, (i + 0.5) / h_b).  (B, H * W) float."""
-    height, width = shape
-    grid = valid.view(-1, height, width)
-    rows = grid.any(2).sum(1).clamp(min=1)  # (B,) h_b
-    cols = grid.any(1).sum(1).clamp(min=1)  # (B,) w_b
     dtype = torch.float32
-    cy = (torch.arange(height, device=valid.device, dtype=dtype)[None] + 0.5) / rows[:, None]  # (B, H)
-    cx = (torch.arange(width, device=valid.device, dtype=dtype)[None] + 0.5) / cols[:, None]  # (B, W)
+    cx, cy = token_centres(valid, shape)  # (B, W), (B, H)
     inside: List[torch.Tensor] = []
     for b, box in enumerate(boxes):  # targets come as a list; boxes per image vary in number
         box = box.to(valid.device, dtype)
@@ -195,8 +208,11 @@ def selection_statistics(sparse: SparseOutputs, targets: Optional[List[Dict[str,
     * ``dam_overlap``: |S_b & T_b| / k_b, T_b the top k_b tokens of the DAM (the scorer's target);
     * ``dam_mass``: the DAM's mass on S_b over its mass on T_b (1 = S_b captures as much of the
       decoder's attention as the best k_b tokens could) -- the paper's correlation analysis;
+    * ``dam_top_share``: the DAM's mass on T_b over its mass on all valid tokens (how
+      concentrated the decoder's attention is: k_b / n_b for a uniform map);
     * ``in_box_share``: the share of S_b inside ground-truth boxes (with ``targets``; see
-      :func:`objectness_target`).
+      :func:`objectness_target`), and ``box_token_share``, the share of all valid tokens inside
+      them (what a random selection would give).
 
     Keys whose inputs are missing (no DAM, no targets) are left out."""
     sel = sparse.selection
@@ -208,7 +224,9 @@ def selection_statistics(sparse: SparseOutputs, targets: Optional[List[Dict[str,
         best = dam_target(dam, sel.valid, sel.num_selected).bool()
         stats["dam_overlap"] = (chosen & best).sum(1) / k.clamp(min=1)
         stats["dam_mass"] = (dam * chosen).sum(1) / (dam * best).sum(1).clamp(min=1e-12)
+        stats["dam_top_share"] = (dam * best).sum(1) / (dam * sel.valid).sum(1).clamp(min=1e-12)
     if targets is not None and sparse.shape is not None:
         inside = objectness_target(sel.valid, sparse.shape, [t["boxes"] for t in targets]).bool()
         stats["in_box_share"] = (chosen & inside).sum(1) / k.clamp(min=1)
+        stats["box_token_share"] = inside.sum(1) / sel.valid.sum(1).clamp(min=1).to(torch.float64)
     return stats

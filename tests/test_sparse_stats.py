@@ -1,0 +1,76 @@
+"""tools/sparse_stats.py end to end on a tiny sparse DETR + ENACT checkpoint and a 3-image shapes
+split: at rho = 1 every valid token is selected, so the selection is the DAM's best (overlap and
+mass 1) and the in-box share is the box token share; a dense config is refused by name."""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+from detectron2.config import LazyCall as L
+from detectron2.config import LazyConfig
+from detectron2.data import build_detection_test_loader
+from omegaconf import OmegaConf
+
+from detection_helpers import ROOT, build, tiny_config
+from projects.enact.data.shapes_loader import shapes_dataset_dicts
+from projects.enact.data.transforms import build_detr_mapper
+from projects.enact.modeling.sparse_encoder import SparseTransformerEncoder
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("sparse_stats", os.path.join(ROOT, "tools", "sparse_stats.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_run(tmp, sparse=True):
+    cfg = OmegaConf.create()
+    cfg.model = tiny_config("detr_r50_300ep_enact", in_features="res4", num_classes=4)
+    cfg.model.transformer.encoder.attention.sigma = 1
+    if sparse:
+        cfg.model.transformer.encoder._target_ = SparseTransformerEncoder
+        cfg.model.transformer.encoder.query_ratio = 0.3
+    cfg.train = {"device": "cpu"}
+    cfg.dataloader = OmegaConf.create()
+    cfg.dataloader.test = L(build_detection_test_loader)(
+        dataset=L(shapes_dataset_dicts)(
+            split="val", name_prefix="sparse_tiny", root=str(tmp / "data"), num_train=1, num_val=3, num_classes=4,
+            image_size=(32, 128), object_size=(10, 28), max_objects=3, filter_empty=False,
+        ),
+        mapper=L(build_detr_mapper)(is_train=False, image_format="BGR", min_size=64, max_size=128),
+        num_workers=0,
+    )
+    config = str(tmp / "tiny.yaml")
+    LazyConfig.save(cfg, config)
+    checkpoint = str(tmp / "model_final.pth")
+    torch.save({"model": build(cfg.model).state_dict()}, checkpoint)
+    return config, checkpoint
+
+
+def test_sparse_stats_tool(tmp_path, capsys):
+    config, checkpoint = tiny_run(tmp_path)
+    out = tmp_path / "stats"
+    result = load_tool().main(["--config-file", config, "--checkpoint", checkpoint, "--batch-size", "2",
+                               "--query-ratios", "0.3", "1.0", "--output", str(out)])
+    saved = json.loads((out / "sparse_stats.json").read_text())
+    assert saved["images"] == 3 and set(saved["query_ratios"]) == {"0.3", "1.0"}
+    full = result["query_ratios"]["1.0"]
+    for row in full["per_image"]:
+        assert row["selected_share"] == 1.0 and row["dam_overlap"] == 1.0
+        assert row["dam_mass"] == pytest.approx(1.0) and row["dam_top_share"] == pytest.approx(1.0)
+        assert row["in_box_share"] == pytest.approx(row["box_token_share"])
+    assert any(r["box_token_share"] > 0 for r in full["per_image"])  # the boxes cover tokens
+    part = result["query_ratios"]["0.3"]["per_image"]
+    assert all(0.3 <= r["selected_share"] < 0.3 + 1 / 8 and 0 <= r["dam_overlap"] <= 1 for r in part)
+    assert all(r["dam_top_share"] >= r["selected_share"] - 1e-9 for r in part)  # the best k hold >= k / n
+    assert "dam_overlap" in capsys.readouterr().out
+
+
+def test_sparse_stats_refuses_a_dense_encoder(tmp_path):
+    config, checkpoint = tiny_run(tmp_path, sparse=False)
+    with pytest.raises(SystemExit, match="not a sparse encoder"):
+        load_tool().main(["--config-file", config, "--checkpoint", checkpoint, "--output", str(tmp_path / "x")])
