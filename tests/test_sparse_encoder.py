@@ -337,3 +337,40 @@ def test_selection_statistics_on_a_hand_computed_case():
                 "in_box_share": 0.5, "box_token_share": 0.25}
     assert {k: round(float(v[0]), 6) for k, v in stats.items()} == {k: round(v, 6) for k, v in expected.items()}
     assert set(selection_statistics(SparseOutputs(sel, None))) == {"selected_share"}
+
+
+@pytest.mark.parametrize("config", ["detr_r50_300ep", "conditional_detr_r50_50ep", "anchor_detr_r50_dc5_50ep_mhsa"])
+def test_every_sparse_enact_config_trains_a_step(config):
+    """The COCO ``_sparse_enact`` configs (shrunk): a sparse encoder whose layers attend to ENACT's
+    clusters; a training step gives every parameter a finite gradient and loss_dam; the
+    ``_sparse`` config's state dict loads with nothing missing but ENACT's own parameters."""
+    cfg = tiny_config(f"{config}_sparse_enact")
+    torch.manual_seed(0)
+    model = instantiate(cfg)
+    encoder = model.transformer.encoder
+    assert isinstance(encoder, SparseTransformerEncoder) and encoder.query_ratio == 0.3
+    assert all(isinstance(layer.self_attn, EnactAttention) for layer in encoder.layers)
+    losses = one_training_step(model, IMAGES)
+    assert all(torch.isfinite(v) for v in losses.values())
+    plain = instantiate(tiny_config(f"{config}_sparse"))
+    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all("self_attn" in k for k in missing), missing
+
+
+def test_the_scorer_may_read_positions_and_stop_its_loss_at_its_input():
+    """scorer_reads_pos scores src + pos; detach_scorer_input keeps loss_dam's gradient out of src."""
+    sparse, _ = encoders("mhsa", 0.3)
+    src, pos, mask = inputs()
+    src.requires_grad_(True)
+    plain = sparse.select(src, mask, pos).scores
+    torch.testing.assert_close(plain, sparse.scorer(src).transpose(0, 1))
+    sparse.scorer_reads_pos = True
+    torch.testing.assert_close(sparse.select(src, mask, pos).scores, sparse.scorer(src + pos).transpose(0, 1))
+    sparse.select(src, mask, pos).scores.sum().backward()
+    assert src.grad is not None and src.grad.abs().sum() > 0
+    src.grad = None
+    sparse.detach_scorer_input = True
+    scores = sparse.select(src, mask, pos).scores
+    assert not scores.requires_grad or src.grad is None
+    scores.sum().backward() if scores.requires_grad else None
+    assert src.grad is None

@@ -161,6 +161,7 @@ class SparseTransformerEncoder(TransformerEncoder):
             changed between calls (e.g. a lower rho at inference).
         scorer_hidden_dim: hidden width of the :class:`TokenScorer` (default ``embed_dim``).
         detach_scorer_input: score ``src.detach()`` (the scorer's loss then stops at the scorer).
+        scorer_reads_pos: score ``src + pos`` (content and position) instead of ``src``.
         scorer_target: what the scorer learns: "dam" (Sparse DETR: the top rho of the decoder
             cross-attention map, ``loss_dam``) or "objectness" (the paper's OS alternative: the
             tokens inside ground-truth boxes, ``loss_os``; the decoders then compute no map).
@@ -181,21 +182,26 @@ class SparseTransformerEncoder(TransformerEncoder):
         scorer_hidden_dim: Optional[int] = None,
         detach_scorer_input: bool = False,
         scorer_target: str = "dam",
+        scorer_reads_pos: bool = False,
     ):
         super().__init__(attention, num_layers, embed_dim, ffn_dim, dropout, activation, num_heads)
         self.query_ratio = check_query_ratio(query_ratio)
         self.detach_scorer_input = bool(detach_scorer_input)
+        self.scorer_reads_pos = bool(scorer_reads_pos)
         self.scorer_target = check_scorer_target(scorer_target)
         self.scorer = TokenScorer(embed_dim, scorer_hidden_dim)
 
     def extra_repr(self) -> str:
         return (f"query_ratio={self.query_ratio}, detach_scorer_input={self.detach_scorer_input}, "
-                f"scorer_target={self.scorer_target!r}")
+                f"scorer_reads_pos={self.scorer_reads_pos}, scorer_target={self.scorer_target!r}")
 
-    def select(self, src: torch.Tensor, mask: Optional[torch.Tensor] = None) -> TokenSelection:
-        """Scores src (N, B, C) and selects each image's top rho valid tokens."""
+    def select(self, src: torch.Tensor, mask: Optional[torch.Tensor] = None,
+               pos: Optional[torch.Tensor] = None) -> TokenSelection:
+        """Scores src (N, B, C) (+ pos with ``scorer_reads_pos``) and selects each image's top
+        rho valid tokens."""
         rho = check_query_ratio(self.query_ratio)
-        scores = self.scorer(src.detach() if self.detach_scorer_input else src).transpose(0, 1)  # (B, N)
+        tokens = src if not self.scorer_reads_pos or pos is None else src + pos
+        scores = self.scorer(tokens.detach() if self.detach_scorer_input else tokens).transpose(0, 1)  # (B, N)
         valid = torch.ones_like(scores, dtype=torch.bool) if mask is None else ~mask
         return select_tokens(scores, valid, rho)
 
@@ -208,7 +214,7 @@ class SparseTransformerEncoder(TransformerEncoder):
     ):
         """src, pos (N, B, C); mask (B, N) bool, True = padding.  Returns the memory (N, B, C),
         or a :class:`SparseEncoderOutput` (memory, selection) with ``return_selection``."""
-        selection = self.select(src, mask)
+        selection = self.select(src, mask, pos)
         index = selection.index
         query_pos = None if pos is None else gather_tokens(pos, index)  # (K, B, C)
         x = src
