@@ -144,6 +144,28 @@ def test_variants_and_groups():
     assert group_configs(sparse) == {"conditional_detr_r18_shapes": [sparse[1], sparse[0], sparse[2]]}
 
 
+def test_query_ratio_rows():
+    """--query-ratios: every Sparse DETR config once per rho (PATH@RHO), labelled and loaded at that
+    rho; other configs unchanged; a rho on a dense config or a bad rho is a clear error."""
+    from projects.enact.benchmark.detector import expand_query_ratios
+
+    base, sparse = "configs/shapes/conditional_detr_r18_shapes.py", "configs/shapes/conditional_detr_r18_shapes_sparse_enact.py"
+    paths = expand_query_ratios([base, sparse], [0.1, 0.3])
+    assert paths == [base, sparse + "@0.1", sparse + "@0.3"]
+    assert expand_query_ratios([base, sparse], None) == [base, sparse]
+    assert [runner.variant(p) for p in paths] == ["baseline", "sparse+enact rho=0.1", "sparse+enact rho=0.3"]
+    assert {runner.detector_key(p) for p in paths} == {"conditional_detr_r18_shapes"}
+    assert runner.config_name(paths[1]) == "conditional_detr_r18_shapes_sparse_enact_rho0.1"
+    assert runner.resolve_config(paths[1]) == os.path.join(ROOT, sparse) + "@0.1"
+    assert runner.load_config(paths[1], [], "cpu").model.transformer.encoder.query_ratio == 0.1
+    with pytest.raises(ValueError, match="has none"):
+        runner.load_config(base + "@0.1", [], "cpu")
+    with pytest.raises(ValueError, match="a query ratio"):
+        runner.split_spec(sparse + "@x")
+    with pytest.raises(ValueError, match=r"--query-ratios: 1.5 is not in \(0, 1\]"):
+        expand_query_ratios([sparse], [1.5])
+
+
 def test_analyze_model(tmp_path):
     result, stdout = run_tool("analyze_model", "--size", "64", "96", tmp_path=tmp_path,
                               configs=CONFIGS + ["configs/shapes/detr_r18_shapes_act.py"])

@@ -27,6 +27,8 @@ weights here, so they show the mechanism, not COCO numbers.
 
     python tools/analyze_model.py                                   # the default configs, 800x1333
     python tools/analyze_model.py --configs configs/detr_r50_300ep_enact.py --size 800 1216
+    python tools/analyze_model.py --configs conditional_detr_r50_50ep conditional_detr_r50_50ep_sparse_enact \\
+        --query-ratios 0.1 0.3          # a Sparse DETR config at each rho (also PATH@RHO in --configs)
 """
 import argparse
 import json
@@ -182,6 +184,8 @@ def main(argv=None):
     p.add_argument("--out-md", default="output/analyze_model.md")
     p.add_argument("--out-json", default="output/analyze_model.json")
     p.add_argument("--opts", nargs="*", default=[], help="LazyConfig overrides (key=value) applied to every config")
+    p.add_argument("--query-ratios", type=float, nargs="+", default=None,
+                   help="count every Sparse DETR config (X_sparse*.py) at each of these rho (one row each)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -190,6 +194,9 @@ def main(argv=None):
         paths = [resolve_config(c) for c in DEFAULT_CONFIGS if os.path.isfile(os.path.join(ROOT, c))]
     else:
         paths = [resolve_config(c) for c in args.configs]
+    from projects.enact.benchmark.detector import expand_query_ratios
+
+    paths = expand_query_ratios(paths, args.query_ratios)
     given = sys.argv[1:] if argv is None else argv
     command = "python tools/analyze_model.py " + " ".join(shlex.quote(a) for a in given)
     header = (f"input: {args.batch} x 3 x {args.size[0]} x {args.size[1]} (random pixels, eval mode), device {device}; "

@@ -27,7 +27,7 @@ import torch
 from .report import Progress, hms, markdown_document, markdown_table, profile_lines, write_atomic
 from .runner import (
     MODES, ORIENTATIONS, ROOT, Runner, config_batch_size, config_name, detector_key, load_config, memory_worker,
-    profile_step, resolve_config, variant,
+    profile_step, resolve_config, split_spec, variant, with_query_ratio,
 )
 from .utils import device_name, timed
 
@@ -224,7 +224,7 @@ class Plan:
 def make_plan(args):
     """The Plan of the parsed arguments: configs paired per detector, batch sizes, header."""
     device = torch.device(args.device)
-    groups = group_configs(config_paths(args.configs))
+    groups = group_configs(expand_query_ratios(config_paths(args.configs), args.query_ratios))
     sizes = {key: args.batch or config_batch_size(load_config(members[0], args.opts, str(device)))
              for key, members in groups.items()}
     padded, layout = batch_layout(args.size, args.orientation)
@@ -243,6 +243,21 @@ def config_paths(configs):
     if configs is None:
         return [resolve_config(c) for c in DEFAULT_CONFIGS if os.path.isfile(os.path.join(ROOT, c))]
     return [resolve_config(c) for c in configs]
+
+
+def expand_query_ratios(paths, ratios):
+    """Every Sparse DETR config (``X_sparse*.py``) once per query ratio in ``ratios`` (``PATH@RHO``);
+    the others as they are.  ``ratios`` None: unchanged."""
+    if not ratios:
+        return paths
+    for rho in ratios:
+        if not 0.0 < rho <= 1.0:
+            raise ValueError(f"--query-ratios: {rho} is not in (0, 1]")
+    out = []
+    for path in paths:
+        sparse = variant(path).startswith("sparse") and split_spec(path)[1] is None
+        out.extend([with_query_ratio(path, rho) for rho in ratios] if sparse else [path])
+    return out
 
 
 def group_configs(paths):
@@ -394,6 +409,8 @@ def build_parser(description=None):
                    help="after the timing, one step per (variant, mode) under torch.profiler; op tables to DIR")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--opts", nargs="*", default=[], help="LazyConfig overrides (key=value) applied to every config")
+    p.add_argument("--query-ratios", type=float, nargs="+", default=None,
+                   help="run every Sparse DETR config (X_sparse*.py) at each of these rho (one row each)")
     p.add_argument("--worker-config", help=argparse.SUPPRESS)
     p.add_argument("--worker-mode", help=argparse.SUPPRESS)
     return p

@@ -30,25 +30,50 @@ _BACKWARD = "autograd::engine::evaluate_function: "
 
 
 # ------------------------------------------------------------------------------------ configs
+# A config is named by its path, or by ``PATH@RHO`` for a Sparse DETR config run at query ratio RHO
+# (``--query-ratios``): the config with model.transformer.encoder.query_ratio=RHO.
+RHO_SEP = "@"
+
+
+def split_spec(spec: str):
+    """(path, rho or None) of a config spec ``PATH`` or ``PATH@RHO``."""
+    path, sep, rho = spec.partition(RHO_SEP)
+    if not sep:
+        return spec, None
+    try:
+        return path, float(rho)
+    except ValueError:
+        raise ValueError(f"config {spec!r}: after {RHO_SEP!r} a query ratio (a number in (0, 1]) was expected") from None
+
+
+def with_query_ratio(path: str, rho: float) -> str:
+    return f"{path}{RHO_SEP}{rho:g}"
+
+
 def resolve_config(name: str) -> str:
-    """Absolute path of a config given as a path, relative to the repository or a name under configs/."""
+    """Absolute path of a config given as a path, relative to the repository or a name under
+    configs/ (a ``@RHO`` suffix is kept)."""
+    name, rho = split_spec(name)
     for cand in (name, os.path.join(ROOT, name), os.path.join(ROOT, "configs", name),
                  os.path.join(ROOT, "configs", name + ".py")):
         if os.path.isfile(cand):
-            return os.path.abspath(cand)
+            path = os.path.abspath(cand)
+            return path if rho is None else with_query_ratio(path, rho)
     raise FileNotFoundError(f"config {name!r} not found (tried it as a path, under {ROOT} and under configs/)")
 
 
 def config_name(path: str) -> str:
-    """The config's file name without ``.py``."""
-    return os.path.splitext(os.path.basename(path))[0]
+    """The config's file name without ``.py`` (``_rho{RHO}`` appended for ``PATH@RHO``)."""
+    path, rho = split_spec(path)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return stem if rho is None else f"{stem}_rho{rho:g}"
 
 
 def detector_key(path: str) -> str:
     """Configs ``X.py``, ``X_enact.py``, ``X_act.py``, ``X_sparse.py`` and ``X_sparse_enact.py``
     are the baseline, the ENACT, the ACT, the Sparse DETR and the Sparse DETR + ENACT variant of
     detector X."""
-    name = config_name(path)
+    name = config_name(split_spec(path)[0])
     for suffix in VARIANT_SUFFIXES:
         if name.endswith(suffix):
             return name[: -len(suffix)]
@@ -57,17 +82,26 @@ def detector_key(path: str) -> str:
 
 def variant(path: str) -> str:
     """The variant label of a config: "enact" (``X_enact.py``), "act" (``X_act.py``), "sparse"
-    (``X_sparse.py``), "sparse+enact" (``X_sparse_enact.py``) or "baseline"."""
+    (``X_sparse.py``), "sparse+enact" (``X_sparse_enact.py``) or "baseline"; a Sparse DETR
+    config at ``@RHO`` gets " rho=RHO" appended."""
+    path, rho = split_spec(path)
     name = config_name(path)
-    return next((label for suffix, label in VARIANT_SUFFIXES.items() if name.endswith(suffix)), "baseline")
+    label = next((label for suffix, label in VARIANT_SUFFIXES.items() if name.endswith(suffix)), "baseline")
+    return label if rho is None else f"{label} rho={rho:g}"
 
 
 def load_config(path: str, opts, device: str):
     """The LazyConfig at ``path`` with the ``key=value`` overrides ``opts``, on ``device``."""
     from detectron2.config import LazyConfig
 
+    path, rho = split_spec(path)
     cfg = LazyConfig.load(path)
     cfg = LazyConfig.apply_overrides(cfg, list(opts or []))
+    if rho is not None:
+        if "query_ratio" not in cfg.model.transformer.get("encoder", {}):
+            raise ValueError(f"{path}@{rho:g}: a query ratio is for a Sparse DETR config "
+                             "(model.transformer.encoder.query_ratio); this config has none")
+        cfg.model.transformer.encoder.query_ratio = rho
     if "train" in cfg:
         cfg.train.device = device
     if "device" in cfg.model:  # detrex's models take their device as an argument
