@@ -64,9 +64,12 @@ def test_sparse_stats_tool(tmp_path, capsys):
         assert row["dam_mass"] == pytest.approx(1.0) and row["dam_top_share"] == pytest.approx(1.0)
         assert row["in_box_share"] == pytest.approx(row["box_token_share"])
     assert any(r["box_token_share"] > 0 for r in full["per_image"])  # the boxes cover tokens
+    assert all(r["norm_ratio"] != r["norm_ratio"] for r in full["per_image"])  # nothing unselected: nan
+    assert "norm_ratio" not in full["summary"]
     part = result["query_ratios"]["0.3"]["per_image"]
     assert all(0.3 <= r["selected_share"] < 0.3 + 1 / 8 and 0 <= r["dam_overlap"] <= 1 for r in part)
     assert all(r["dam_top_share"] >= r["selected_share"] - 1e-9 for r in part)  # the best k hold >= k / n
+    assert all(r["norm_ratio"] > 0 for r in part)
     assert "dam_overlap" in capsys.readouterr().out
 
 
@@ -74,3 +77,13 @@ def test_sparse_stats_refuses_a_dense_encoder(tmp_path):
     config, checkpoint = tiny_run(tmp_path, sparse=False)
     with pytest.raises(SystemExit, match="not a sparse encoder"):
         load_tool().main(["--config-file", config, "--checkpoint", checkpoint, "--output", str(tmp_path / "x")])
+
+
+def test_norm_ratio_hand_computed():
+    """Tokens of norms 1, 2, 3, 6 (the last a pad); tokens 0 and 1 selected: (3) / (1.5) = 2."""
+    from projects.enact.modeling.sparse_selection import top_tokens
+
+    memory = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [0.0, 6.0]])[:, None, :]  # (N, B, C)
+    valid = torch.tensor([[True, True, True, False]])
+    sel = top_tokens(torch.tensor([[5.0, 4.0, 0.0, 9.0]]), valid, torch.tensor([2]))
+    assert load_tool().norm_ratio(memory, sel).tolist() == [2.0]

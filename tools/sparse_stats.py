@@ -8,7 +8,10 @@ dataset split: per query ratio rho, the mean (and std over images) of
 * dam_top_share the DAM's mass on T over its total (how concentrated the decoder's attention is;
                 k / n for a uniform map);
 * in_box_share  the share of S inside ground-truth boxes, against box_token_share, the share of
-                all valid tokens inside them (what a random selection would give).
+                all valid tokens inside them (what a random selection would give);
+* norm_ratio    the mean L2 norm of the memory's unselected valid tokens (the encoder's input,
+                passed through) over that of its selected ones (normalised by the encoder's
+                LayerNorms): how far apart the two populations the decoder reads are in scale.
 
     python tools/sparse_stats.py --config-file configs/shapes/conditional_detr_r18_shapes_sparse_enact.py \\
         --checkpoint output/shapes/conditional_detr_r18_sparse_enact/model_final.pth \\
@@ -31,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 logger = logging.getLogger("sparse_stats")
 
-STATS = ("selected_share", "dam_overlap", "dam_mass", "dam_top_share", "in_box_share", "box_token_share")
+STATS = ("selected_share", "dam_overlap", "dam_mass", "dam_top_share", "in_box_share", "box_token_share", "norm_ratio")
 
 
 def parse_args(argv=None):
@@ -72,18 +75,41 @@ def measure(model, mapper, dicts, batch_size, progress=None):
     from projects.enact.modeling.sparse_selection import selection_statistics
 
     rows = []
-    for start in range(0, len(dicts), batch_size):
-        chunk = dicts[start:start + batch_size]
-        mapped = [mapper(dict(d)) for d in chunk]
-        with torch.no_grad():
-            images = model.preprocess_image([{"image": m["image"]} for m in mapped])
-            src, mask, pos = model.encode_images(images)
-            sparse = model.run_transformer(src, mask, pos, return_sparse=True)[-1]
-            stats = selection_statistics(sparse, normalised_targets(chunk, mapped))
-        rows.extend({k: float(v[b]) for k, v in stats.items()} for b in range(len(chunk)))
-        if progress is not None:
-            progress(len(chunk))
+    memory = []  # the encoder's output of the current batch, (N, B, C)
+    hook = model.transformer.encoder.register_forward_hook(lambda m, args, out: memory.append(out[0]))
+    try:
+        for start in range(0, len(dicts), batch_size):
+            chunk = dicts[start:start + batch_size]
+            mapped = [mapper(dict(d)) for d in chunk]
+            memory.clear()
+            with torch.no_grad():
+                images = model.preprocess_image([{"image": m["image"]} for m in mapped])
+                src, mask, pos = model.encode_images(images)
+                sparse = model.run_transformer(src, mask, pos, return_sparse=True)[-1]
+                stats = selection_statistics(sparse, normalised_targets(chunk, mapped))
+                stats["norm_ratio"] = norm_ratio(memory[-1], sparse.selection)
+            rows.extend({k: float(v[b]) for k, v in stats.items()} for b in range(len(chunk)))
+            if progress is not None:
+                progress(len(chunk))
+    finally:
+        hook.remove()
     return rows
+
+
+def norm_ratio(memory, selection):
+    """Per image, mean L2 norm of the unselected valid tokens of ``memory`` (N, B, C) over that
+    of the selected ones (nan where either set is empty).  (B,) float64."""
+    import torch
+
+    norms = memory.norm(dim=-1).t().double()  # (B, N)
+    chosen = selection.token_mask()
+    rest = selection.valid & ~chosen
+
+    def mean(m):
+        return (norms * m).sum(1) / m.sum(1).clamp(min=1)
+
+    ratio = mean(rest) / mean(chosen)
+    return torch.where(rest.any(1) & chosen.any(1), ratio, torch.full_like(ratio, float("nan")))
 
 
 def summarize(rows):
@@ -91,7 +117,7 @@ def summarize(rows):
 
     out = {}
     for name in STATS:
-        values = np.array([r[name] for r in rows if name in r])
+        values = np.array([r[name] for r in rows if name in r and not np.isnan(r[name])])
         if values.size:
             out[name] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if values.size > 1 else 0.0}
     return out
