@@ -12,7 +12,10 @@ What makes a run repeatable (tools/train_net.py):
 * The shapes dataset is generated from its own seed (not ``train.seed``): every seed trains and
   is evaluated on the same images.
 * CPU kernels (ENACT's ops included: one thread per segment, no atomics) give the same results
-  for the same thread count; a different ``torch.get_num_threads()`` may change float sums.
+  for the same thread count on the same CPU; a different ``torch.get_num_threads()`` may change
+  float sums, and so may another CPU (oneDNN / MKL pick their kernels by the instruction set and
+  the vendor): the log line names both.  A changed float sum in step 1 grows over thousands of
+  steps into a run as different as another seed's.
 * ``train.deterministic=True`` (for GPUs) also sets ``torch.use_deterministic_algorithms`` (warn
   only: an op without a deterministic kernel warns instead of failing), ``cudnn.deterministic``,
   no cudnn benchmark and ``CUBLAS_WORKSPACE_CONFIG``; off by default (slower on GPUs; on CPUs
@@ -55,8 +58,23 @@ def describe_rng_setup(seed: int, rank: int, deterministic: bool) -> str:
         f"seed {seed} + rank {rank}" if seed >= 0 else "seed random (train.seed < 0)"
     ) + (
         f", {torch.get_num_threads()} intra-op threads, deterministic algorithms "
-        f"{'on' if deterministic else 'off'}, torch {torch.__version__}"
+        f"{'on' if deterministic else 'off'}, torch {torch.__version__}, CPU kernels "
+        f"{torch.backends.cpu.get_cpu_capability()} on {cpu_model()}"
     )
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; else the platform's processor string)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "an unknown CPU"
 
 
 @contextlib.contextmanager
