@@ -32,9 +32,9 @@ no Python loop over images, and an image's selection does not depend on the rest
 (a stable sort ranks each row by itself).
 
 The scoring network (:class:`TokenScorer`) reads the encoder's input tokens ``src`` (the
-projected backbone features, without the positional embedding; ``detach_scorer_input=True``
-keeps ``loss_dam`` out of the backbone and the input projection -- the default lets it in, as
-long as no measurement says otherwise).  The selection is an index (``torch.sort`` of detached
+projected backbone features; ``scorer_reads_pos=True``: plus the positional embedding) detached
+by default (``detach_scorer_input``): ``loss_dam`` trains the scorer and nothing else, which
+docs/sparse_detr.md measured to select closer to the DAM without costing detection loss.  The selection is an index (``torch.sort`` of detached
 scores), so **no gradient reaches the scorer through the memory**: the scorer learns only from
 ``loss_dam`` (:mod:`.sparse_selection`): BCE of its scores against the top k_b tokens of the
 decoder cross-attention map (DAM: the weights of all queries, heads and decoder layers on each
@@ -160,7 +160,8 @@ class SparseTransformerEncoder(TransformerEncoder):
         query_ratio: rho in (0, 1]; an attribute read (and checked) at every call, so it may be
             changed between calls (e.g. a lower rho at inference).
         scorer_hidden_dim: hidden width of the :class:`TokenScorer` (default ``embed_dim``).
-        detach_scorer_input: score ``src.detach()`` (the scorer's loss then stops at the scorer).
+        detach_scorer_input: score ``src.detach()``, so that ``loss_dam`` trains the scorer only
+            (default; measured against letting it reach the backbone in docs/sparse_detr.md).
         scorer_reads_pos: score ``src + pos`` (content and position) instead of ``src``.
         scorer_target: what the scorer learns: "dam" (Sparse DETR: the top rho of the decoder
             cross-attention map, ``loss_dam``) or "objectness" (the paper's OS alternative: the
@@ -180,7 +181,7 @@ class SparseTransformerEncoder(TransformerEncoder):
         num_heads: int = 8,
         query_ratio: float = 0.3,
         scorer_hidden_dim: Optional[int] = None,
-        detach_scorer_input: bool = False,
+        detach_scorer_input: bool = True,
         scorer_target: str = "dam",
         scorer_reads_pos: bool = False,
     ):
