@@ -73,6 +73,12 @@ def test_sparse_stats_tool(tmp_path, capsys):
     assert "dam_overlap" in capsys.readouterr().out
 
 
+def test_overrides_may_follow_the_list_of_ratios():
+    args = load_tool().parse_args(["--config-file", "c.py", "--checkpoint", "m.pth", "--output", "o",
+                                   "--query-ratios", "0.1", "0.3", "model.transformer.encoder.scorer_reads_pos=False"])
+    assert args.query_ratios == [0.1, 0.3] and args.opts == ["model.transformer.encoder.scorer_reads_pos=False"]
+
+
 def test_sparse_stats_refuses_a_dense_encoder(tmp_path):
     config, checkpoint = tiny_run(tmp_path, sparse=False)
     with pytest.raises(SystemExit, match="not a sparse encoder"):

@@ -21,7 +21,7 @@ writes ``<output>/sparse_stats.json`` (summary per rho + per-image values).  The
 eval mode on the CPU at the config's test-time input size; the DAM is the sum over all queries,
 heads and decoder layers (:func:`projects.enact.modeling.sparse_selection.selection_statistics`).
 A scorer trained on the objectness target computes no DAM: only the box shares are reported.
-Trailing ``key=value`` override the config.
+``key=value`` arguments override the config.
 """
 import argparse
 import json
@@ -47,8 +47,13 @@ def parse_args(argv=None):
                    help="rho values to measure (default: the config's encoder.query_ratio)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--output", required=True, help="output folder")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides key=value")
-    return p.parse_args(argv)
+    p.add_argument("opts", nargs="*", help="config overrides key=value (anywhere on the line)")
+    # key=value overrides may follow a list option (--query-ratios 0.1 0.3 key=value): take them out first
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = p.parse_args([a for a in argv if a not in overrides])
+    args.opts = list(args.opts) + overrides
+    return args
 
 
 def normalised_targets(dicts, mapped):
