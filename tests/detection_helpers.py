@@ -1,6 +1,7 @@
 """Inputs, tiny configurations and checks shared by the detector tests (DETR, Conditional DETR,
 Anchor DETR, ENACT-RCDA and the with/without-ENACT detector matrix)."""
 
+import importlib.util
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -30,6 +31,15 @@ def tiny_config(name: str, **kwargs):
     """``model_config(name)`` shrunk to the tiny test model with ``NUM_CLASSES`` classes
     (``kwargs``: other arguments of ``shrink_model``)."""
     return shrink_model(model_config(name), **{"num_classes": NUM_CLASSES, **kwargs})
+
+
+def sparse(model_cfg, query_ratio: float = 0.3):
+    """``model_cfg`` with Sparse DETR's encoder (SparseTransformerEncoder at ``query_ratio``)."""
+    from projects.enact.modeling.sparse_encoder import SparseTransformerEncoder
+
+    model_cfg.transformer.encoder._target_ = SparseTransformerEncoder
+    model_cfg.transformer.encoder.query_ratio = query_ratio
+    return model_cfg
 
 
 def build(model_cfg, seed: int = 0):
@@ -205,3 +215,41 @@ def recomputed_coco_ap(predictions_json, datasets_root) -> Dict[str, float]:
         ev.accumulate()
         ev.summarize()
     return {"AP": 100 * ev.stats[0], "AP50": 100 * ev.stats[1], "AP75": 100 * ev.stats[2]}
+
+
+# ---------------------------------------------------------------------- tools
+def load_tool(name: str):
+    """The module of ``tools/<name>.py``."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def save_tiny_run(tmp, model_cfg, name_prefix: str) -> Tuple[str, str]:
+    """A config (yaml) of ``model_cfg`` with a 3-image shapes val split under ``tmp``, and a
+    checkpoint of its initial weights: (config path, checkpoint path), for the tools' tests."""
+    from detectron2.config import LazyCall as L
+    from detectron2.data import build_detection_test_loader
+    from omegaconf import OmegaConf
+
+    from projects.enact.data.shapes_loader import shapes_dataset_dicts
+    from projects.enact.data.transforms import build_detr_mapper
+
+    cfg = OmegaConf.create()
+    cfg.model = model_cfg
+    cfg.train = {"device": "cpu"}
+    cfg.dataloader = OmegaConf.create()
+    cfg.dataloader.test = L(build_detection_test_loader)(
+        dataset=L(shapes_dataset_dicts)(
+            split="val", name_prefix=name_prefix, root=str(tmp / "data"), num_train=1, num_val=3, num_classes=4,
+            image_size=(32, 128), object_size=(10, 28), max_objects=3, filter_empty=False,
+        ),
+        mapper=L(build_detr_mapper)(is_train=False, image_format="BGR", min_size=64, max_size=128),
+        num_workers=0,
+    )
+    config = str(tmp / "tiny.yaml")
+    LazyConfig.save(cfg, config)
+    checkpoint = str(tmp / "model_final.pth")
+    torch.save({"model": build(cfg.model).state_dict()}, checkpoint)
+    return config, checkpoint

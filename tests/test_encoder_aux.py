@@ -4,12 +4,11 @@ with ``{name}_enc_{l}`` losses weighted as ``name``, and a clear error without a
 import pytest
 import torch
 from detectron2.config import instantiate
-from detection_helpers import sample, tiny_config
+from detection_helpers import sample, sparse, tiny_config
 
 from projects.enact.modeling.criterion import SetCriterion
 from projects.enact.modeling.encoder_aux import EncoderAuxHeads
 from projects.enact.modeling.matcher import HungarianMatcher
-from projects.enact.modeling.sparse_encoder import SparseTransformerEncoder
 from projects.enact.modeling.sparse_selection import top_tokens
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -93,9 +92,7 @@ def test_empty_slots_are_never_matched_nor_classified(use_focal):
 
 @pytest.mark.parametrize("config", ["detr_r50_300ep", "conditional_detr_r50_50ep", "anchor_detr_r50_dc5_50ep_mhsa"])
 def test_every_detector_trains_with_the_encoder_aux_loss(config):
-    cfg = tiny_config(config)
-    cfg.transformer.encoder._target_ = SparseTransformerEncoder
-    cfg.transformer.encoder.query_ratio = 0.3
+    cfg = sparse(tiny_config(config))
     cfg.criterion.weight_dict["loss_dam"] = 1.0
     cfg.encoder_aux_loss = True
     torch.manual_seed(0)
@@ -115,9 +112,11 @@ def test_every_detector_trains_with_the_encoder_aux_loss(config):
     heads = dict(model.encoder_aux.named_parameters())
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in heads.values())
     # the box head's last layer starts at zero (so its earlier layers get no gradient yet)
-    assert all(heads[n].grad.abs().sum() > 0 for n in ("class_embed.weight", "bbox_embed.4.weight", "bbox_embed.4.bias"))
-    logits = model.encoder_aux.class_embed.out_features
-    assert logits == (model.num_classes + 1 if config.startswith("detr") else model.num_classes)
+    assert all(heads[n].grad.abs().sum() > 0 for n in ("class_embed.weight", "bbox_embed.layers.2.weight", "bbox_embed.layers.2.bias"))
+    logits = model.encoder_aux.class_embed
+    assert logits.out_features == (model.num_classes + 1 if config.startswith("detr") else model.num_classes)
+    if not config.startswith("detr"):  # focal heads: the encoder's class bias starts at the decoder's prior
+        torch.testing.assert_close(logits.bias, model.class_embed.bias)
     model.eval()  # inference needs no heads and returns detections as before
     with torch.no_grad():
         assert len(model(IMAGES)) == 2

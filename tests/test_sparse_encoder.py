@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
-from detection_helpers import sample, tiny_config
+from detection_helpers import sample, sparse, tiny_config
 
 from projects.enact import EnactAttention
 from projects.enact.modeling.sparse_encoder import (
@@ -209,9 +209,7 @@ IMAGES = [sample(64, 96, 0, [[5, 6, 40, 50]], [1]), sample(48, 64, 1)]
 
 @pytest.mark.parametrize("config", ["detr_r50_300ep", "conditional_detr_r50_50ep", "anchor_detr_r50_dc5_50ep_mhsa"])
 def test_the_sparse_encoder_drops_into_every_mhsa_detector(config):
-    cfg = tiny_config(config)
-    cfg.transformer.encoder._target_ = SparseTransformerEncoder
-    cfg.transformer.encoder.query_ratio = 0.3
+    cfg = sparse(tiny_config(config))
     cfg.criterion.weight_dict["loss_dam"] = 0.5
     torch.manual_seed(0)
     model = instantiate(cfg)

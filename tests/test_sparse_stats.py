@@ -1,60 +1,26 @@
 """tools/sparse_stats.py end to end on a tiny sparse DETR + ENACT checkpoint and a 3-image shapes
 split: at rho = 1 every valid token is selected, so the selection is the DAM's best (overlap and
 mass 1) and the in-box share is the box token share; a dense config is refused by name."""
-import importlib.util
 import json
-import os
 
 import pytest
 import torch
-from detectron2.config import LazyCall as L
-from detectron2.config import LazyConfig
-from detectron2.data import build_detection_test_loader
-from omegaconf import OmegaConf
 
-from detection_helpers import ROOT, build, tiny_config
-from projects.enact.data.shapes_loader import shapes_dataset_dicts
-from projects.enact.data.transforms import build_detr_mapper
-from projects.enact.modeling.sparse_encoder import SparseTransformerEncoder
+from detection_helpers import load_tool, save_tiny_run, sparse, tiny_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("sparse_stats", os.path.join(ROOT, "tools", "sparse_stats.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def tiny_run(tmp, sparse=True):
-    cfg = OmegaConf.create()
-    cfg.model = tiny_config("detr_r50_300ep_enact", in_features="res4", num_classes=4)
-    cfg.model.transformer.encoder.attention.sigma = 1
-    if sparse:
-        cfg.model.transformer.encoder._target_ = SparseTransformerEncoder
-        cfg.model.transformer.encoder.query_ratio = 0.3
-    cfg.train = {"device": "cpu"}
-    cfg.dataloader = OmegaConf.create()
-    cfg.dataloader.test = L(build_detection_test_loader)(
-        dataset=L(shapes_dataset_dicts)(
-            split="val", name_prefix="sparse_tiny", root=str(tmp / "data"), num_train=1, num_val=3, num_classes=4,
-            image_size=(32, 128), object_size=(10, 28), max_objects=3, filter_empty=False,
-        ),
-        mapper=L(build_detr_mapper)(is_train=False, image_format="BGR", min_size=64, max_size=128),
-        num_workers=0,
-    )
-    config = str(tmp / "tiny.yaml")
-    LazyConfig.save(cfg, config)
-    checkpoint = str(tmp / "model_final.pth")
-    torch.save({"model": build(cfg.model).state_dict()}, checkpoint)
-    return config, checkpoint
+def tiny_run(tmp, with_sparse=True):
+    cfg = tiny_config("detr_r50_300ep_enact", in_features="res4", num_classes=4)
+    cfg.transformer.encoder.attention.sigma = 1
+    return save_tiny_run(tmp, sparse(cfg) if with_sparse else cfg, "sparse_tiny")
 
 
 def test_sparse_stats_tool(tmp_path, capsys):
     config, checkpoint = tiny_run(tmp_path)
     out = tmp_path / "stats"
-    result = load_tool().main(["--config-file", config, "--checkpoint", checkpoint, "--batch-size", "2",
+    result = load_tool("sparse_stats").main(["--config-file", config, "--checkpoint", checkpoint, "--batch-size", "2",
                                "--query-ratios", "0.3", "1.0", "--output", str(out)])
     saved = json.loads((out / "sparse_stats.json").read_text())
     assert saved["images"] == 3 and set(saved["query_ratios"]) == {"0.3", "1.0"}
@@ -74,15 +40,15 @@ def test_sparse_stats_tool(tmp_path, capsys):
 
 
 def test_overrides_may_follow_the_list_of_ratios():
-    args = load_tool().parse_args(["--config-file", "c.py", "--checkpoint", "m.pth", "--output", "o",
+    args = load_tool("sparse_stats").parse_args(["--config-file", "c.py", "--checkpoint", "m.pth", "--output", "o",
                                    "--query-ratios", "0.1", "0.3", "model.transformer.encoder.scorer_reads_pos=False"])
     assert args.query_ratios == [0.1, 0.3] and args.opts == ["model.transformer.encoder.scorer_reads_pos=False"]
 
 
 def test_sparse_stats_refuses_a_dense_encoder(tmp_path):
-    config, checkpoint = tiny_run(tmp_path, sparse=False)
+    config, checkpoint = tiny_run(tmp_path, with_sparse=False)
     with pytest.raises(SystemExit, match="not a sparse encoder"):
-        load_tool().main(["--config-file", config, "--checkpoint", checkpoint, "--output", str(tmp_path / "x")])
+        load_tool("sparse_stats").main(["--config-file", config, "--checkpoint", checkpoint, "--output", str(tmp_path / "x")])
 
 
 def test_norm_ratio_hand_computed():
@@ -92,4 +58,4 @@ def test_norm_ratio_hand_computed():
     memory = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [0.0, 6.0]])[:, None, :]  # (N, B, C)
     valid = torch.tensor([[True, True, True, False]])
     sel = top_tokens(torch.tensor([[5.0, 4.0, 0.0, 9.0]]), valid, torch.tensor([2]))
-    assert load_tool().norm_ratio(memory, sel).tolist() == [2.0]
+    assert load_tool("sparse_stats").norm_ratio(memory, sel).tolist() == [2.0]

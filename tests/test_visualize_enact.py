@@ -1,32 +1,18 @@
 """ENACT's pictures and statistics: the capture of the per-layer intermediates, the statistics on
 a hand-made case (a padded image, boxes whose answer is known exactly), and the two tools
 (tools/visualize_enact.py, tools/enact_stats.py) end to end on a tiny checkpoint."""
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 import torch
-from detectron2.config import LazyCall as L
-from detectron2.config import LazyConfig
-from detectron2.data import build_detection_test_loader
-from omegaconf import OmegaConf
 
-from detection_helpers import ROOT, build, infer, tiny_config, two_image_batch
+from detection_helpers import build, infer, load_tool, save_tiny_run, tiny_config, two_image_batch
 from projects.enact.analysis import capture_enact, image_layer_stats, inside_boxes, summarize
-from projects.enact.data.shapes_loader import shapes_dataset_dicts
-from projects.enact.data.transforms import build_detr_mapper
 from projects.enact.modeling.enact import EnactClustering
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_model_config():
@@ -135,22 +121,7 @@ def test_summarize_hand_made():
 def tiny_run(tmp_path_factory):
     """A tiny DETR + ENACT config (yaml) with a 3-image shapes val split, and its checkpoint."""
     tmp = tmp_path_factory.mktemp("vis")
-    cfg = OmegaConf.create()
-    cfg.model = tiny_model_config()
-    cfg.train = {"device": "cpu"}
-    cfg.dataloader = OmegaConf.create()
-    cfg.dataloader.test = L(build_detection_test_loader)(
-        dataset=L(shapes_dataset_dicts)(
-            split="val", name_prefix="vis_tiny", root=str(tmp / "data"), num_train=1, num_val=3, num_classes=4,
-            image_size=(32, 128), object_size=(10, 28), max_objects=3, filter_empty=False,
-        ),
-        mapper=L(build_detr_mapper)(is_train=False, image_format="BGR", min_size=64, max_size=128),
-        num_workers=0,
-    )
-    config = str(tmp / "tiny.yaml")
-    LazyConfig.save(cfg, config)
-    checkpoint = str(tmp / "model_final.pth")
-    torch.save({"model": build(cfg.model).state_dict()}, checkpoint)
+    config, checkpoint = save_tiny_run(tmp, tiny_model_config(), "vis_tiny")
     return tmp, config, checkpoint
 
 

@@ -61,14 +61,14 @@ def normalised_targets(dicts, mapped):
     import torch
 
     from projects.enact.analysis.runner import _ground_truth
+    from projects.enact.modeling.box_ops import box_xyxy_to_cxcywh
 
     targets = []
     for d, m in zip(dicts, mapped):
         h, w = m["image"].shape[-2:]
         xyxy = torch.as_tensor(_ground_truth(d, (h, w))[0], dtype=torch.float32).reshape(-1, 4)
         scale = torch.tensor([w, h, w, h], dtype=torch.float32)
-        x1, y1, x2, y2 = (xyxy / scale).unbind(-1)
-        targets.append({"boxes": torch.stack(((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1), dim=-1)})
+        targets.append({"boxes": box_xyxy_to_cxcywh(xyxy / scale)})
     return targets
 
 

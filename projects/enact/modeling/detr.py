@@ -37,6 +37,7 @@ from torch import nn
 from .act import act_branch, act_twins, mtkd_loss
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .encoder_aux import EncoderAuxHeads
+from .heads import MLP, inverse_sigmoid
 
 __all__ = [
     "MLP",
@@ -50,31 +51,6 @@ DEFAULT_PIXEL_MEAN = (103.530, 116.280, 123.675)
 DEFAULT_PIXEL_STD = (57.375, 57.120, 58.395)
 
 _AUX_SUFFIX = re.compile(r"(_enc)?_\d+$")  # decoder layer i: _{i}; encoder layer l: _enc_{l}
-
-
-def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """log(x / (1 - x)) with x clamped to [0, 1] and both terms to >= eps (finite everywhere)."""
-    x = x.clamp(min=0, max=1)
-    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
-
-
-class MLP(nn.Module):
-    """``num_layers`` Linear layers with ReLU in between (none after the last)."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
-        super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
-        dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for idx, layer in enumerate(self.layers):
-            x = layer(x)
-            if idx < len(self.layers) - 1:
-                x = F.relu(x)
-        return x
 
 
 class DETR(nn.Module):
@@ -108,6 +84,8 @@ class DETR(nn.Module):
         device: device the model is moved to.
         select_box_nums_for_evaluation: detections kept per image at inference (at most Q).
     """
+
+    sigmoid_classes = False  # K + 1 softmax logits per query, the last "no object"
 
     def __init__(
         self,
@@ -176,7 +154,8 @@ class DETR(nn.Module):
                     "encoder_aux_loss=True needs a sparse encoder (e.g. SparseTransformerEncoder, "
                     f"model.transformer.encoder._target_); the encoder is {type(getattr(transformer, 'encoder', None)).__name__}"
                 )
-            self.encoder_aux = EncoderAuxHeads(embed_dim, num_classes + 1)
+            num_logits = num_classes if self.sigmoid_classes else num_classes + 1
+            self.encoder_aux = EncoderAuxHeads(embed_dim, num_logits)
 
         pixel_mean = DEFAULT_PIXEL_MEAN if pixel_mean is None else pixel_mean
         pixel_std = DEFAULT_PIXEL_STD if pixel_std is None else pixel_std
@@ -466,15 +445,18 @@ class ReferencePointDETR(DETR):
     returns the reference points (B, Q, 2) as (x, y) in [0, 1].
     """
 
+    sigmoid_classes = True  # K sigmoid logits per query (focal loss), no "no object" logit
+
     def init_heads(self, prior_prob: float) -> None:
         """Class logits start at the prior probability ``prior_prob``; the last layer of the box
         head starts at zero, i.e. every query first predicts a box of half the image size
         centred on its reference point."""
-        nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
+        prior_bias = -math.log((1 - prior_prob) / prior_prob)
+        nn.init.constant_(self.class_embed.bias, prior_bias)
         nn.init.zeros_(self.bbox_embed.layers[-1].weight)
         nn.init.zeros_(self.bbox_embed.layers[-1].bias)
-        if self.encoder_aux is not None:  # K focal logits, like the class head
-            self.encoder_aux = EncoderAuxHeads(self.embed_dim, self.num_classes, prior_prob).to(self.device)
+        if self.encoder_aux is not None:  # the encoder heads' K sigmoid logits start at the same prior
+            nn.init.constant_(self.encoder_aux.class_embed.bias, prior_bias)
 
     def predict(self, hs: torch.Tensor, reference: torch.Tensor) -> Dict:
         """hs (L, B, Q, C), reference (B, Q, 2) -> the criterion's outputs dict: pred_logits

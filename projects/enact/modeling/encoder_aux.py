@@ -16,12 +16,12 @@ slots (an image has k_b <= K selected tokens): the matcher never matches an empt
 class loss ignores it.  The criterion names layer l's losses ``{name}_enc_{l}`` (weighted as
 ``name``).
 """
-import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
 
+from .heads import MLP, inverse_sigmoid
 from .sparse_selection import TokenSelection, token_centres
 
 __all__ = ["EncoderAuxHeads"]
@@ -33,28 +33,21 @@ class EncoderAuxHeads(nn.Module):
     Args:
         embed_dim: token width C.
         num_logits: class logits per token (the decoder head's: K + 1 with DETR's softmax, K with
-            the focal loss of Conditional / Anchor DETR).
-        prior_prob: with the focal loss, the class bias starts at this prior probability.
+            the focal loss of Conditional / Anchor DETR, whose ``init_heads`` also sets this
+            head's class bias to the prior).
         proposal_size: s, the width and height (normalised) of the box a token proposes before
             training (Deformable DETR's two-stage proposals on its finest level: 0.05).
     """
 
-    def __init__(self, embed_dim: int, num_logits: int, prior_prob: Optional[float] = None,
-                 proposal_size: float = 0.05):
+    def __init__(self, embed_dim: int, num_logits: int, proposal_size: float = 0.05):
         super().__init__()
         if not 0.0 < proposal_size < 1.0:
             raise ValueError(f"proposal_size must be in (0, 1), got {proposal_size}")
         self.proposal_size = float(proposal_size)
         self.class_embed = nn.Linear(embed_dim, num_logits)
-        self.bbox_embed = nn.Sequential(
-            nn.Linear(embed_dim, embed_dim), nn.ReLU(),
-            nn.Linear(embed_dim, embed_dim), nn.ReLU(),
-            nn.Linear(embed_dim, 4),
-        )
-        if prior_prob is not None:
-            nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
-        nn.init.zeros_(self.bbox_embed[-1].weight)
-        nn.init.zeros_(self.bbox_embed[-1].bias)
+        self.bbox_embed = MLP(embed_dim, embed_dim, 4, num_layers=3)
+        nn.init.zeros_(self.bbox_embed.layers[-1].weight)
+        nn.init.zeros_(self.bbox_embed.layers[-1].bias)
 
     def proposals(self, selection: TokenSelection, shape: Tuple[int, int]) -> torch.Tensor:
         """The logit of every slot's proposal box [cx, cy, s, s] (B, K, 4) float32."""
@@ -63,7 +56,7 @@ class EncoderAuxHeads(nn.Module):
         index = selection.index.clamp(max=height * width - 1)  # (B, K); empty slots: any token
         centre = torch.stack((cx.gather(1, index % width), cy.gather(1, index // width)), dim=-1)  # (B, K, 2)
         size = centre.new_full(centre.shape, self.proposal_size)
-        return torch.logit(torch.cat((centre, size), dim=-1), eps=1e-5)
+        return inverse_sigmoid(torch.cat((centre, size), dim=-1))
 
     def forward(self, selection: TokenSelection, shape: Tuple[int, int]) -> List[Dict[str, torch.Tensor]]:
         """One criterion outputs dict per encoder layer: pred_logits (B, K, num_logits),

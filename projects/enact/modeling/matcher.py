@@ -25,6 +25,7 @@ __all__ = ["HungarianMatcher"]
 
 _EMPTY_SLOT_COST = 1e8  # an unfilled slot: dearer than any real pair, still finite for the solver
 
+
 class HungarianMatcher(nn.Module):
     """One-to-one assignment of targets to queries (no parameters, no gradients).
 

@@ -35,9 +35,9 @@ The scoring network (:class:`TokenScorer`) reads the encoder's input tokens plus
 positional embedding, ``src + pos`` (``scorer_reads_pos``), detached (``detach_scorer_input``):
 ``loss_dam`` trains the scorer and nothing else.  Both defaults are measured choices
 (docs/sparse_detr.md): the scorer then selects closer to the DAM (overlap 0.63 against 0.39 for
-``src`` with loss_dam reaching the backbone) at no cost in detection loss.  The selection is an index (``torch.sort`` of detached
-scores), so **no gradient reaches the scorer through the memory**: the scorer learns only from
-``loss_dam`` (:mod:`.sparse_selection`): BCE of its scores against the top k_b tokens of the
+``src`` with loss_dam reaching the backbone) at no cost in detection loss.  The selection is an
+index (``torch.sort`` of detached scores), so **no gradient reaches the scorer through the
+memory**: the scorer learns only from ``loss_dam`` (:mod:`.sparse_selection`): BCE of its scores against the top k_b tokens of the
 decoder cross-attention map (DAM: the weights of all queries, heads and decoder layers on each
 memory token, summed, without gradient), mean over valid tokens, counted once.  The paper's
 alternative, ``scorer_target="objectness"`` (OS), trains the scorer on the tokens whose centre
@@ -57,7 +57,8 @@ No per-call state is kept on any module; everything travels in return values.
   recomputes its weights from its own q and k without gradient) and returns a third (fourth
   for Conditional DETR) value, :class:`~.sparse_selection.SparseOutputs` ``(selection, dam)``
   (None for a dense encoder).
-* ``DETR.run_transformer`` asks for it in training when the encoder is sparse and returns it
+* ``DETR.run_transformer`` asks for it when the encoder is sparse (in training, or with
+  ``return_sparse=True``) and returns it
   as an extra value; ``DETR.forward`` puts it into the criterion's outputs as
   ``outputs["sparse"]``; ``SetCriterion`` adds ``outputs["sparse"].losses(targets)``
   (``loss_dam``, or ``loss_os`` for the objectness target) once, not per decoder layer,
