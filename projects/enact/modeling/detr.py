@@ -80,7 +80,8 @@ class DETR(nn.Module):
         mtkd_weight: the weight of ``loss_mtkd`` (the paper: 1).
         encoder_aux_loss: with a sparse encoder (Sparse DETR), also supervise the tokens every
             encoder layer updated with detection heads of their own (:mod:`.encoder_aux`), the
-            losses ``{name}_enc_{l}`` weighted as ``name``.
+            losses ``{name}_enc_{l}`` weighted as ``name``.  Off by default: on the shapes recipe it
+            cost 4.7 AP over 2 seeds (docs/sparse_detr.md, "The encoder auxiliary loss").
         device: device the model is moved to.
         select_box_nums_for_evaluation: detections kept per image at inference (at most Q).
     """
