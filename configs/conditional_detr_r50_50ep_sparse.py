@@ -10,6 +10,6 @@ from .conditional_detr_r50_50ep import dataloader, lr_multiplier, model, optimiz
 model.transformer.encoder._target_ = SparseTransformerEncoder
 model.transformer.encoder.query_ratio = 0.3
 model.criterion.weight_dict["loss_dam"] = 1.0
-model.encoder_aux_loss = False  # Sparse DETR's encoder aux loss: an option; it cost 4.7 AP on shapes (docs/sparse_detr.md)
 model.criterion.weight_dict["loss_os"] = 1.0  # the objectness target instead: encoder.scorer_target="objectness"
+model.encoder_aux_loss = False  # Sparse DETR's encoder aux loss: an option; it cost 4.7 AP on shapes (docs/sparse_detr.md)
 train.output_dir = "./output/conditional_detr_r50_50ep_sparse"
